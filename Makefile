@@ -1,0 +1,29 @@
+# Set-up from nothing: Python 3.11 and the package registries are all it needs.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+
+.PHONY: venv demo test test-all bench clean
+
+$(BIN)/loku: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch on a machine without one resolves to a multi-GB CUDA build.
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(BIN)/loku
+
+venv: $(BIN)/loku
+
+demo: venv
+	$(BIN)/loku demo --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+test: venv
+	$(BIN)/python -m pytest -m "not slow"
+
+test-all: venv
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,133 @@
+"""The `loku` command: a thin typer layer; every command builds a config and calls one function."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import LokuError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Make a language model forget specific data (LoKU: inverted hinge loss + FILA).")
+list_app = typer.Typer(no_args_is_help=True, help="List what loku knows.")
+app.add_typer(list_app, name="list")
+
+
+@app.command()
+def unlearn(
+    config: Optional[Path] = typer.Option(None, help="YAML config; flags given here override it."),
+    model: Optional[str] = typer.Option(None, help="Hub id, local model directory, .gguf file, or 'smollm2-135m'."),
+    forget: Optional[str] = typer.Option(None, help="Data to forget: .csv, .jsonl, .json (QA) or .txt."),
+    retain: Optional[str] = typer.Option(None, help="Data to keep (needed by every method but ga)."),
+    method: Optional[str] = typer.Option(None, help="Unlearning method (see `loku list methods`)."),
+    out: Optional[str] = typer.Option(None, help="New directory for the adapter, config and metrics."),
+    text_column: Optional[str] = typer.Option(None, help="CSV/JSONL column holding the text."),
+    lora_rank: Optional[int] = typer.Option(None, help="LoRA rank."),
+    lora_alpha: Optional[float] = typer.Option(None, help="LoRA alpha (default 2 x rank)."),
+    full: bool = typer.Option(False, "--full", help="Full fine-tuning instead of LoRA."),
+    init: Optional[str] = typer.Option(None, help="LoRA init: auto, default, fila, vila."),
+    epochs: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    grad_accum: Optional[int] = typer.Option(None),
+    max_length: Optional[int] = typer.Option(None),
+    retain_weight: Optional[float] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    mixed_precision: Optional[str] = typer.Option(None, help="no, bf16 or fp16."),
+    save_merged: bool = typer.Option(False, "--save-merged", help="Also write the merged model (safetensors)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights."),
+):
+    """Unlearn a forget set from a model and write the adapter to --out."""
+    from .config import UnlearnConfig
+    from .train import unlearn as run
+
+    base = UnlearnConfig.from_yaml(config).to_dict() if config else {}
+    flags = dict(model=model, forget=forget, retain=retain, method=method, out=out, text_column=text_column,
+                 lora_rank=lora_rank, lora_alpha=lora_alpha, init=init, epochs=epochs, lr=lr,
+                 batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, retain_weight=retain_weight,
+                 seed=seed, mixed_precision=mixed_precision)
+    base.update({k: v for k, v in flags.items() if v is not None})
+    for name, on in dict(save_merged=save_merged, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                         allow_pickle=allow_pickle).items():
+        if on:
+            base[name] = True
+    if full:
+        base["lora"] = False
+    cfg = UnlearnConfig.from_dict(base, source=str(config or "flags"))
+    if not cfg.out:
+        raise LokuError("no output directory given: pass --out DIR (a new directory)")
+    result = run(cfg)
+    last = result.history[-1] if result.history else {}
+    typer.echo(f"done in {result.seconds:.0f} s, {result.epochs_run} epochs; final loss "
+               f"{last.get('loss', float('nan')):.4f}; wrote {result.out}")
+
+
+@list_app.command("methods")
+def list_methods():
+    """Unlearning methods and what each optimises."""
+    from .losses import METHODS
+
+    for name, m in METHODS.items():
+        needs = [w for w, on in (("retain", m.needs_retain), ("reference model", m.needs_reference)) if on]
+        typer.echo(f"{name:8s} {m.summary}" + (f"  [needs {', '.join(needs)}]" if needs else ""))
+
+
+@app.command()
+def demo(
+    out: Optional[str] = typer.Option(None, help="New directory for the report (default runs/demo-<time>)."),
+    quick: bool = typer.Option(False, help="A smaller demo for a smoke test."),
+    model: str = typer.Option("smollm2-135m", help="Model to run the demo on."),
+):
+    """Unlearn fictitious private records that SmolLM2-135M memorized, end to end on the CPU."""
+    import time
+
+    from .demo import DemoConfig, run_demo
+
+    out = out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_demo(DemoConfig(out=out, model=model, **(DemoConfig.quick_overrides() if quick else {})))
+
+
+def _register_subapps() -> None:
+    """Feature commands live beside their features (`loku/commands/*.py`), each a typer sub-app."""
+    import importlib
+
+    for name in ("tofu", "tdec", "fisher"):
+        try:
+            module = importlib.import_module(f"loku.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("loku.commands"):
+                continue
+            raise
+        if hasattr(module, "app"):
+            app.add_typer(module.app, name=name)
+        elif hasattr(module, "command"):
+            app.command(name)(module.command)
+
+
+_register_subapps()
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except LokuError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(2)
+        raise

@@ -1,0 +1,1 @@
+"""Typer sub-apps for feature commands; registered by loku.cli."""

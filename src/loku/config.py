@@ -1,0 +1,116 @@
+"""Typed run configuration: validated on construction; YAML is only its saved form."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import LokuError
+
+
+@dataclass
+class UnlearnConfig:
+    """Everything one unlearning run needs; `loku unlearn` flags and YAML keys share these names."""
+
+    forget: str = ""                     # file of data to forget (.csv/.jsonl/.json/.txt)
+    retain: str | None = None            # file of data to keep; needed by every method but ga
+    model: str = "smollm2-135m"          # hub id, local directory, .gguf file or embedded name
+    out: str = ""                        # new run directory
+    method: str = "ihl"
+    text_column: str = "text"
+    max_length: int = 256
+    lora: bool = True                    # False: full fine-tuning
+    lora_rank: int = 8
+    lora_alpha: float | None = None      # default 2 * rank
+    lora_targets: list[str] | None = None  # default: every linear layer but the output head
+    init: str = "auto"                   # auto | default | fila | vila (auto: fila for ihl with LoRA)
+    fisher_eps: float = 1e-5
+    epochs: int = 5
+    lr: float = 2e-4
+    batch_size: int = 8
+    retain_batch_size: int | None = None
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    retain_weight: float = 1.0
+    npo_beta: float = 0.1
+    simnpo_beta: float = 4.5
+    simnpo_gamma: float = 0.125
+    seed: int = 0
+    mixed_precision: str = "no"          # no | bf16 | fp16
+    save_merged: bool = False
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    save_every: int = 0                  # checkpoint every N steps (0: each epoch only)
+    extra: dict = field(default_factory=dict)  # free-form notes carried into the saved config
+
+    def __post_init__(self):
+        from .losses import METHODS
+
+        METHODS[self.method]  # raises with "did you mean"
+        positive = {"lora_rank": self.lora_rank, "epochs": self.epochs, "batch_size": self.batch_size,
+                    "grad_accum": self.grad_accum, "max_length": self.max_length}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value <= 0:
+                raise LokuError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not self.lr > 0:
+            raise LokuError(f"lr must be positive, got {self.lr!r}")
+        if self.init not in ("auto", "default", "fila", "vila"):
+            raise LokuError(f"unknown init {self.init!r}: choose auto, default, fila or vila")
+        if self.init in ("fila", "vila") and not self.lora:
+            raise LokuError(f"--init {self.init} initialises LoRA adapters: drop --full or use --init default")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise LokuError(f"unknown mixed precision {self.mixed_precision!r}: choose no, bf16 or fp16")
+
+    @property
+    def alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+    @property
+    def resolved_init(self) -> str:
+        if not self.lora:
+            return "none"
+        if self.init == "auto":
+            return "fila" if self.method == "ihl" and _fila_available() else "default"
+        return self.init
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "UnlearnConfig":
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise LokuError(f"{source}: unknown key {key!r}{hint}: valid keys are {', '.join(names)}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "UnlearnConfig":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise LokuError(f"config file {path} does not exist: check the path") from None
+        except yaml.YAMLError as e:
+            raise LokuError(f"{path} is not valid YAML ({str(e).splitlines()[0]}): fix the file") from None
+        if not isinstance(data, dict):
+            raise LokuError(f"{path} must hold a mapping of option: value")
+        return cls.from_dict(data, source=str(path))
+
+
+def _fila_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("loku.fila") is not None

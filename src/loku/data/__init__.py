@@ -1,0 +1,1 @@
+"""Forget and retain data: files in, tokenized batches out."""

@@ -1,0 +1,96 @@
+"""Tiny models and a small locally trained tokenizer, so the fast suite needs no network and no ../shared."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _corpus() -> list[str]:
+    from loku.data.records import make_records, record_text
+
+    lines = [record_text(r) for r in make_records(400, seed=123)]
+    lines += [
+        "The quick brown fox jumps over the lazy dog.",
+        "Question: Who wrote the book? Answer: The author wrote it in Paris.",
+        "Machine learning models memorize some of their training data.",
+        "def main():\n    return 0\n",
+    ] * 20
+    return lines
+
+
+def build_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE of `vocab_size` tokens trained in well under a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_corpus(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gptneo(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2):
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GPTNeoConfig(
+        vocab_size=vocab_size, hidden_size=hidden, num_layers=layers, num_heads=4,
+        attention_types=[[["global", "local"], layers // 2]], window_size=32, max_position_embeddings=256,
+        bos_token_id=0, eos_token_id=0,
+    )
+    return GPTNeoForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A saved tiny Llama + tokenizer directory, loadable like any local Hugging Face model."""
+    d = tmp_path_factory.mktemp("tiny_llama")
+    model = tiny_llama(len(tokenizer))
+    model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+def need_shared(*parts: str) -> Path:
+    p = SHARED_DATA.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"needs the public data folder {p} (../shared/data beside the checkout); absent here")
+    return p
