@@ -33,14 +33,28 @@ class UnlearnResult:
     seconds: float = 0.0
 
 
-def load_data(cfg: UnlearnConfig, method: Method) -> tuple[list[dict], list[dict] | None]:
-    """Read (not yet tokenize) forget and retain examples, failing before anything heavy happens."""
-    if not cfg.forget:
+def _as_examples(items: list) -> list[dict]:
+    return [{"text": x} if isinstance(x, str) else dict(x) for x in items]
+
+
+def load_data(cfg: UnlearnConfig, method: Method, forget: list | None = None,
+              retain: list | None = None) -> tuple[list[dict], list[dict] | None]:
+    """Read (not yet tokenize) forget and retain examples, failing before anything heavy happens.
+    In-memory lists (strings or {"question", "answer"} dicts) take the place of the files."""
+    if forget is not None:
+        forget = _as_examples(forget)
+    elif cfg.forget:
+        forget = load_examples(cfg.forget, cfg.text_column)
+    else:
         raise LokuError("no forget set given: pass --forget FILE")
-    forget = load_examples(cfg.forget, cfg.text_column)
-    if method.needs_retain and not cfg.retain:
+    if not forget:
+        raise LokuError("the forget set is empty: give at least one example")
+    if retain is not None:
+        retain = _as_examples(retain) or None
+    elif cfg.retain:
+        retain = load_examples(cfg.retain, cfg.text_column)
+    if method.needs_retain and not retain:
         raise LokuError(f"method {method.name!r} needs a retain set: pass --retain FILE (or use --method ga)")
-    retain = load_examples(cfg.retain, cfg.text_column) if cfg.retain else None
     if method.forget_answers == "idk":
         from .data.idk import with_refusals
 
@@ -81,7 +95,7 @@ def prepare_model(cfg: UnlearnConfig, model, batches: PairedBatches):
 
 
 def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[EpochCallback] = (),
-            progress: bool = True) -> UnlearnResult:
+            progress: bool = True, forget: list | None = None, retain: list | None = None) -> UnlearnResult:
     """Make `model` forget `cfg.forget` while keeping `cfg.retain`; writes the run to `cfg.out` if set.
 
     Each callback runs after every epoch with (epoch, model) and may return a dict of values to log;
@@ -92,7 +106,7 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
 
     t_start = time.time()
     method = get_method(cfg.method)
-    forget_ex, retain_ex = load_data(cfg, method)
+    forget_ex, retain_ex = load_data(cfg, method, forget, retain)
     out = io.check_out_dir(cfg.out, cfg.overwrite) if cfg.out else None
     if model is None:
         from .models import load_model

@@ -1,0 +1,125 @@
+"""The unlearning loop on a tiny model that first memorizes 16 records: every method must make it forget."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from loku import UnlearnConfig, unlearn
+from loku.data.batches import PairedBatches, collate
+from loku.data.records import make_records, record_text
+from loku.data.text import tokenize_examples
+from loku.finetune import finetune
+
+RECORDS = [record_text(r) for r in make_records(32, seed=7)]
+FORGET, RETAIN = RECORDS[:16], RECORDS[16:]
+
+
+def token_accuracy(model, tokenizer, texts) -> float:
+    """Mean over sequences of the fraction of next tokens the model predicts greedily."""
+    accs = []
+    with torch.no_grad():
+        for t in texts:
+            ids = torch.tensor([tokenizer(t)["input_ids"]])
+            pred = model(input_ids=ids).logits[0, :-1].argmax(-1)
+            accs.append((pred == ids[0, 1:]).float().mean().item())
+    return sum(accs) / len(accs)
+
+
+@pytest.fixture(scope="module")
+def memorized(tokenizer):
+    """A tiny Llama that has memorized all 32 records (forget and retain)."""
+    model = tiny_llama(len(tokenizer), seed=1)
+    feats = tokenize_examples([{"text": t} for t in RECORDS], tokenizer, 128)
+    finetune(model, feats, tokenizer.eos_token_id, epochs=60, lr=3e-3, batch_size=8, progress=False)
+    assert token_accuracy(model, tokenizer, FORGET) > 0.9
+    return model
+
+
+# (epochs, lr, largest allowed drop of retain accuracy), LoRA r=8. Forget and retain records share one
+# template here, so the ascent methods (gd, kl) cannot avoid some damage to retain; ga has no retain term.
+METHOD_SETTINGS = {
+    "ga": (4, 1e-2, None), "gd": (8, 1e-2, 0.35), "kl": (16, 1e-2, 0.35), "npo": (8, 3e-2, 0.1),
+    "simnpo": (16, 1e-2, 0.1), "idk": (16, 3e-2, 0.1), "ihl": (8, 1e-2, 0.1),
+}
+
+
+@pytest.mark.parametrize("method", list(METHOD_SETTINGS))
+def test_each_method_forgets_and_keeps_retain(memorized, tokenizer, method):
+    epochs, lr, max_retain_drop = METHOD_SETTINGS[method]
+    cfg = UnlearnConfig(method=method, epochs=epochs, lr=lr, batch_size=8, init="default", seed=0)
+    before_f = token_accuracy(memorized, tokenizer, FORGET)
+    before_r = token_accuracy(memorized, tokenizer, RETAIN)
+    res = unlearn(cfg, copy.deepcopy(memorized), tokenizer, progress=False, forget=FORGET, retain=RETAIN)
+    after_f = token_accuracy(res.model, tokenizer, FORGET)
+    after_r = token_accuracy(res.model, tokenizer, RETAIN)
+    assert after_f < before_f - 0.15, (method, before_f, after_f)
+    if max_retain_drop is not None:
+        assert after_r > before_r - max_retain_drop, (method, before_r, after_r)
+    assert len(res.history) == epochs and all("loss" in h for h in res.history)
+
+
+def test_lora_changes_only_adapter_weights(memorized, tokenizer):
+    model = copy.deepcopy(memorized)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = unlearn(UnlearnConfig(method="ihl", epochs=1, init="default"), model, tokenizer, progress=False,
+                  forget=FORGET[:4], retain=RETAIN[:4])
+    changed = [k for k, v in res.model.state_dict().items() if "lora_" in k]
+    assert changed
+    for k, v in res.model.state_dict().items():
+        if "lora_" not in k:
+            base_key = k.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(v, before[base_key]), k
+    assert any(not torch.all(v == 0) for k, v in res.model.state_dict().items() if "lora_B" in k)
+
+
+def test_full_finetuning_changes_base_weights(memorized, tokenizer):
+    model = copy.deepcopy(memorized)
+    res = unlearn(UnlearnConfig(method="gd", lora=False, epochs=1, lr=1e-3), model, tokenizer, progress=False,
+                  forget=FORGET[:4], retain=RETAIN[:4])
+    w0 = memorized.model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(res.model.model.layers[0].self_attn.q_proj.weight, w0)
+
+
+def test_gradient_accumulation_1x8_equals_8x1(tokenizer):
+    """One batch of 8 and 8 accumulated batches of 1 give the same update (SGD-equivalent mean losses
+    per sequence differ in weighting, so use equal-length sequences)."""
+    texts = [record_text(r)[:40] for r in make_records(8, seed=3)]
+    ids = [tokenizer(t)["input_ids"][:10] for t in texts]
+    assert all(len(i) == 10 for i in ids)
+    decoded = [tokenizer.decode(i) for i in ids]
+    base = tiny_llama(len(tokenizer), seed=5)
+    outs = []
+    for bs, acc in ((8, 1), (1, 8)):
+        cfg = UnlearnConfig(method="ga", epochs=1, lr=1e-2, batch_size=bs, grad_accum=acc, init="default",
+                            max_grad_norm=0.0, max_length=10)
+        res = unlearn(cfg, copy.deepcopy(base), tokenizer, progress=False, forget=decoded)
+        outs.append({k: v for k, v in res.model.state_dict().items() if "lora_" in k})
+    # Adam's first step moves every weight by about lr whatever the gradient's size, so tiny float
+    # differences in near-zero gradients show up; allow 1% of one step (lr = 1e-2).
+    for k in outs[0]:
+        torch.testing.assert_close(outs[0][k], outs[1][k], rtol=0, atol=1e-4)
+
+
+def test_paired_batches_are_seeded_and_cover_forget(tokenizer):
+    feats = tokenize_examples([{"text": t} for t in RECORDS], tokenizer, 64)
+    pb = PairedBatches(feats[:10], feats[10:], batch_size=4, pad_id=0, seed=3)
+    seen = []
+    for f, r in pb.epoch(0):
+        assert r["input_ids"].shape[0] == 4
+        seen += [tuple(row[m.bool()].tolist()) for row, m in zip(f["input_ids"], f["attention_mask"])]
+    assert sorted(seen) == sorted(tuple(x["input_ids"]) for x in feats[:10])
+    again = [f["input_ids"] for f, _ in PairedBatches(feats[:10], feats[10:], 4, 0, seed=3).epoch(0)]
+    assert all(torch.equal(a, b["input_ids"]) for a, (b, _) in zip(again, pb.epoch(0)))
+    other = [f["input_ids"] for f, _ in pb.epoch(1)]
+    assert any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(again, other))
+    resumed = list(pb.epoch(0, start_step=2))
+    assert torch.equal(resumed[0][0]["input_ids"], list(pb.epoch(0))[2][0]["input_ids"])
+
+
+def test_collate_masks_padding():
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [-100]}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, 7], [-100, -100, -100]]
