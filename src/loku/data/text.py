@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import LokuError
 
-FORMATS = (".csv", ".jsonl", ".json", ".txt")
+FORMATS = (".csv", ".jsonl", ".json", ".txt", ".raw")  # .raw: WikiText, one paragraph a line
 
 
 def _decode(path: Path) -> str:
@@ -73,7 +73,7 @@ def load_examples(path: str | Path, text_column: str = "text") -> list[dict]:
     suffix = path.suffix.lower()
     if suffix == ".csv":
         rows = _from_csv(path, text, text_column)
-    elif suffix == ".txt":
+    elif suffix in (".txt", ".raw"):
         rows = [{"text": line} for line in text.splitlines() if line.strip()]
     elif suffix == ".jsonl":
         records = []
