@@ -120,7 +120,7 @@ def test_qa_loss_covers_only_the_answer(tokenizer):
     from loku.data.qa import format_qa
 
     f = format_qa(tokenizer, "Where does Amara live?", "In Eastvale.", 128)
-    n_answer = len(tokenizer("In Eastvale.", add_special_tokens=False)["input_ids"]) + 1  # + eos
+    n_answer = len(tokenizer(" In Eastvale.", add_special_tokens=False)["input_ids"]) + 1  # + eos
     assert sum(l != -100 for l in f["labels"]) == n_answer
     assert f["labels"][-n_answer:] == f["input_ids"][-n_answer:]
     assert tokenizer.decode(f["input_ids"][: len(f["input_ids"]) - n_answer]).startswith("Question:")

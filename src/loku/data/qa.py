@@ -9,7 +9,7 @@ def qa_prompt(tokenizer, question: str) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                              add_generation_prompt=True)
-    return f"Question: {question}\nAnswer: "
+    return f"Question: {question}\nAnswer:"
 
 
 def format_qa(tokenizer, question: str, answer: str, max_length: int) -> dict:
@@ -17,7 +17,8 @@ def format_qa(tokenizer, question: str, answer: str, max_length: int) -> dict:
     prompt = qa_prompt(tokenizer, question)
     has_template = bool(getattr(tokenizer, "chat_template", None))
     prompt_ids = tokenizer(prompt, add_special_tokens=not has_template)["input_ids"]
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    # Without a template the answer follows "Answer:" after a space, tokenized as in running text.
+    answer_ids = tokenizer(answer if has_template else " " + answer, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         answer_ids = answer_ids + [tokenizer.eos_token_id]
     ids = (prompt_ids + answer_ids)[:max_length]

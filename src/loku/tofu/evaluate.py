@@ -1,0 +1,166 @@
+"""Evaluate a model on TOFU's four sets and write the official per-item logs (TOFU `evaluate_util.py`).
+
+Per item: the loss of the ground-truth answer, of the "base" answer (paraphrased for retain/forget, the
+answer itself for real authors/world facts) and of each perturbed answer, all per-token averages; the
+greedy answer and its ROUGE recall. Each distinct (question, answer) text is scored by one batched
+forward pass, so the real-author sets, whose base answer is the answer, cost no second pass.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..data.tofu import format_qa, load_split
+from ..errors import LokuError
+from .generate import greedy_answers, rouge_recalls
+from .logs import FORGET, LOG_FILES, NORMALIZED_KEY, REAL_AUTHORS, REAL_WORLD, RETAIN, has_normalized, write_logs
+from .scores import sequence_losses
+
+TOFU_MAX_LENGTH = 200  # TOFU's generation.max_length: tokenization cap and prompt + generated tokens
+TOFU_DS_SIZE = 300     # TOFU's ds_size: only the first 300 items of each set are evaluated
+
+
+@dataclass(frozen=True)
+class Task:
+    """One TOFU evaluation set: its log file, split, and TOFU's base_answer_key."""
+    log: str
+    split: str
+    base_key: str
+
+
+TASKS = (
+    Task(RETAIN, "retain_perturbed", "paraphrased_answer"),
+    Task(REAL_AUTHORS, "real_authors_perturbed", "answer"),
+    Task(REAL_WORLD, "world_facts_perturbed", "answer"),
+    Task(FORGET, "{forget}_perturbed", "paraphrased_answer"),
+)
+TASK_BY_LOG = {t.log: t for t in TASKS}
+
+
+def _check_rows(name: str, rows: list[dict], base_key: str) -> None:
+    if not rows:
+        raise LokuError(f"TOFU set {name} has no items: check the data folder and --limit")
+    for i, r in enumerate(rows):
+        for key in dict.fromkeys(("question", "answer", base_key, "perturbed_answer")):
+            if not isinstance(r, dict) or key not in r:
+                raise LokuError(f"TOFU set {name} item {i} has no {key!r}: use the *_perturbed splits, which "
+                                "carry paraphrased and perturbed answers")
+        if r["perturbed_answer"] in ([], ""):
+            raise LokuError(f"TOFU set {name} item {i} has no perturbed answers: use an unmodified *_perturbed split")
+
+
+def evaluate_set(model, tokenizer, rows: list[dict], base_key: str = "paraphrased_answer", *,
+                 normalized: bool = False, max_length: int = TOFU_MAX_LENGTH, max_new_tokens: int | None = None,
+                 batch_size: int = 8) -> dict[str, dict]:
+    """One set's TOFU log: {metric: {item index as string: value}} with TOFU's keys (logs.LOG_KEYS).
+    The model runs in eval mode (no dropout) and gets its training flag back afterwards."""
+    _check_rows("rows", rows, base_key)
+    was_training = model.training
+    model.eval()
+    try:
+        return _evaluate_set(model, tokenizer, rows, base_key, normalized, max_length, max_new_tokens, batch_size)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate_set(model, tokenizer, rows, base_key, normalized, max_length, max_new_tokens, batch_size):
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    texts: dict[tuple[str, str], int] = {}  # distinct (question, answer) -> position in `features`
+    features = []
+
+    def slot(question: str, answer: str) -> int:
+        if (question, answer) not in texts:
+            texts[(question, answer)] = len(features)
+            features.append(format_qa(tokenizer, question, answer, max_length))
+        return texts[(question, answer)]
+
+    perturbed = [r["perturbed_answer"] if isinstance(r["perturbed_answer"], list) else [r["perturbed_answer"]]
+                 for r in rows]
+    gt = [slot(r["question"], r["answer"]) for r in rows]
+    base = [slot(r["question"], r[base_key]) for r in rows]
+    pert = [[slot(r["question"], p) for p in ps] for r, ps in zip(rows, perturbed)]
+    sums, counts = sequence_losses(model, features, pad, batch_size)
+
+    prompts = [[t for t, lab in zip(features[g]["input_ids"], features[g]["labels"]) if lab == -100] for g in gt]
+    budgets = [max_new_tokens if max_new_tokens is not None else max_length - len(p) for p in prompts]
+    answers = greedy_answers(model, tokenizer, prompts, budgets, batch_size)
+    generations = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+    truths = [tokenizer.decode([t for t in features[g]["labels"] if t != -100], skip_special_tokens=True).strip()
+              for g in gt]
+    inputs = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+    rouge = rouge_recalls(generations, truths)
+
+    avg = [s / n if n else math.nan for s, n in zip(sums, counts)]
+    keys = [str(i) for i in range(len(rows))]
+    per_item = {
+        "avg_gt_loss": [avg[g] for g in gt],
+        "gt_loss": [sums[g] for g in gt],
+        "num_token_gt": [counts[g] for g in gt],
+        "generated_text": [[i, g, t] for i, g, t in zip(inputs, generations, truths)],
+        **rouge,
+        "average_perturb_loss": [[avg[p] for p in ps] for ps in pert],
+        "avg_paraphrased_loss": [avg[b] for b in base],
+        # TOFU's per-item truth ratio: geometric-mean perturbed probability over the base answer's
+        "truth_ratio": [math.exp(avg[b] - sum(avg[p] for p in ps) / len(ps)) for b, ps in zip(base, pert)],
+        "paraphrased_loss": [sums[b] for b in base],
+        "perturb_loss": [[sums[p] for p in ps] for ps in pert],
+        "num_token_paraphrased": [counts[b] for b in base],
+        "num_token_perturb": [[counts[p] for p in ps] for ps in pert],
+    }
+    if normalized:  # -log of the answer's share of probability among itself and its perturbations
+        per_item[NORMALIZED_KEY] = [_log1p_sum_exp([avg[g] - avg[p] for p in ps]) for g, ps in zip(gt, pert)]
+    return {metric: dict(zip(keys, values)) for metric, values in per_item.items()}
+
+
+def _log1p_sum_exp(xs: list[float]) -> float:
+    """log(1 + sum(exp(x))) without overflow: TOFU's -log(p / (p + sum p_perturbed)) with x = log(p_perturbed / p)."""
+    m = max(0.0, *xs)
+    return m + math.log(math.exp(-m) + sum(math.exp(x - m) for x in xs))
+
+
+def load_sets(data: str | Path | None, *, forget: str = "forget10", limit: int | None = TOFU_DS_SIZE,
+              authors: int | None = None) -> dict[str, list[dict]]:
+    """The four evaluation sets keyed by log file name, from a TOFU data folder (None: the hub)."""
+    if forget not in ("forget01", "forget05", "forget10"):
+        raise LokuError(f"forget split {forget!r} is not one of forget01, forget05, forget10: pass one of those")
+    return {t.log: load_split(t.split.format(forget=forget), data, authors=authors, forget=forget, limit=limit)
+            for t in TASKS}
+
+
+def evaluate_tofu(model, tokenizer, data: str | Path | dict[str, list[dict]] | None = None,
+                  out_dir: str | Path | None = None, *, forget: str = "forget10", limit: int | None = TOFU_DS_SIZE,
+                  authors: int | None = None, max_length: int = TOFU_MAX_LENGTH, max_new_tokens: int | None = None,
+                  batch_size: int = 8, log: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """Evaluate on TOFU and return the aggregated log {log file name: per-item log}; with `out_dir`, also
+    write the official files there (eval_log.json, ..., eval_log_aggregated.json).
+
+    `data` is a folder of TOFU's JSON files, None for the hub, or ready rows keyed by log file name
+    (any of the four; e.g. a shortened set for a quick check). `limit` keeps the first items of each set
+    like TOFU's ds_size (300 by default, as TOFU); None keeps all.
+    """
+    if isinstance(data, dict):
+        unknown = [k for k in data if k not in TASK_BY_LOG]
+        if unknown:
+            raise LokuError(f"unknown TOFU set {unknown[0]!r}: key the rows by {', '.join(LOG_FILES)}")
+        sets = {k: rows[:limit] if limit is not None else rows for k, rows in data.items()}
+    else:
+        sets = load_sets(data, forget=forget, limit=limit, authors=authors)
+    for name, rows in sets.items():
+        _check_rows(name, rows, TASK_BY_LOG[name].base_key)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)  # fail on an unwritable folder before the work
+    logs = {}
+    for name, rows in sets.items():
+        t0 = time.time()
+        logs[name] = evaluate_set(model, tokenizer, rows, TASK_BY_LOG[name].base_key,
+                                  normalized=has_normalized(name), max_length=max_length,
+                                  max_new_tokens=max_new_tokens, batch_size=batch_size)
+        if log:
+            log(f"{name}: {len(rows)} items in {time.time() - t0:.1f} s")
+    if out_dir is not None:
+        write_logs(out_dir, logs)
+    return logs

@@ -1,0 +1,67 @@
+"""TOFU's official per-item log files: names, keys, writing and reading.
+
+One log per evaluation set, each a dict from metric name to {item index (string): value}, and
+`eval_log_aggregated.json` holding the four keyed by file name. These are the files TOFU's
+`aggregate_eval_stat.py` and its leaderboard consume, so they keep TOFU's names exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import LokuError
+from ..io import write_text
+
+RETAIN, REAL_AUTHORS, REAL_WORLD, FORGET = (
+    "eval_log.json", "eval_real_author_wo_options.json", "eval_real_world_wo_options.json", "eval_log_forget.json")
+LOG_FILES = (RETAIN, REAL_AUTHORS, REAL_WORLD, FORGET)  # TOFU's eval_task order
+AGGREGATED = "eval_log_aggregated.json"
+
+# Keys of one set's log, in the order TOFU writes them; sets without a forget/retain role also get
+# normalized_gt_loss (TOFU's `normalize_gt`, on for every task whose name lacks "eval_log").
+LOG_KEYS = ("avg_gt_loss", "gt_loss", "num_token_gt", "generated_text", "rouge1_recall", "rougeL_recall",
+            "average_perturb_loss", "avg_paraphrased_loss", "truth_ratio", "paraphrased_loss", "perturb_loss",
+            "num_token_paraphrased", "num_token_perturb")
+NORMALIZED_KEY = "normalized_gt_loss"
+
+
+def has_normalized(log_file: str) -> bool:
+    return "eval_log" not in log_file
+
+
+def write_logs(out_dir: str | Path, logs: dict[str, dict]) -> Path:
+    """Each set's log under its own name, then eval_log_aggregated.json; each file written atomically.
+    Returns the aggregated file's path."""
+    out_dir = Path(out_dir)
+    for name, log in logs.items():
+        write_text(out_dir / name, json.dumps(log, indent=4) + "\n")
+    write_text(out_dir / AGGREGATED, json.dumps(logs, indent=4) + "\n")
+    return out_dir / AGGREGATED
+
+
+def _load(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LokuError(f"TOFU log {path} does not exist: check the path") from None
+    except json.JSONDecodeError as e:
+        raise LokuError(f"TOFU log {path} line {e.lineno} is not valid JSON ({e.msg}): rerun the evaluation") from None
+    if not isinstance(data, dict):
+        raise LokuError(f"TOFU log {path} is not a JSON object: pass an eval_log_aggregated.json")
+    return data
+
+
+def read_logs(path: str | Path) -> dict[str, dict]:
+    """An aggregated log (as json.load gives it) from eval_log_aggregated.json, or from a folder holding
+    it, or else holding the separate per-set files."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if (path / AGGREGATED).is_file():
+            return _load(path / AGGREGATED)
+        found = {name: _load(path / name) for name in LOG_FILES if (path / name).is_file()}
+        if not found:
+            raise LokuError(f"folder {path} holds no TOFU logs ({AGGREGATED} or {', '.join(LOG_FILES)}): "
+                            "pass the --out folder of `loku tofu eval`")
+        return found
+    return _load(path)
