@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)  # tiny models gain nothing from more, and oversubscribed OpenMP threads crawl
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

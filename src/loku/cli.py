@@ -42,16 +42,24 @@ def unlearn(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights."),
+    save_every: Optional[int] = typer.Option(None, help="Also checkpoint every N steps (default: each epoch)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue a killed run from its directory."),
 ):
     """Unlearn a forget set from a model and write the adapter to --out."""
     from .config import UnlearnConfig
+    from .train import resume_run
     from .train import unlearn as run
+
+    if resume is not None:
+        result = resume_run(resume)
+        typer.echo(f"resumed and finished in {result.seconds:.0f} s, {result.epochs_run} epochs; wrote {result.out}")
+        return
 
     base = UnlearnConfig.from_yaml(config).to_dict() if config else {}
     flags = dict(model=model, forget=forget, retain=retain, method=method, out=out, text_column=text_column,
                  lora_rank=lora_rank, lora_alpha=lora_alpha, init=init, epochs=epochs, lr=lr,
                  batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, retain_weight=retain_weight,
-                 seed=seed, mixed_precision=mixed_precision)
+                 seed=seed, mixed_precision=mixed_precision, save_every=save_every)
     base.update({k: v for k, v in flags.items() if v is not None})
     for name, on in dict(save_merged=save_merged, overwrite=overwrite, trust_remote_code=trust_remote_code,
                          allow_pickle=allow_pickle).items():

@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +22,7 @@ from .data.text import load_examples, tokenize_examples
 from .errors import LokuError
 from .losses import LossInputs, LossSettings, Method, get_method
 
+_KILL_AT_STEP = int(os.environ.get("LOKU_TEST_KILL_AT_STEP", "0")) or None
 EpochCallback = Callable[[int, torch.nn.Module], "dict | None"]
 
 
@@ -95,19 +99,27 @@ def prepare_model(cfg: UnlearnConfig, model, batches: PairedBatches):
 
 
 def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[EpochCallback] = (),
-            progress: bool = True, forget: list | None = None, retain: list | None = None) -> UnlearnResult:
+            progress: bool = True, forget: list | None = None, retain: list | None = None,
+            resume: bool = False) -> UnlearnResult:
     """Make `model` forget `cfg.forget` while keeping `cfg.retain`; writes the run to `cfg.out` if set.
 
-    Each callback runs after every epoch with (epoch, model) and may return a dict of values to log;
-    `{"stop": True}` ends the run (stop rules are plain callables)."""
+    `forget`/`retain` lists (strings or question/answer dicts) replace the files. Each callback runs
+    after every epoch with (epoch, model) and may return a dict of values to log; `{"stop": True}` ends
+    the run (stop rules are plain callables). With `resume`, `cfg.out` holds a killed run of this
+    config and training continues from its last checkpoint, ending exactly as an uninterrupted run."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
 
+    from .checkpoint import load_checkpoint, save_checkpoint
+
     t_start = time.time()
     method = get_method(cfg.method)
     forget_ex, retain_ex = load_data(cfg, method, forget, retain)
-    out = io.check_out_dir(cfg.out, cfg.overwrite) if cfg.out else None
+    if resume:
+        out = _check_resumable(cfg)
+    else:
+        out = io.check_out_dir(cfg.out, cfg.overwrite) if cfg.out else None
     if model is None:
         from .models import load_model
 
@@ -142,21 +154,36 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     if reference is not None:
         reference = reference.to(accelerator.device)
     settings = LossSettings(cfg.retain_weight, cfg.npo_beta, cfg.simnpo_beta, cfg.simnpo_gamma)
-
-    if out is not None and accelerator.is_main_process:
-        io.start_out_dir(out, cfg.overwrite)
-        io.write_text(out / "config.yaml", _resolved(cfg, model).to_yaml())
-    metrics_log = (out / "metrics.jsonl").open("a") if out is not None and accelerator.is_main_process else None
+    main = accelerator.is_main_process
 
     result = UnlearnResult(model=model, tokenizer=tokenizer, out=out)
-    step, tokens_seen = 0, 0
-    with _progress(progress and accelerator.is_main_process) as bar:
-        task = bar.add_task(f"unlearn ({cfg.method})", total=len(batches) * cfg.epochs, info="")
-        for epoch in range(cfg.epochs):
+    pos = {"epoch": 0, "next_step": 0, "global_step": 0, "sums": {}, "epoch_tokens": 0, "done": False}
+    if resume:
+        pos = load_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler)
+        result.history = pos.pop("history")
+        _truncate_metrics(out / "metrics.jsonl", pos["global_step"], len(result.history))
+    elif out is not None and main:
+        io.start_out_dir(out, cfg.overwrite)
+        io.write_text(out / "config.yaml", _resolved(cfg, model).to_yaml())
+    metrics_log = (out / "metrics.jsonl").open("a") if out is not None and main else None
+
+    def checkpoint(**state):
+        if out is not None and main:
+            save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler,
+                            {**state, "history": result.history})
+
+    step = pos["global_step"]
+    with _progress(progress and main) as bar:
+        task = bar.add_task(f"unlearn ({cfg.method})", total=len(batches) * cfg.epochs,
+                            completed=pos["epoch"] * len(batches) + pos["next_step"], info="")
+        for epoch in range(pos["epoch"], cfg.epochs if not pos["done"] else 0):
             model.train()
-            sums: dict[str, float] = {}
-            t_epoch, epoch_tokens = time.time(), 0
-            for forget_b, retain_b in batches.epoch(epoch):
+            resumed_here = epoch == pos["epoch"]
+            sums: dict[str, float] = dict(pos["sums"]) if resumed_here else {}
+            epoch_tokens = pos["epoch_tokens"] if resumed_here else 0
+            t_epoch, t_tokens = time.time(), 0
+            start = pos["next_step"] if resumed_here else 0
+            for i, (forget_b, retain_b) in enumerate(batches.epoch(epoch, start), start=start):
                 forget_b = {k: v.to(accelerator.device) for k, v in forget_b.items()}
                 n_tok = int(forget_b["attention_mask"].sum())
                 with accelerator.accumulate(model):
@@ -171,33 +198,39 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
                             if x.retain_logits is not None:
                                 x.ref_retain_logits = _forward(reference, retain_b)
                     terms = method.fn(x, settings)
-                    loss = terms["loss"]
-                    if not torch.isfinite(loss):
-                        raise LokuError(f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1} "
-                                        f"(terms: {_floats(terms)}): lower --lr or check the data")
-                    accelerator.backward(loss)
+                    _check_finite(terms, epoch, step, out)
+                    accelerator.backward(terms["loss"])
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                        norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                        if not torch.isfinite(norm):
+                            raise LokuError(f"gradient norm became {float(norm)} at epoch {epoch + 1} step "
+                                            f"{step + 1}: lower --lr or check the data{_kept(out)}")
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 step += 1
-                tokens_seen += n_tok
                 epoch_tokens += n_tok
+                t_tokens += n_tok
                 values = _floats(terms)
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
-                tps = epoch_tokens / max(time.time() - t_epoch, 1e-9)
+                tps = t_tokens / max(time.time() - t_epoch, 1e-9)
                 record = {"kind": "step", "epoch": epoch + 1, "step": step, **values,
                           "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tps, 1)}
                 if metrics_log:
                     metrics_log.write(json.dumps(record) + "\n")
                     metrics_log.flush()
                 bar.update(task, advance=1, info=f"loss {values['loss']:.4f}  {tps:,.0f} tok/s")
+                if _KILL_AT_STEP == step:  # fault injection for the kill-and-resume test
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if cfg.save_every and step % cfg.save_every == 0 and accelerator.sync_gradients \
+                        and i + 1 < len(batches):
+                    checkpoint(epoch=epoch, next_step=i + 1, global_step=step, sums=sums,
+                               epoch_tokens=epoch_tokens, done=False)
             n = len(batches)
             epoch_record = {"kind": "epoch", "epoch": epoch + 1, **{k: v / n for k, v in sums.items()},
                             "seconds": round(time.time() - t_epoch, 2),
-                            "tokens_per_s": round(epoch_tokens / max(time.time() - t_epoch, 1e-9), 1)}
+                            "tokens_per_s": round(t_tokens / max(time.time() - t_epoch, 1e-9), 1)}
             stop = False
             for cb in callbacks:
                 model.eval()
@@ -205,23 +238,73 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
                 stop = stop or bool(extra.pop("stop", False))
                 epoch_record.update(extra)
             result.history.append(epoch_record)
-            result.epochs_run = epoch + 1
             if metrics_log:
                 metrics_log.write(json.dumps(epoch_record, default=float) + "\n")
                 metrics_log.flush()
+            checkpoint(epoch=epoch + 1, next_step=0, global_step=step, sums={}, epoch_tokens=0,
+                       done=stop or epoch + 1 == cfg.epochs)
             if stop:
-                result.stopped_early = epoch + 1 < cfg.epochs
                 break
+    result.epochs_run = len(result.history)
+    result.stopped_early = result.epochs_run < cfg.epochs
     if metrics_log:
         metrics_log.close()
     model = accelerator.unwrap_model(model)
     model.eval()
     result.model = model
-    if out is not None and accelerator.is_main_process:
+    if out is not None and main:
         save_run(cfg, model, tokenizer, out, initial_factors)
-        result.model = model
     result.seconds = time.time() - t_start
     return result
+
+
+def resume_run(run_dir: str | Path, **kwargs) -> UnlearnResult:
+    """Continue a killed `loku unlearn` run from its directory (its config.yaml and last checkpoint)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise LokuError(f"{run_dir} is not a loku run directory (no config.yaml): check the path")
+    cfg = UnlearnConfig.from_yaml(run_dir / "config.yaml")
+    cfg.out = str(run_dir)
+    return unlearn(cfg, resume=True, **kwargs)
+
+
+def _check_resumable(cfg: UnlearnConfig) -> Path:
+    out = Path(cfg.out)
+    if (out / io.MANIFEST).is_file():
+        raise LokuError(f"run {out} is already complete (it has {io.MANIFEST}): nothing to resume")
+    if not (out / "checkpoint" / "state.json").is_file():
+        raise LokuError(f"{out} has no checkpoint to resume from (it was killed before the first one): "
+                        "delete it and start again")
+    return out
+
+
+def _truncate_metrics(path: Path, global_step: int, epochs_done: int) -> None:
+    """Drop log lines written after the checkpoint; the resumed run writes them again."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+        if (r.get("kind") == "step" and r["step"] <= global_step) or \
+                (r.get("kind") == "epoch" and r["epoch"] <= epochs_done):
+            keep.append(line)
+    io.write_text(path, "".join(k + "\n" for k in keep))
+
+
+def _kept(out: Path | None) -> str:
+    return f"; the last good checkpoint is kept in {out}/checkpoint" if out is not None else ""
+
+
+def _check_finite(terms: dict[str, torch.Tensor], epoch: int, step: int, out: Path | None) -> None:
+    """Stop on NaN/inf, naming the step and the loss term, rather than training on garbage."""
+    bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+    if bad:
+        name = next((k for k in bad if k != "loss"), "loss")
+        raise LokuError(f"loss term {name!r} became {float(terms[name])} at epoch {epoch + 1} step {step + 1} "
+                        f"(terms: {_floats(terms)}): lower --lr or check the data{_kept(out)}")
 
 
 def _floats(terms: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -258,3 +341,4 @@ def save_run(cfg: UnlearnConfig, model, tokenizer, out: Path, initial_factors=No
     with io.atomic_dir(out / "tokenizer") as tmp:
         tokenizer.save_pretrained(tmp)
     io.write_manifest(out)
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)  # the run is complete; nothing left to resume

@@ -1,0 +1,71 @@
+"""Checkpoints that let a killed run continue exactly where it was.
+
+A checkpoint is a directory written whole (temporary name, then rename): the trainable weights
+(safetensors), optimizer and scheduler states, RNG states, the data position and the epoch history.
+Everything is loaded back with `torch.load(weights_only=True)`: no pickled code is ever executed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import io
+from .errors import LokuError
+
+NAME = "checkpoint"
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict) -> None:
+    """`state`: JSON-able position (epoch, step, ...) and history."""
+    with io.atomic_dir(Path(run_dir) / NAME) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng_torch": torch.get_rng_state(), "rng_numpy": _numpy_rng(),
+                    "rng_python": _python_rng()}, tmp / "training_state.pt")
+        (tmp / "state.json").write_text(json.dumps(state, default=float))
+
+
+def load_checkpoint(run_dir: Path, model, optimizer, scheduler) -> dict:
+    """Restores weights, optimizer, scheduler and RNG in place; returns the saved position and history."""
+    ckpt = Path(run_dir) / NAME
+    if not (ckpt / "state.json").is_file():
+        raise LokuError(f"{run_dir} has no checkpoint to resume from (it was killed before the first one): "
+                        "delete it and start again")
+    weights = load_file(str(ckpt / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing or len(weights) != sum(p.requires_grad for p in params.values()):
+        raise LokuError(f"checkpoint in {ckpt} does not match this model's trainable weights "
+                        f"(e.g. {missing[:1] or 'count differs'}): resume with the run's own config.yaml")
+    with torch.no_grad():
+        for n, w in weights.items():
+            params[n].copy_(w)
+    training = torch.load(ckpt / "training_state.pt", weights_only=True)
+    optimizer.load_state_dict(training["optimizer"])
+    scheduler.load_state_dict(training["scheduler"])
+    torch.set_rng_state(training["rng_torch"])
+    keys, (pos, has_gauss, gauss) = training["rng_numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
+    state = training["rng_python"]
+    random.setstate((int(state[0]), tuple(int(x) for x in state[1].tolist()), None))
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def _numpy_rng():
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [torch.from_numpy(keys.astype(np.int64)), [int(pos), int(has_gauss), float(gauss)]]
+
+
+def _python_rng():
+    version, state, _ = random.getstate()
+    return [version, torch.tensor(state, dtype=torch.int64)]

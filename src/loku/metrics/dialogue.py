@@ -1,0 +1,84 @@
+"""Dialogue utility of the TDEC protocol: unigram F1 between the model's greedy reply and the real next turn.
+
+Jang et al. generate 32 new tokens greedily, keep the text before the next "\\nUser " (the model tends to
+write the other speaker's turn too), and score it with SQuAD's unigram F1. F1 rewards a reply that uses
+the same words as the human one: coarse, but it moves when unlearning damages fluency.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+
+import torch
+
+from ..data.eval_tasks import Dialogue
+from .reasoning import model_device, pad_id
+
+STOP = "\nUser "
+MAX_NEW_TOKENS = 32  # Jang et al.'s generation length
+PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower case, drop punctuation and the articles a/an/the, squeeze whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in PUNCTUATION)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def unigram_f1(prediction: str, reference: str) -> float:
+    """Harmonic mean of unigram precision and recall after `normalize_answer`, counting repeats at most as
+    often as they occur in both. 0 when nothing overlaps, also when both are empty (as in Jang et al.;
+    SQuAD's script would give 1 there)."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    same = sum((Counter(pred) & Counter(ref)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+@torch.inference_mode()
+def greedy_replies(model, tokenizer, prompts: list[str], batch_size: int = 8, max_new_tokens: int = MAX_NEW_TOKENS,
+                   max_length: int = 512, stop: str = STOP) -> list[str]:
+    """The greedy continuation of each prompt, cut before `stop`, in input order.
+
+    Prompts are left-padded so every row's next token sits in the last column, and left-truncated to
+    `max_length - max_new_tokens` tokens so the speaker label at the end always survives (Jang et al. cut
+    on the right, which can drop it for long dialogues). Generation stops per row at `stop` or EOS; text
+    after `stop` is discarded either way, so stopping early changes no result, only time.
+
+    Slow equivalent: each prompt alone, `model.generate(ids, max_new_tokens=32, do_sample=False)`, decoded
+    and split at `stop`."""
+    device, pad = model_device(model), pad_id(tokenizer)
+    budget = max(1, max_length - max_new_tokens)
+    encoded = [tokenizer(p).input_ids[-budget:] for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    out: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)      # (B, T), pads on the left
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            input_ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            attention_mask[r, width - len(encoded[i]):] = 1
+        generated = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=False,
+            max_new_tokens=max_new_tokens, pad_token_id=pad, stop_strings=[stop] if stop else None,
+            tokenizer=tokenizer, temperature=None, top_p=None, top_k=None,
+        )[:, width:]                                                              # (B, <= max_new_tokens)
+        for r, i in enumerate(rows):
+            text = tokenizer.decode(generated[r].tolist(), skip_special_tokens=True)
+            out[i] = text.split(stop)[0] if stop else text
+    return out
+
+
+def dialogue_results(model, tokenizer, items: list[Dialogue], batch_size: int = 8,
+                     max_length: int = 512) -> list[dict]:
+    """Per item: index, the greedy reply (prediction), the reference turn (gold) and its unigram F1."""
+    replies = greedy_replies(model, tokenizer, [it.prompt for it in items], batch_size, max_length=max_length)
+    return [{"index": i, "prediction": reply, "gold": it.target, "f1": unigram_f1(reply, it.target)}
+            for i, (it, reply) in enumerate(zip(items, replies))]
