@@ -29,7 +29,8 @@ def unlearn(
     lora_rank: Optional[int] = typer.Option(None, help="LoRA rank."),
     lora_alpha: Optional[float] = typer.Option(None, help="LoRA alpha (default 2 x rank)."),
     full: bool = typer.Option(False, "--full", help="Full fine-tuning instead of LoRA."),
-    init: Optional[str] = typer.Option(None, help="LoRA init: auto, default, fila, vila."),
+    init: Optional[str] = typer.Option(None, help="LoRA init: auto (fila for ihl), default, fila, vila."),
+    fisher_cache: Optional[str] = typer.Option(None, help="Fisher statistics file: reused when it matches."),
     epochs: Optional[int] = typer.Option(None),
     lr: Optional[float] = typer.Option(None),
     batch_size: Optional[int] = typer.Option(None),
@@ -57,7 +58,7 @@ def unlearn(
 
     base = UnlearnConfig.from_yaml(config).to_dict() if config else {}
     flags = dict(model=model, forget=forget, retain=retain, method=method, out=out, text_column=text_column,
-                 lora_rank=lora_rank, lora_alpha=lora_alpha, init=init, epochs=epochs, lr=lr,
+                 lora_rank=lora_rank, lora_alpha=lora_alpha, init=init, fisher_cache=fisher_cache, epochs=epochs, lr=lr,
                  batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, retain_weight=retain_weight,
                  seed=seed, mixed_precision=mixed_precision, save_every=save_every)
     base.update({k: v for k, v in flags.items() if v is not None})
@@ -72,8 +73,11 @@ def unlearn(
         raise LokuError("no output directory given: pass --out DIR (a new directory)")
     result = run(cfg)
     last = result.history[-1] if result.history else {}
-    typer.echo(f"done in {result.seconds:.0f} s, {result.epochs_run} epochs; final loss "
-               f"{last.get('loss', float('nan')):.4f}; wrote {result.out}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under `accelerate launch`, one line, not one per process
+            typer.echo(f"done in {result.seconds:.0f} s, {result.epochs_run} epochs; final loss "
+                   f"{last.get('loss', float('nan')):.4f}; wrote {result.out}")
 
 
 @list_app.command("methods")

@@ -29,6 +29,7 @@ class UnlearnConfig:
     lora_targets: list[str] | None = None  # default: every linear layer but the output head
     init: str = "auto"                   # auto | default | fila | vila (auto: fila for ihl with LoRA)
     fisher_eps: float = 1e-5
+    fisher_cache: str | None = None      # safetensors file of Fisher statistics, reused when it matches
     epochs: int = 5
     lr: float = 2e-4
     batch_size: int = 8

@@ -33,7 +33,8 @@ def finetune(model, features: list[dict], pad_id: int, *, epochs: int = 5, lr: f
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     total = math.ceil(len(batches) / grad_accum) * epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler stays outside accelerate: it would step once per process, assuming a sharded loader.
+    model, optimizer = accelerator.prepare(model, optimizer)
     history = []
     with _progress(progress and accelerator.is_main_process) as bar:
         task = bar.add_task(description, total=len(batches) * epochs, info="")
@@ -48,7 +49,8 @@ def finetune(model, features: list[dict], pad_id: int, *, epochs: int = 5, lr: f
                     if accelerator.sync_gradients and max_grad_norm > 0:
                         accelerator.clip_grad_norm_(params, max_grad_norm)
                     optimizer.step()
-                    scheduler.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 value = float(loss.detach())
                 loss_sum += value

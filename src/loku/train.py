@@ -79,7 +79,7 @@ def _progress(enabled: bool):
                     disable=not enabled, transient=False)
 
 
-def prepare_model(cfg: UnlearnConfig, model, batches: PairedBatches):
+def prepare_model(cfg: UnlearnConfig, model, batches: PairedBatches, progress: bool = True):
     """Full fine-tuning, plain LoRA, or LoRA initialised from Fisher statistics (FILA / VILA)."""
     if not cfg.lora:
         model.requires_grad_(True)
@@ -93,7 +93,7 @@ def prepare_model(cfg: UnlearnConfig, model, batches: PairedBatches):
 
         pairs = list(batches.epoch(0))
         model, initial = fila_init(model, pairs, rank=cfg.lora_rank, alpha=cfg.alpha, target_modules=targets,
-                                   method=init, eps=cfg.fisher_eps)
+                                   method=init, eps=cfg.fisher_eps, cache=cfg.fisher_cache, progress=progress)
         return model, initial
     return add_lora(model, cfg.lora_rank, cfg.alpha, targets), None
 
@@ -134,23 +134,27 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     set_seed(cfg.seed)
     forget = tokenize_examples(forget_ex, tokenizer, cfg.max_length, "forget")
     retain = tokenize_examples(retain_ex, tokenizer, cfg.max_length, "retain") if retain_ex else None
-    batches = PairedBatches(forget, retain, cfg.batch_size, tokenizer.pad_token_id, cfg.seed,
-                            cfg.retain_batch_size)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
+                              cpu=not torch.cuda.is_available())
+    # One global batch of batch_size x processes per step, each process taking its share: N processes
+    # see exactly the examples one process would see with an N times larger batch.
+    world, rank = accelerator.num_processes, accelerator.process_index
+    batches = PairedBatches(forget, retain, cfg.batch_size * world, tokenizer.pad_token_id, cfg.seed,
+                            (cfg.retain_batch_size or cfg.batch_size) * world)
 
     reference = None
     if method.needs_reference:  # the frozen start model, for KL / NPO
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     model.config.use_cache = False
-    model, initial_factors = prepare_model(cfg, model, batches)
+    model, initial_factors = prepare_model(cfg, model, batches, progress and accelerator.is_main_process)
     model.train()
 
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
-                              cpu=not torch.cuda.is_available())
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     updates_per_epoch = math.ceil(len(batches) / cfg.grad_accum)
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, updates_per_epoch * cfg.epochs)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler stays outside accelerate: it would step once per process, assuming a sharded loader.
+    model, optimizer = accelerator.prepare(model, optimizer)
     if reference is not None:
         reference = reference.to(accelerator.device)
     settings = LossSettings(cfg.retain_weight, cfg.npo_beta, cfg.simnpo_beta, cfg.simnpo_gamma)
@@ -184,12 +188,12 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
             t_epoch, t_tokens = time.time(), 0
             start = pos["next_step"] if resumed_here else 0
             for i, (forget_b, retain_b) in enumerate(batches.epoch(epoch, start), start=start):
-                forget_b = {k: v.to(accelerator.device) for k, v in forget_b.items()}
+                forget_b = shard(forget_b, rank, world, accelerator.device)
                 n_tok = int(forget_b["attention_mask"].sum())
                 with accelerator.accumulate(model):
                     x = LossInputs(_forward(model, forget_b), forget_b["labels"])
                     if retain_b is not None and method.needs_retain:
-                        retain_b = {k: v.to(accelerator.device) for k, v in retain_b.items()}
+                        retain_b = shard(retain_b, rank, world, accelerator.device)
                         n_tok += int(retain_b["attention_mask"].sum())
                         x.retain_logits, x.retain_labels = _forward(model, retain_b), retain_b["labels"]
                     if reference is not None:
@@ -206,12 +210,13 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
                             raise LokuError(f"gradient norm became {float(norm)} at epoch {epoch + 1} step "
                                             f"{step + 1}: lower --lr or check the data{_kept(out)}")
                     optimizer.step()
-                    scheduler.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 step += 1
                 epoch_tokens += n_tok
                 t_tokens += n_tok
-                values = _floats(terms)
+                values = _floats(terms if world == 1 else _mean_over_ranks(accelerator, terms))
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
                 tps = t_tokens / max(time.time() - t_epoch, 1e-9)
@@ -305,6 +310,19 @@ def _check_finite(terms: dict[str, torch.Tensor], epoch: int, step: int, out: Pa
         name = next((k for k in bad if k != "loss"), "loss")
         raise LokuError(f"loss term {name!r} became {float(terms[name])} at epoch {epoch + 1} step {step + 1} "
                         f"(terms: {_floats(terms)}): lower --lr or check the data{_kept(out)}")
+
+
+def shard(batch: dict[str, torch.Tensor], rank: int, world: int, device) -> dict[str, torch.Tensor]:
+    """This process's rows of a global batch (rows rank, rank + world, ...). A last batch too small to
+    give every process a row repeats its first rows, as accelerate's even_batches does."""
+    n = batch["input_ids"].shape[0]
+    rows = list(range(rank, n, world)) or [rank % n]
+    return {k: v[rows].to(device) for k, v in batch.items()}
+
+
+def _mean_over_ranks(accelerator, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    stacked = torch.stack([v.detach().float() for v in terms.values()]).to(accelerator.device)
+    return dict(zip(terms, accelerator.reduce(stacked, reduction="mean")))
 
 
 def _floats(terms: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -1,0 +1,264 @@
+"""FILA: LoRA factors initialised from Fisher importance, and their conversion back to a plain adapter.
+
+Phase two after `loku.fisher`. For each targeted weight W (out, in) with importance I (out, in), the
+adapter starts on the rank-r part of W that matters most for the forget set: the best rank-r fit of
+W under row weights w = sqrt(sum_j I_ij) (a row-weighted low-rank approximation, solved exactly by
+an SVD of diag(w) W). The base layer keeps the rest, W_res = W - s B A, so the model's outputs are
+unchanged at step 0 and training moves only the important directions.
+
+Because the base weight is rewritten, a trained FILA adapter only works on W_res. `export_original_adapter`
+turns it into a standard rank-2r PEFT adapter for the ORIGINAL weights:
+dW = s (B A - B0 A0) = s [B | -B0] [A ; A0].
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .errors import LokuError
+from .fisher import Pair, cached_statistics, fisher_statistics, relative_importance, vila_statistics, weight_of
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]   # module name -> (A0 (r, in), B0 (out, r))
+ROW_FLOOR = 1e-6   # rows with weight below ROW_FLOOR * max row weight are lifted to it (no 1/0 in B)
+
+
+def _randomized_svd(M: torch.Tensor, rank: int, oversample: int = 10, n_iter: int = 4, seed: int = 0):
+    """Top-`rank` SVD of M (m, n) by a randomized range finder with power iterations (Halko et al. 2011).
+    A private generator, so it neither depends on nor disturbs the global RNG the training run uses."""
+    k = min(rank + oversample, *M.shape)
+    g = torch.Generator(device=M.device).manual_seed(seed)
+    omega = torch.randn(M.shape[1], k, generator=g, device=M.device, dtype=M.dtype)   # (n, k)
+    Q = torch.linalg.qr(M @ omega).Q                                                  # (m, k)
+    for _ in range(n_iter):   # each round sharpens the spectrum's decay, so the top directions win
+        Q = torch.linalg.qr(M.T @ Q).Q                                                # (n, k)
+        Q = torch.linalg.qr(M @ Q).Q                                                  # (m, k)
+    U_k, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)                     # (k, k), (k,), (k, n)
+    return (Q @ U_k)[:, :rank], S[:rank], Vh[:rank]
+
+
+def fila_factors(weight: torch.Tensor, importance: torch.Tensor, rank: int, scaling: float, svd: str = "exact",
+                 *, name: str = "weight", compute_dtype: torch.dtype = torch.float32):
+    """(W (out, in), I (out, in), r, s) -> (A (r, in), B (out, r), residual (out, in)), in W's dtype.
+
+    w = sqrt(I.sum(1)); U S V^T = rank-r SVD of diag(w) W; A = sqrt(S/s) V^T; B = diag(1/w) U sqrt(S/s);
+    residual = W - s B A. Then s B A = diag(1/w) U S V^T minimises ||diag(w) (W - X)||_F over rank-r X,
+    the error being the sum of the tail S^2. Rows whose w is below ROW_FLOOR * max(w) (no importance)
+    are lifted to that floor: they barely count in the fit and B stays finite there.
+    svd="randomized" is much faster on large weights; the residual keeps W = residual + s B A either way."""
+    out_f, in_f = weight.shape
+    if rank < 1 or rank > min(out_f, in_f):
+        raise LokuError(f"LoRA rank {rank} does not fit module {name} of shape ({out_f}, {in_f}): "
+                        f"use a rank between 1 and {min(out_f, in_f)} or drop that module from the targets")
+    if tuple(importance.shape) != (out_f, in_f):
+        raise LokuError(f"Fisher statistics for {name} have shape {tuple(importance.shape)} but its weight is "
+                        f"({out_f}, {in_f}): they are from another model; recompute them for this one")
+    if not scaling > 0:
+        raise LokuError(f"LoRA scaling must be positive, got {scaling!r}: check lora_alpha")
+    if svd not in ("exact", "randomized"):
+        raise LokuError(f"unknown svd {svd!r}: choose exact or randomized")
+    I = importance.to(weight.device, compute_dtype)
+    if not torch.isfinite(I).all() or (I < 0).any():
+        raise LokuError(f"importance of {name} has negative or non-finite values: recompute the Fisher statistics")
+    w = I.sum(dim=1).sqrt()                                                         # (out,)
+    if w.max() <= 0:
+        raise LokuError(f"importance of {name} is all zero (the forget set gives it no gradient): check the "
+                        f"forget data or drop {name} from the targets")
+    w = w.clamp(min=float(w.max()) * ROW_FLOOR)
+    W = weight.detach().to(compute_dtype)                                           # (out, in)
+    M = w[:, None] * W                                                              # diag(w) W
+    if svd == "exact":
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]                                 # (out, r), (r,), (r, in)
+    else:
+        U, S, Vh = _randomized_svd(M, rank)
+    root = (S / scaling).sqrt()                                                     # (r,)
+    A = (root[:, None] * Vh).to(weight.dtype)                                       # (r, in)
+    B = ((U / w[:, None]) * root[None, :]).to(weight.dtype)                         # (out, r)
+    # The residual uses the factors as stored, so the model computes exactly W (up to W's own rounding).
+    residual = (W - scaling * B.to(compute_dtype) @ A.to(compute_dtype)).to(weight.dtype)
+    return A, B, residual
+
+
+# ---------------------------------------------------------------------------------------------- peft
+
+def lora_layers(peft_model: nn.Module, adapter_name: str = "default") -> dict[str, tuple[str, nn.Module]]:
+    """Plain module name (as in the unwrapped model) -> (name inside peft_model, peft LoraLayer)."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for full, m in peft_model.named_modules():
+        if isinstance(m, LoraLayer) and adapter_name in m.lora_A:
+            plain = full.split("base_model.model.", 1)[-1]
+            out[plain] = (full, m)
+    if not out:
+        raise LokuError(f"the model has no LoRA adapter named {adapter_name!r}: wrap it with peft first "
+                        f"(loku.lora.add_lora) or pass the right adapter_name")
+    return out
+
+
+def _check_layer(name: str, layer: nn.Module, adapter: str) -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    base = layer.get_base_layer()
+    if not isinstance(base, (nn.Linear, Conv1D)):
+        raise LokuError(f"FILA initialises Linear/Conv1D layers, but {name} is a {type(base).__name__}: "
+                        f"drop it from the targets")
+    if getattr(layer, "use_dora", {}).get(adapter, False):
+        raise LokuError(f"FILA rewrites the base weight, which DoRA's magnitude depends on ({name}): "
+                        f"use plain LoRA")
+    if getattr(layer, "lora_bias", {}).get(adapter, False):
+        raise LokuError(f"FILA's conversion covers weights only, but {name} has a LoRA bias: set lora_bias=False")
+
+
+def _set_weight(module: nn.Module, w: torch.Tensor) -> None:
+    """Write w (out, in) into a Linear (out, in) or Conv1D (in, out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.no_grad():
+        module.weight.copy_(w.T if isinstance(module, Conv1D) else w)
+
+
+@torch.no_grad()
+def apply_fila(peft_model: nn.Module, importance: dict[str, torch.Tensor], rank: int | None = None,
+               adapter_name: str = "default", svd: str = "exact") -> Factors:
+    """Write FILA factors into peft's LoRA modules (lora_A, lora_B) and the residual into each base layer,
+    Linear or Conv1D. Outputs are unchanged. Returns the starting factors {name: (A0, B0)} of every LoRA
+    layer (on CPU), which `export_original_adapter` needs; layers without importance keep peft's init.
+    `rank`, when given, must equal the adapter's rank (a check, not a setting)."""
+    layers = lora_layers(peft_model, adapter_name)
+    unknown = sorted(set(importance) - set(layers))
+    if unknown:
+        raise LokuError(f"Fisher statistics name modules without a LoRA adapter ({', '.join(unknown[:3])}): "
+                        f"those with one are {', '.join(sorted(layers)[:6])}{' ...' if len(layers) > 6 else ''}")
+    initial: Factors = {}
+    for name, (_, layer) in layers.items():
+        _check_layer(name, layer, adapter_name)
+        lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+        r = lora_A.weight.shape[0]
+        if rank is not None and rank != r:
+            raise LokuError(f"rank {rank} differs from the adapter's rank {r} at {name}: pass rank={r} or rewrap")
+        if name in importance:
+            base = layer.get_base_layer()
+            A, B, residual = fila_factors(weight_of(base), importance[name], r, layer.scaling[adapter_name],
+                                          svd, name=name)
+            lora_A.weight.copy_(A)
+            lora_B.weight.copy_(B)
+            _set_weight(base, residual)
+        initial[name] = (lora_A.weight.detach().cpu().clone(), lora_B.weight.detach().cpu().clone())
+    return initial
+
+
+def fila_init(model: nn.Module, batch_pairs: Iterable[Pair], rank: int, alpha: float,
+              target_modules: list[str] | None = None, method: str = "fila", eps: float = 1e-5,
+              svd: str = "exact", dropout: float = 0.0, cache: str | Path | None = None, progress: bool = True,
+              **stats_kwargs):
+    """Plain model -> (peft model initialised with FILA or VILA, initial factors for the export).
+    Statistics on the plain model (reused from `cache` when it matches), then peft LoRA (r, alpha,
+    targets) and the factors. Targets are short names ('q_proj') or full names, as for peft."""
+    from .lora import add_lora, check_rank, resolve_targets, targeted_modules
+
+    if method not in ("fila", "vila"):
+        raise LokuError(f"unknown init method {method!r}: choose fila or vila")
+    targets = resolve_targets(model, target_modules)
+    check_rank(model, targets, rank)   # before the expensive pass
+    names = sorted(targeted_modules(model, targets))
+    kwargs = dict(progress=progress, **stats_kwargs)
+    if method == "vila":
+        kwargs.setdefault("rank", rank)
+        kwargs.setdefault("scaling", alpha / rank)   # the LoRA scaling the adapter will train with
+    if cache is not None:
+        stats, _ = cached_statistics(cache, model, batch_pairs, names, method, **kwargs)
+    else:
+        compute = fisher_statistics if method == "fila" else vila_statistics
+        stats = compute(model, list(batch_pairs), names, **kwargs)
+    importance = relative_importance(stats, eps)
+    peft_model = add_lora(model, rank, alpha, targets, dropout)
+    wrapped = set(lora_layers(peft_model))
+    if wrapped != set(names):
+        raise LokuError(f"peft wrapped other modules than the targets ({sorted(wrapped ^ set(names))[:3]}): "
+                        f"pass full module names as targets")
+    return peft_model, apply_fila(peft_model, importance, rank, svd=svd)
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+def original_adapter_tensors(peft_model: nn.Module, initial_factors: Factors,
+                             adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The rank-2r state dict (peft's saved key names) of dW = s (B A - B0 A0) = s [B | -B0] [A ; A0]."""
+    layers = lora_layers(peft_model, adapter_name)
+    if set(layers) != set(initial_factors):
+        diff = sorted(set(layers) ^ set(initial_factors))
+        raise LokuError(f"the initial factors do not belong to this adapter (they differ at "
+                        f"{', '.join(diff[:3])}): pass the factors apply_fila/fila_init returned for this model")
+    out = {}
+    for name, (full, layer) in layers.items():
+        A, B = layer.lora_A[adapter_name].weight.detach(), layer.lora_B[adapter_name].weight.detach()
+        A0, B0 = (t.to(A.device, A.dtype) for t in initial_factors[name])
+        if A0.shape != A.shape or B0.shape != B.shape:
+            raise LokuError(f"initial factors of {name} are {tuple(A0.shape)}/{tuple(B0.shape)} but the adapter's "
+                            f"are {tuple(A.shape)}/{tuple(B.shape)}: pass the factors of this adapter")
+        out[f"{full}.lora_A.weight"] = torch.cat([A, A0], dim=0).cpu().contiguous()     # (2r, in)
+        out[f"{full}.lora_B.weight"] = torch.cat([B, -B0], dim=1).cpu().contiguous()    # (out, 2r)
+    return out
+
+
+def export_original_adapter(peft_model: nn.Module, initial_factors: Factors, out_dir: str | Path,
+                            adapter_name: str = "default") -> Path:
+    """Write a standard PEFT adapter directory (adapter_config.json + adapter_model.safetensors) for the
+    ORIGINAL base model: `PeftModel.from_pretrained(original_model, out_dir)` then reproduces the trained
+    FILA model. Rank 2r with alpha rescaled so the LoRA scaling s stays the same."""
+    from safetensors.torch import save_file
+
+    tensors = original_adapter_tensors(peft_model, initial_factors, adapter_name)
+    cfg = copy.deepcopy(peft_model.peft_config[adapter_name])
+    # s = alpha / r (or alpha / sqrt(r) with rsLoRA); doubling r must leave s as it was.
+    grow = 2 ** 0.5 if cfg.use_rslora else 2.0
+    cfg.r, cfg.lora_alpha = 2 * cfg.r, cfg.lora_alpha * grow
+    cfg.rank_pattern = {k: 2 * v for k, v in (cfg.rank_pattern or {}).items()}
+    cfg.alpha_pattern = {k: v * grow for k, v in (cfg.alpha_pattern or {}).items()}
+    cfg.init_lora_weights, cfg.inference_mode = True, True
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(str(out_dir))
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out_dir
+
+
+@torch.no_grad()
+def merged_weights(peft_model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """{name: residual + s B A} (out, in) in the weight's dtype: the trained model's weights, which equal
+    original + dW. Reads only; the model is left as it was."""
+    out = {}
+    for name, (_, layer) in lora_layers(peft_model, adapter_name).items():
+        W = weight_of(layer.get_base_layer())
+        A, B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        out[name] = (W.float() + layer.scaling[adapter_name] * B.float() @ A.float()).to(W.dtype)
+    return out
+
+
+def save_merged(peft_model: nn.Module, out_dir: str | Path, adapter_name: str = "default", tokenizer=None) -> Path:
+    """Write the trained model with the adapter merged in, as a plain transformers model directory,
+    without changing `peft_model` (peft's merge_and_unload would rewrite it in place)."""
+    from transformers.pytorch_utils import Conv1D
+
+    base = peft_model.get_base_model()
+    layers = lora_layers(peft_model, adapter_name)
+    merged = merged_weights(peft_model, adapter_name)
+    state = {}
+    for key, value in base.state_dict().items():
+        if ".lora_" in key:   # adapter tensors (lora_A/B, magnitude, ...) are folded into the weight
+            continue
+        state[key.replace(".base_layer.", ".")] = value
+    for name, W in merged.items():
+        state[f"{name}.weight"] = W.T.contiguous() if isinstance(layers[name][1].get_base_layer(), Conv1D) else W
+    out_dir = Path(out_dir)
+    base.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+

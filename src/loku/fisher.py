@@ -1,0 +1,371 @@
+"""Fisher statistics that tell FILA which weights hold the forget set (and VILA's cheaper variant).
+
+Phase one of a data-driven LoRA initialisation (phase two, the factors, is `loku.fila`): a plain dict
+keyed by module name (`model.layers.0.self_attn.q_proj`), each value shaped like the weight in the
+(out, in) convention, for the forget set and the retain set. It can be saved (safetensors + metadata)
+and reused when model, data and settings are the same.
+
+Loss: the paper's code (csm9493/efficient-llm-unlearning, TOFU/measure_importance.py) takes the
+gradient of the plain Hugging Face `output.loss` on *both* sets, i.e. the mean next-token
+cross-entropy; on the forget set that is its NLL, not the unlearning objective (IHL/GA). We do the
+same (`loku.losses.cross_entropy`); the sign would not matter anyway, the gradient is squared.
+Tokens: we count targets after the shift (labels[:, 1:] != -100), the ones the loss averages over;
+the paper counts before the shift, which differs only where a sequence's first label is unmasked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import LokuError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (logits, labels) -> mean token loss
+Pair = tuple[dict, "dict | None"]                                # (forget_batch, retain_batch)
+FORMAT = "loku-fisher/1"
+IGNORE = -100
+# Config keys that change with how a model was loaded, not with what it computes.
+_VOLATILE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "_commit_hash",
+             "_attn_implementation", "_attn_implementation_autoset", "_attn_implementation_internal"}
+
+
+@dataclass
+class FisherStats:
+    """Per-module Fisher statistics, each (out, in) float32 and already divided by the token count."""
+
+    forget: dict[str, torch.Tensor]
+    retain: dict[str, torch.Tensor]
+    forget_tokens: int
+    retain_tokens: int
+    meta: dict[str, str] = field(default_factory=dict)  # kind, model identity, data hash, settings
+
+    @property
+    def kind(self) -> str:
+        return self.meta.get("kind", "fila")
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {n: tuple(t.shape) for n, t in self.forget.items()}
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        from .io import atomic_path
+
+        tensors = {f"{side}/{n}": t.detach().float().cpu().contiguous()
+                   for side, d in (("forget", self.forget), ("retain", self.retain)) for n, t in d.items()}
+        meta = {**self.meta, "format": FORMAT, "forget_tokens": str(self.forget_tokens),
+                "retain_tokens": str(self.retain_tokens)}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FisherStats":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise LokuError(f"Fisher statistics file {path} does not exist: check the path or compute it first")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises several types for a damaged or foreign file
+            raise LokuError(f"{path} is not a readable safetensors file ({e}): delete it to recompute") from None
+        if meta.pop("format", None) != FORMAT:
+            raise LokuError(f"{path} is not a loku Fisher statistics file: pass another path or delete it")
+        forget = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("forget/")}
+        retain = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("retain/")}
+        return cls(forget, retain, int(meta.pop("forget_tokens")), int(meta.pop("retain_tokens")), meta)
+
+    def check_model(self, model: nn.Module, source: str = "the Fisher statistics") -> None:
+        """Raise LokuError unless these statistics were computed on `model` (same modules, shapes, config
+        and weights): statistics of another model would silently steer FILA to the wrong weights."""
+        modules = dict(model.named_modules())
+        for name, shape in self.shapes().items():
+            if name not in modules or not hasattr(modules[name], "weight"):
+                raise LokuError(f"{source} are for another model: it has no module {name!r}; "
+                                f"delete the file or pass the one computed for this model")
+            here = tuple(weight_of(modules[name]).shape)
+            if here != shape:
+                raise LokuError(f"{source} are for another model: module {name} is {shape} there but {here} "
+                                f"here; delete the file or pass the one computed for this model")
+        ident = model_identity(model, {n: modules[n] for n in self.forget})
+        for key, what in (("config_sha256", "its config"), ("weights_sha256", "its weights")):
+            if key in self.meta and self.meta[key] != ident[key]:
+                raise LokuError(f"{source} are for another model ({what} differ from this one): delete the "
+                                f"file or pass the one computed for this model")
+
+
+# ---------------------------------------------------------------------------------------------- modules
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The module's weight as (out, in): GPT-2's Conv1D stores (in, out), so it is transposed (a view)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+def target_weights(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
+    """Full module name -> Linear/Conv1D module for `names`, each a full name or a suffix such as 'q_proj'
+    (matched as peft matches a list of targets)."""
+    from .lora import linear_modules
+
+    linear = linear_modules(model)
+    out: dict[str, nn.Module] = {}
+    for t in names:
+        hits = {n: m for n, m in linear.items() if n == t or n.endswith("." + t)}
+        if not hits:
+            short = sorted({n.rsplit(".", 1)[-1] for n in linear})
+            example = next(iter(linear), "")
+            raise LokuError(f"module {t!r} is not a linear layer of this model: choose from {', '.join(short)} "
+                            f"(or full names such as {example!r})")
+        out.update(hits)
+    return dict(sorted(out.items()))
+
+
+def model_identity(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, str]:
+    """What makes statistics valid for a model: its config, a fingerprint of the targeted weights (the
+    first 64 values of each: two checkpoints of one architecture differ there), names and shapes."""
+    cfg = getattr(model, "config", None)
+    cfg = {k: v for k, v in (cfg.to_dict() if cfg is not None else {}).items() if k not in _VOLATILE}
+    h = hashlib.sha256()
+    for name, m in sorted(modules.items()):
+        w = m.weight.detach().reshape(-1)[:64].float().cpu()
+        h.update(name.encode() + str(tuple(m.weight.shape)).encode() + w.numpy().tobytes())
+    shapes = {n: list(weight_of(m).shape) for n, m in sorted(modules.items())}
+    return {"config_sha256": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest(),
+            "weights_sha256": h.hexdigest(), "modules": json.dumps(shapes)}
+
+
+def _hash_batch(h, batch: dict | None) -> None:
+    if batch is None:
+        h.update(b"none")
+        return
+    for k in sorted(batch):
+        t = batch[k].detach().cpu().contiguous()
+        h.update(k.encode() + str(tuple(t.shape)).encode() + t.numpy().tobytes())
+
+
+def data_hash(batch_pairs: Iterable[Pair]) -> str:
+    """sha256 of every batch's tensors in order (batch boundaries matter: gradients are per batch)."""
+    h = hashlib.sha256()
+    for forget, retain in batch_pairs:
+        _hash_batch(h, forget)
+        _hash_batch(h, retain)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- gradients
+
+def _track(items, enabled: bool, description: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    total = len(items) if hasattr(items, "__len__") else None
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  disable=not enabled) as bar:
+        task = bar.add_task(description, total=total)
+        for item in items:
+            yield item
+            bar.advance(task)
+
+
+def _batch_gradients(model: nn.Module, batch_pairs: Iterable[Pair], params: dict[str, torch.Tensor],
+                     loss_fn: LossFn, hasher, progress: bool, description: str):
+    """Yields (side, n_tokens, {name: grad of the batch's mean token loss}) for every forget and retain
+    batch. Eval mode (no dropout, so the numbers are reproducible); grads only for `params`."""
+    device = next(model.parameters()).device
+    tensors = list(params.values())
+    for forget, retain in _track(batch_pairs, progress, description):
+        if retain is None:
+            raise LokuError("Fisher statistics weigh the forget set against the retain set: pass --retain FILE "
+                            "(or use --init default)")
+        _hash_batch(hasher, forget)
+        _hash_batch(hasher, retain)
+        for side, batch in (("forget", forget), ("retain", retain)):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            n_tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
+            if n_tokens == 0:   # nothing to learn from: it would add zero to both sums
+                continue
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           use_cache=False).logits                      # (B, T, V)
+            loss = loss_fn(logits, batch["labels"])
+            grads = torch.autograd.grad(loss, tensors)
+            yield side, n_tokens, dict(zip(params, grads))
+
+
+@contextmanager
+def _grads_only(model: nn.Module, trainable: list[torch.Tensor]):
+    """Within the block only `trainable` needs grad and the model is in eval mode; both restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    training, keep = model.training, set(map(id, trainable))
+    try:
+        for p, _ in flags:
+            p.requires_grad_(id(p) in keep)
+        model.eval()
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(training)
+
+
+def _default_loss() -> LossFn:
+    from .losses import cross_entropy
+
+    return cross_entropy
+
+
+def _loss_name(loss_fn: LossFn | None) -> str:
+    fn = loss_fn or _default_loss()
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _settings(kind: str, loss_fn: LossFn | None, dtype: torch.dtype, **vila) -> dict:
+    """What else (besides model and data) the numbers depend on; a cache hit needs all of it equal."""
+    out = {"loss": _loss_name(loss_fn), "dtype": str(dtype)}
+    if kind == "vila":
+        out.update(rank=vila["rank"], scaling=float(vila["scaling"]), std=float(vila["std"]), seed=vila["seed"])
+    return out
+
+
+def _finish(kind: str, model, modules, sums: dict, counts: dict, hasher, settings: dict) -> FisherStats:
+    for side in ("forget", "retain"):
+        if counts[side] == 0:
+            raise LokuError(f"the {side} batches hold no target token (every label is -100): give {side} "
+                            f"examples with text to learn from")
+    meta = {"kind": kind, **model_identity(model, modules), "data_sha256": hasher.hexdigest(),
+            "settings": json.dumps(settings, sort_keys=True)}
+    return FisherStats(sums["forget"], sums["retain"], counts["forget"], counts["retain"], meta)
+
+
+def fisher_statistics(model: nn.Module, batch_pairs: Iterable[Pair], module_names: Iterable[str],
+                      loss_fn: LossFn | None = None, progress: bool = True,
+                      device: str | torch.device | None = None) -> FisherStats:
+    """FILA's empirical Fisher diagonal: for each targeted weight, over forget and retain separately,
+    F = sum_b n_b * g_b**2 / sum_b n_b, with g_b the gradient of batch b's mean token loss and n_b its
+    target-token count. Float32 accumulators on `device` (default: the weight's own; "cpu" saves
+    accelerator memory on large models). Only the targeted weights get gradients during the pass."""
+    from transformers.pytorch_utils import Conv1D
+
+    loss_fn = loss_fn or _default_loss()
+    modules = target_weights(model, module_names)
+    conv = {n for n, m in modules.items() if isinstance(m, Conv1D)}
+    params = {n: m.weight for n, m in modules.items()}
+    sums = {side: {n: torch.zeros(weight_of(m).shape, dtype=torch.float32, device=device or m.weight.device)
+                   for n, m in modules.items()} for side in ("forget", "retain")}   # each (out, in)
+    counts, hasher = {"forget": 0, "retain": 0}, hashlib.sha256()
+    with _grads_only(model, list(params.values())):
+        for side, n_tokens, grads in _batch_gradients(model, batch_pairs, params, loss_fn, hasher, progress,
+                                                      "Fisher (fila)"):
+            for name, g in grads.items():
+                g = g.T if name in conv else g                          # (out, in)
+                sums[side][name] += g.float().pow(2).mul_(n_tokens).to(sums[side][name].device)
+            counts[side] += n_tokens
+    for side in sums:
+        for t in sums[side].values():
+            t.div_(max(counts[side], 1))
+    settings = _settings("fila", loss_fn, next(iter(params.values())).dtype)
+    return _finish("fila", model, modules, sums, counts, hasher, settings)
+
+
+def vila_factors(shapes: dict[str, tuple[int, int]], rank: int, std: float = 0.05,
+                 seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Random LoRA factors A (rank, in), B (out, rank) ~ N(0, std^2), drawn in name order from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return {n: (torch.randn(rank, i, generator=g) * std, torch.randn(o, rank, generator=g) * std)
+            for n, (o, i) in sorted(shapes.items())}
+
+
+def vila_statistics(model: nn.Module, batch_pairs: Iterable[Pair], module_names: Iterable[str], rank: int = 8,
+                    scaling: float = 1.0, std: float = 0.05, seed: int = 0,
+                    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                    loss_fn: LossFn | None = None, progress: bool = True) -> FisherStats:
+    """VILA (Kim et al. 2025, "Improving Fisher Information Estimation and Efficiency for LoRA-based LLM
+    Unlearning"; its code: kyj93790/VILA): Fisher information is the *variance* of the score, so use
+    E[g^2] - E[g]^2 (token-weighted over batches, clamped at 0) instead of FILA's raw second moment, and
+    take it over random LoRA factors only (A, B ~ N(0, 0.05^2), added as y += scaling * B A x while
+    measuring, as VILA does), so no full-weight gradient is ever held. Lifted to the weight's shape as
+    F_B @ F_A: (out, r) @ (r, in) -> (out, in), so the rest of FILA is shared.
+    VILA's code runs 10 passes over the data with fixed factors; pass the pairs repeated for that."""
+    loss_fn = loss_fn or _default_loss()
+    modules = target_weights(model, module_names)
+    shapes = {n: tuple(weight_of(m).shape) for n, m in modules.items()}
+    factors = factors if factors is not None else vila_factors(shapes, rank, std, seed)
+    params, hooks = {}, []
+    for name, m in modules.items():
+        A, B = factors[name]
+        A = A.detach().to(m.weight.device, m.weight.dtype).requires_grad_(True)   # (r, in)
+        B = B.detach().to(m.weight.device, m.weight.dtype).requires_grad_(True)   # (out, r)
+        params[f"{name}/A"], params[f"{name}/B"] = A, B
+
+        def hook(mod, inputs, out, A=A, B=B):
+            x = inputs[0]                                                       # (..., in)
+            return out + scaling * F.linear(F.linear(x, A), B)                   # (..., out)
+        hooks.append(m.register_forward_hook(hook))
+    first = {k: torch.zeros(v.shape, dtype=torch.float32, device=v.device) for k, v in params.items()}
+    sums = {side: {"g": {k: t.clone() for k, t in first.items()}, "g2": {k: t.clone() for k, t in first.items()}}
+            for side in ("forget", "retain")}
+    counts, hasher = {"forget": 0, "retain": 0}, hashlib.sha256()
+    try:
+        with _grads_only(model, []):
+            for side, n_tokens, grads in _batch_gradients(model, batch_pairs, params, loss_fn, hasher, progress,
+                                                          "Fisher (vila)"):
+                for k, g in grads.items():
+                    sums[side]["g"][k] += g.float() * n_tokens
+                    sums[side]["g2"][k] += g.float().pow(2) * n_tokens
+                counts[side] += n_tokens
+    finally:
+        for h in hooks:
+            h.remove()
+    lifted = {}
+    for side in ("forget", "retain"):
+        n = max(counts[side], 1)
+        var = {k: (sums[side]["g2"][k] / n - (sums[side]["g"][k] / n).pow(2)).clamp_(min=0) for k in params}
+        lifted[side] = {name: var[f"{name}/B"] @ var[f"{name}/A"] for name in modules}   # (out, r) @ (r, in)
+    settings = _settings("vila", loss_fn, next(iter(modules.values())).weight.dtype, rank=rank, scaling=scaling,
+                         std=std, seed=seed)
+    return _finish("vila", model, modules, lifted, counts, hasher, settings)
+
+
+def relative_importance(stats: FisherStats, eps: float = 1e-5) -> dict[str, torch.Tensor]:
+    """FILA's importance of each weight for the forget set relative to the retain set:
+    F_forget / (eps + F_retain), (out, in). eps (the paper's 1e-5) keeps weights that the retain set
+    never touches from dividing by zero."""
+    return {n: stats.forget[n] / (eps + stats.retain[n]) for n in stats.forget}
+
+
+def cached_statistics(path: str | Path, model: nn.Module, batch_pairs: Iterable[Pair], module_names: Iterable[str],
+                      method: str = "fila", **kwargs) -> tuple[FisherStats, bool]:
+    """Reuse the statistics at `path` when model, modules, data and settings match (returns (stats, True));
+    otherwise compute, save there and return (stats, False). A file for another model raises LokuError
+    instead of being overwritten: it is more likely a wrong path than a stale cache."""
+    if method not in ("fila", "vila"):
+        raise LokuError(f"unknown Fisher method {method!r}: choose fila or vila")
+    pairs = list(batch_pairs)
+    names = sorted(target_weights(model, module_names))
+    compute = fisher_statistics if method == "fila" else vila_statistics
+    path = Path(path)
+    if path.exists() and kwargs.get("factors") is None:   # hand-given VILA factors are not part of the key
+        old = FisherStats.load(path)
+        old.check_model(model, source=f"the Fisher statistics in {path}")
+        args = inspect.signature(compute).bind(model, pairs, names, **kwargs)
+        args.apply_defaults()
+        args = dict(args.arguments)
+        dtype = next(iter(target_weights(model, names).values())).weight.dtype
+        want = _settings(method, args.pop("loss_fn"), dtype, **args)
+        if (old.kind == method and sorted(old.forget) == names and old.meta.get("data_sha256") == data_hash(pairs)
+                and json.loads(old.meta.get("settings", "{}")) == want):
+            return old, True
+    stats = compute(model, pairs, names, **kwargs)
+    stats.save(path)
+    return stats, False
