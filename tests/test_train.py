@@ -123,3 +123,21 @@ def test_collate_masks_padding():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[5, 6, 7], [-100, -100, -100]]
+
+
+def test_lora_reference_is_the_base_model_without_a_copy(memorized, tokenizer):
+    """For kl/npo with plain LoRA the start model is the base with adapters off: the first step's NPO loss
+    must then be exactly (2/beta) log 2 (model == reference), as with an explicit frozen copy."""
+    import math
+
+    res = unlearn(UnlearnConfig(method="npo", epochs=1, batch_size=16, init="default"), copy.deepcopy(memorized),
+                  tokenizer, progress=False, forget=FORGET, retain=RETAIN)
+    assert res.history[0]["forget"] == pytest.approx(2 / 0.1 * math.log(2), rel=1e-5)
+
+
+def test_fila_is_the_default_for_ihl_and_forgets(memorized, tokenizer):
+    cfg = UnlearnConfig(method="ihl", epochs=8, lr=1e-2, batch_size=8, seed=0)
+    assert cfg.resolved_init == "fila"
+    res = unlearn(cfg, copy.deepcopy(memorized), tokenizer, progress=False, forget=FORGET, retain=RETAIN)
+    assert token_accuracy(res.model, tokenizer, FORGET) < token_accuracy(memorized, tokenizer, FORGET) - 0.15
+    assert token_accuracy(res.model, tokenizer, RETAIN) > token_accuracy(memorized, tokenizer, RETAIN) - 0.1

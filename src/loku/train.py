@@ -142,8 +142,11 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     batches = PairedBatches(forget, retain, cfg.batch_size * world, tokenizer.pad_token_id, cfg.seed,
                             (cfg.retain_batch_size or cfg.batch_size) * world)
 
+    # The frozen start model for KL / NPO. Plain LoRA needs no copy: the base model with its adapters
+    # switched off is the start model. FILA rewrites the base weights, and full fine-tuning moves them,
+    # so those keep a frozen copy (prepared by the engine in use, e.g. sharded under ZeRO-3 / FSDP).
     reference = None
-    if method.needs_reference:  # the frozen start model, for KL / NPO
+    if method.needs_reference and not (cfg.lora and cfg.resolved_init == "default"):
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     model.config.use_cache = False
     model, initial_factors = prepare_model(cfg, model, batches, progress and accelerator.is_main_process)
@@ -156,7 +159,17 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     # The scheduler stays outside accelerate: it would step once per process, assuming a sharded loader.
     model, optimizer = accelerator.prepare(model, optimizer)
     if reference is not None:
-        reference = reference.to(accelerator.device)
+        distributed_engine = accelerator.state.deepspeed_plugin is not None or \
+            getattr(accelerator.state, "fsdp_plugin", None) is not None
+        reference = accelerator.prepare_model(reference, evaluation_mode=True) if distributed_engine \
+            else reference.to(accelerator.device)
+    unwrapped = accelerator.unwrap_model(model)
+
+    def reference_logits(batch):
+        if reference is not None:
+            return _forward(reference, batch)
+        with unwrapped.disable_adapter():
+            return _forward(unwrapped, batch)
     settings = LossSettings(cfg.retain_weight, cfg.npo_beta, cfg.simnpo_beta, cfg.simnpo_gamma)
     main = accelerator.is_main_process
 
@@ -196,17 +209,17 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
                         retain_b = shard(retain_b, rank, world, accelerator.device)
                         n_tok += int(retain_b["attention_mask"].sum())
                         x.retain_logits, x.retain_labels = _forward(model, retain_b), retain_b["labels"]
-                    if reference is not None:
+                    if method.needs_reference:
                         with torch.no_grad():
-                            x.ref_forget_logits = _forward(reference, forget_b)
+                            x.ref_forget_logits = reference_logits(forget_b)
                             if x.retain_logits is not None:
-                                x.ref_retain_logits = _forward(reference, retain_b)
+                                x.ref_retain_logits = reference_logits(retain_b)
                     terms = method.fn(x, settings)
                     _check_finite(terms, epoch, step, out)
                     accelerator.backward(terms["loss"])
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                         norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                        if not torch.isfinite(norm):
+                        if norm is not None and not torch.isfinite(torch.as_tensor(norm)):  # None: DeepSpeed clips
                             raise LokuError(f"gradient norm became {float(norm)} at epoch {epoch + 1} step "
                                             f"{step + 1}: lower --lr or check the data{_kept(out)}")
                     optimizer.step()
