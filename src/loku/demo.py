@@ -199,7 +199,7 @@ def plot_curves(curves: list[dict], threshold: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     xs = list(range(1, len(curves) + 1))
     for group, color in (("forget", "tab:red"), ("retain", "tab:blue"), ("unseen", "tab:gray")):
         ax.plot(xs, [c[group] for c in curves], marker="o", color=color, label=group)
@@ -208,7 +208,7 @@ def plot_curves(curves: list[dict], threshold: float, path: Path) -> None:
     ax.axhline(threshold, color="tab:gray", linestyle="--", linewidth=0.8, label="never-seen level")
     ax.set_xlabel("epoch (memorize, then unlearn)")
     ax.set_ylabel("memorization accuracy")
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
