@@ -141,3 +141,15 @@ def test_fila_is_the_default_for_ihl_and_forgets(memorized, tokenizer):
     res = unlearn(cfg, copy.deepcopy(memorized), tokenizer, progress=False, forget=FORGET, retain=RETAIN)
     assert token_accuracy(res.model, tokenizer, FORGET) < token_accuracy(memorized, tokenizer, FORGET) - 0.15
     assert token_accuracy(res.model, tokenizer, RETAIN) > token_accuracy(memorized, tokenizer, RETAIN) - 0.1
+
+
+def test_idk_uses_given_refusals(tmp_path):
+    from loku.losses import get_method
+    from loku.train import load_data
+
+    (tmp_path / "r.txt").write_text("Nope.\nNo clue.\n")
+    cfg = UnlearnConfig(method="idk", refusals=str(tmp_path / "r.txt"))
+    forget, _ = load_data(cfg, get_method("idk"), [{"question": "q?", "answer": "a"}] * 4, ["keep"])
+    assert {f["answer"] for f in forget} <= {"Nope.", "No clue."}
+    forget, _ = load_data(cfg, get_method("idk"), [{"question": "q?", "answer": "a"}], ["keep"], refusals=["X."])
+    assert forget[0]["answer"] == "X."

@@ -41,7 +41,14 @@ def load_checkpoint(run_dir: Path, model, optimizer, scheduler) -> dict:
     if not (ckpt / "state.json").is_file():
         raise LokuError(f"{run_dir} has no checkpoint to resume from (it was killed before the first one): "
                         "delete it and start again")
-    weights = load_file(str(ckpt / "trainable.safetensors"))
+    try:
+        weights = load_file(str(ckpt / "trainable.safetensors"))
+        training = torch.load(ckpt / "training_state.pt", weights_only=True)
+        state = json.loads((ckpt / "state.json").read_text())
+    except Exception as e:   # SafetensorError, RuntimeError/UnpicklingError from torch, OSError, JSON
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LokuError(f"checkpoint in {ckpt} is damaged ({why}): it cannot be resumed; delete {run_dir} "
+                        "and start the run again") from None
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing or len(weights) != sum(p.requires_grad for p in params.values()):
@@ -50,15 +57,14 @@ def load_checkpoint(run_dir: Path, model, optimizer, scheduler) -> dict:
     with torch.no_grad():
         for n, w in weights.items():
             params[n].copy_(w)
-    training = torch.load(ckpt / "training_state.pt", weights_only=True)
     optimizer.load_state_dict(training["optimizer"])
     scheduler.load_state_dict(training["scheduler"])
     torch.set_rng_state(training["rng_torch"])
     keys, (pos, has_gauss, gauss) = training["rng_numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
-    state = training["rng_python"]
-    random.setstate((int(state[0]), tuple(int(x) for x in state[1].tolist()), None))
-    return json.loads((ckpt / "state.json").read_text())
+    rng = training["rng_python"]
+    random.setstate((int(rng[0]), tuple(int(x) for x in rng[1].tolist()), None))
+    return state
 
 
 def _numpy_rng():

@@ -126,6 +126,12 @@ _register_subapps()
 
 
 def main() -> None:
+    import warnings
+
+    # Deprecation notices from inside transformers/peft are for their maintainers, not loku's users,
+    # and would break the one-line error contract.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         app(standalone_mode=False)
     except LokuError as e:
@@ -136,10 +142,24 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors carry their own exit code
+    except Exception as e:
+        # typer >= 0.29 raises its vendored click's exceptions (not click.ClickException) for usage
+        # errors: an unknown flag, a value of the wrong type, no arguments.
         import click
 
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(2)
+        if isinstance(e, (click.ClickException, typer.TyperException)) and hasattr(e, "format_message"):
+            if type(e).__name__ == "NoArgsIsHelpError":  # `loku`, `loku list`: the help text
+                e.show()
+            else:
+                ctx = getattr(e, "ctx", None)
+                command = ctx.command_path if ctx is not None else "loku"
+                typer.echo(f"error: {e.format_message().rstrip('.')}: see `{command} --help`", err=True)
+            sys.exit(getattr(e, "exit_code", 2) or 2)
+        if isinstance(e, OSError):  # a full disk or a read-only place outside loku's atomic writers
+            from .io import write_error
+
+            err = write_error(e, Path(e.filename or "."))
+            if err is not None:
+                typer.echo(f"error: {err}", err=True)
+                sys.exit(2)
         raise

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,7 @@ class UnlearnConfig:
     out: str = ""                        # new run directory
     method: str = "ihl"
     text_column: str = "text"
+    refusals: str | None = None          # idk: file of refusal answers, one a line (default: built-in)
     max_length: int = 256
     lora: bool = True                    # False: full fine-tuning
     lora_rank: int = 8
@@ -54,14 +57,17 @@ class UnlearnConfig:
     def __post_init__(self):
         from .losses import METHODS
 
+        _check_types(self)
         METHODS[self.method]  # raises with "did you mean"
         positive = {"lora_rank": self.lora_rank, "epochs": self.epochs, "batch_size": self.batch_size,
                     "grad_accum": self.grad_accum, "max_length": self.max_length}
         for name, value in positive.items():
             if not isinstance(value, int) or value <= 0:
-                raise LokuError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+                default = next(f.default for f in dataclasses.fields(self) if f.name == name)
+                raise LokuError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}: pass "
+                                f"--{name.replace('_', '-')} 1 or more (default {default})")
         if not self.lr > 0:
-            raise LokuError(f"lr must be positive, got {self.lr!r}")
+            raise LokuError(f"lr must be positive, got {self.lr!r}: pass e.g. --lr 2e-4")
         if self.init not in ("auto", "default", "fila", "vila"):
             raise LokuError(f"unknown init {self.init!r}: choose auto, default, fila or vila")
         if self.init in ("fila", "vila") and not self.lora:
@@ -101,14 +107,76 @@ class UnlearnConfig:
     def from_yaml(cls, path: str | Path) -> "UnlearnConfig":
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            text = path.read_bytes().decode("utf-8-sig")
+            data = yaml.safe_load(text) or {}
         except FileNotFoundError:
             raise LokuError(f"config file {path} does not exist: check the path") from None
+        except IsADirectoryError:
+            raise LokuError(f"config {path} is a directory: pass a YAML file") from None
+        except UnicodeDecodeError:
+            raise LokuError(f"config file {path} is not UTF-8 text: save it as UTF-8 YAML") from None
         except yaml.YAMLError as e:
-            raise LokuError(f"{path} is not valid YAML ({str(e).splitlines()[0]}): fix the file") from None
+            mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise LokuError(f"{path}{where} is not valid YAML ({problem or ' '.join(str(e).split())}): "
+                            "fix the file") from None
         if not isinstance(data, dict):
-            raise LokuError(f"{path} must hold a mapping of option: value")
-        return cls.from_dict(data, source=str(path))
+            raise LokuError(f"{path} must hold a mapping of option: value (one `key: value` a line), "
+                            f"not a YAML {type(data).__name__}")
+        try:
+            return cls.from_dict(data, source=str(path))
+        except LokuError as e:
+            if str(e).startswith(str(path)):
+                raise
+            raise LokuError(f"{path}: {e}") from None
+
+
+# What each annotation accepts; YAML 1.1 reads `1e-4` (no dot) as a string, so floats take numeric text.
+_KINDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+          "list[str]": "a list of strings", "dict": "a mapping"}
+_SAMPLES = {"str": "file.csv", "int": 1, "float": 1.0, "bool": True, "list[str]": ["q_proj", "v_proj"],
+            "dict": {"note": "..."}}
+
+
+def _check_types(cfg: UnlearnConfig) -> None:
+    """Raise LokuError naming the field, the value and the expected type; coerce numbers to float."""
+    for f in dataclasses.fields(cfg):
+        kind, optional = str(f.type).replace(" | None", ""), "None" in str(f.type)
+        value = getattr(cfg, f.name)
+        if value is None and optional:
+            continue
+        ok = {"str": lambda v: isinstance(v, str),
+              "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "bool": lambda v: isinstance(v, bool),
+              "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+              "dict": lambda v: isinstance(v, dict)}.get(kind)
+        if kind == "str" and isinstance(value, os.PathLike):   # Path objects from the Python API
+            setattr(cfg, f.name, os.fspath(value))
+            continue
+        if kind == "float":
+            number = _as_float(value)
+            if number is not None:
+                setattr(cfg, f.name, number)
+                continue
+        elif ok is not None and ok(value):
+            continue
+        sample = f.default if f.default not in (None, dataclasses.MISSING) else _SAMPLES.get(kind)
+        example = f"{f.name}: {json.dumps(sample)}"   # JSON is YAML, and reads unambiguously
+        raise LokuError(f"{f.name} must be {_KINDS.get(kind, kind)}{' or null' if optional else ''}, got "
+                        f"{value!r}: write e.g. `{example}`")
+
+
+def _as_float(value) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _fila_available() -> bool:

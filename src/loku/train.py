@@ -41,8 +41,8 @@ def _as_examples(items: list) -> list[dict]:
     return [{"text": x} if isinstance(x, str) else dict(x) for x in items]
 
 
-def load_data(cfg: UnlearnConfig, method: Method, forget: list | None = None,
-              retain: list | None = None) -> tuple[list[dict], list[dict] | None]:
+def load_data(cfg: UnlearnConfig, method: Method, forget: list | None = None, retain: list | None = None,
+              refusals: list[str] | None = None) -> tuple[list[dict], list[dict] | None]:
     """Read (not yet tokenize) forget and retain examples, failing before anything heavy happens.
     In-memory lists (strings or {"question", "answer"} dicts) take the place of the files."""
     if forget is not None:
@@ -60,9 +60,11 @@ def load_data(cfg: UnlearnConfig, method: Method, forget: list | None = None,
     if method.needs_retain and not retain:
         raise LokuError(f"method {method.name!r} needs a retain set: pass --retain FILE (or use --method ga)")
     if method.forget_answers == "idk":
+        from .data.idk import refusals as read_refusals
         from .data.idk import with_refusals
 
-        forget = with_refusals(forget, seed=cfg.seed)
+        answers = refusals or (read_refusals(cfg.refusals) if cfg.refusals else None)
+        forget = with_refusals(forget, seed=cfg.seed, answers=answers)
     return forget, retain
 
 
@@ -100,7 +102,7 @@ def prepare_model(cfg: UnlearnConfig, model, batches: PairedBatches, progress: b
 
 def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[EpochCallback] = (),
             progress: bool = True, forget: list | None = None, retain: list | None = None,
-            resume: bool = False) -> UnlearnResult:
+            resume: bool = False, refusals: list[str] | None = None) -> UnlearnResult:
     """Make `model` forget `cfg.forget` while keeping `cfg.retain`; writes the run to `cfg.out` if set.
 
     `forget`/`retain` lists (strings or question/answer dicts) replace the files. Each callback runs
@@ -115,7 +117,7 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
 
     t_start = time.time()
     method = get_method(cfg.method)
-    forget_ex, retain_ex = load_data(cfg, method, forget, retain)
+    forget_ex, retain_ex = load_data(cfg, method, forget, retain, refusals)
     if resume:
         out = _check_resumable(cfg)
     else:
@@ -131,6 +133,10 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
         from .models import ensure_pad_token
 
         ensure_pad_token(tokenizer)
+    from .models import check_max_length, check_tokenizer_fits
+
+    check_tokenizer_fits(model, tokenizer)
+    check_max_length(model, cfg.max_length)
     set_seed(cfg.seed)
     forget = tokenize_examples(forget_ex, tokenizer, cfg.max_length, "forget")
     retain = tokenize_examples(retain_ex, tokenizer, cfg.max_length, "retain") if retain_ex else None

@@ -7,12 +7,15 @@ An example is either `{"text": ...}` (loss on every token) or `{"question": ...,
 from __future__ import annotations
 
 import csv
+import io
 import json
+import sys
 from pathlib import Path
 
 from ..errors import LokuError
 
 FORMATS = (".csv", ".jsonl", ".json", ".txt", ".raw")  # .raw: WikiText, one paragraph a line
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a whole document in one cell (default: 128 KiB)
 
 
 def _decode(path: Path) -> str:
@@ -31,21 +34,45 @@ def _decode(path: Path) -> str:
 
 
 def _from_csv(path: Path, text: str, column: str) -> list[dict]:
-    reader = csv.DictReader(text.splitlines(keepends=True))
-    header = reader.fieldnames or []
-    if not header:
-        return []
-    if {"question", "answer"} <= set(header) and column not in header:
-        return [{"question": r["question"], "answer": r["answer"]} for r in reader]
-    if column not in header:
-        raise LokuError(f"{path} has no column {column!r} (columns: {', '.join(header)}): "
-                        f"pass --text-column with one of them")
-    rows = []
-    for i, r in enumerate(reader, start=2):
-        if r.get(column) is None:
-            raise LokuError(f"{path} row {i} has fewer fields than the header: fix or remove that row")
-        rows.append({"text": r[column]})
+    # strict: a quoted field still open at the end of the file (a file cut short) is an error, not one
+    # example swallowing every line after it.
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
+    start = 1
+    try:
+        header = reader.fieldnames or []
+        if not header:
+            return []
+        qa = {"question", "answer"} <= set(header) and column not in header
+        if not qa and column not in header:
+            raise LokuError(f"{path} has no column {column!r} (columns: {', '.join(header)}): "
+                            f"pass --text-column with one of them")
+        keys = ("question", "answer") if qa else (column,)
+        rows, rows_iter = [], iter(reader)
+        while True:
+            start = reader.line_num + 1   # the file's line where the next row starts
+            try:
+                r = next(rows_iter)
+            except StopIteration:
+                break
+            where = f"{path} row on line {start}"
+            if None in r:   # DictReader files fields beyond the header under the key None
+                raise LokuError(f"{where} has more fields than the header ({len(header)}): quote text that "
+                                'holds commas ("like, this") or fix that row')
+            if None in r.values():   # fields missing at the end of the row
+                raise LokuError(f"{where} has fewer fields than the header ({len(header)}): fix or remove "
+                                "that row")
+            rows.append({k: r[k] for k in keys} if qa else {"text": r[column]})
+    except csv.Error as e:
+        raise LokuError(f"{path} row on line {start} is not valid CSV ({e}): fix the quoting there (a file "
+                        "cut short ends inside a quoted field)") from None
     return rows
+
+
+def _answer_text(path: Path, i: int, record: dict, key: str) -> str:
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise LokuError(f"{path} record {i} has {key!r} = {value!r}: give it as text")
+    return str(value)
 
 
 def _from_records(path: Path, records: list, column: str) -> list[dict]:
@@ -54,9 +81,14 @@ def _from_records(path: Path, records: list, column: str) -> list[dict]:
         if isinstance(r, str):
             rows.append({"text": r})
         elif isinstance(r, dict) and "question" in r and "answer" in r:
-            rows.append({"question": str(r["question"]), "answer": str(r["answer"])})
+            rows.append({"question": _answer_text(path, i, r, "question"),
+                         "answer": _answer_text(path, i, r, "answer")})
         elif isinstance(r, dict) and column in r:
-            rows.append({"text": str(r[column])})
+            rows.append({"text": _answer_text(path, i, r, column)})
+        elif isinstance(r, dict) and ("question" in r or "answer" in r):
+            has, lacks = ("question", "answer") if "question" in r else ("answer", "question")
+            raise LokuError(f"{path} record {i} has {has!r} but no {lacks!r}: add the {lacks} (a QA example "
+                            "needs both)")
         else:
             keys = ", ".join(r) if isinstance(r, dict) else type(r).__name__
             raise LokuError(f"{path} record {i} has neither {column!r} nor question/answer (has: {keys}): "
@@ -95,6 +127,9 @@ def load_examples(path: str | Path, text_column: str = "text") -> list[dict]:
                 raise LokuError(f"{path} line {e.lineno} is not valid JSON ({e.msg}): fix the file") from None
         if isinstance(data, dict):
             data = [data]
+        if not isinstance(data, list):
+            raise LokuError(f"{path} holds a JSON {type(data).__name__}, not a list of examples: write "
+                            '[{"question": ..., "answer": ...}, ...] or [{"text": ...}, ...]')
         rows = _from_records(path, data, text_column)
     if not rows:
         raise LokuError(f"{path} holds no examples: add at least one row")
@@ -112,6 +147,13 @@ def tokenize_example(example: dict, tokenizer, max_length: int) -> dict:
 
 
 def tokenize_examples(examples: list[dict], tokenizer, max_length: int, source: str = "data") -> list[dict]:
+    """Tokenize and truncate to max_length (longer examples are cut silently); max_length itself must fit
+    the tokenizer's model_max_length, which `loku.models.load_model` sets to the model's context."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < max_length:
+        raise LokuError(f"--max-length {max_length} is longer than the model's context of {limit} tokens "
+                        f"(max_position_embeddings, the tokenizer's model_max_length): pass --max-length "
+                        f"{limit} or less")
     feats = [tokenize_example(e, tokenizer, max_length) for e in examples]
     for i, f in enumerate(feats):
         if sum(label != -100 for label in f["labels"][1:]) == 0:

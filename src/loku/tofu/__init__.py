@@ -8,7 +8,9 @@ and Model Utility aggregated from them.
 from .summary import aggregate, forget_quality, model_utility, per_item
 from .evaluate import TASKS, TOFU_DS_SIZE, TOFU_MAX_LENGTH, evaluate_set, evaluate_tofu, load_sets
 from .logs import AGGREGATED, LOG_FILES, LOG_KEYS, read_logs, write_logs
+from .finetune import TofuFinetuneConfig, finetune_tofu
+from .run import TofuUnlearnConfig, run_tofu
 
 __all__ = ["aggregate", "forget_quality", "model_utility", "per_item", "evaluate_tofu", "evaluate_set",
            "load_sets", "read_logs", "write_logs", "TASKS", "LOG_FILES", "LOG_KEYS", "AGGREGATED",
-           "TOFU_DS_SIZE", "TOFU_MAX_LENGTH"]
+           "TOFU_DS_SIZE", "TOFU_MAX_LENGTH", "TofuFinetuneConfig", "finetune_tofu", "TofuUnlearnConfig", "run_tofu"]

@@ -1,0 +1,185 @@
+"""TOFU's two starting models: the *target* (fine-tuned on `full`, it knows every author) and the *retain*
+model (fine-tuned on `retainYY` only, it never saw the authors of `forgetXX`). Unlearning the target
+succeeds when its forget-set answers look like the retain model's (Forget Quality).
+
+TOFU's recipe is the default: 5 epochs, effective batch 32 (batch_size x grad_accum), lr 1e-5, weight
+decay 0.01, one epoch of linear warmup, full fine-tuning, loss on the answer tokens only.
+
+    summary = finetune_tofu(TofuFinetuneConfig(out="runs/tofu-models", data="../shared/data/tofu", authors=20))
+    # runs/tofu-models/target/, runs/tofu-models/retain/ (safetensors + tokenizer), tofu_finetune.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .. import io
+from ..data.tofu import QA_PER_AUTHOR, load_split, scaled_authors, tokenize_qa
+from ..errors import LokuError
+
+SUMMARY = "tofu_finetune.json"
+MODELS = ("target", "retain")
+FORGET_SPLITS = ("forget01", "forget05", "forget10")
+
+
+@dataclass
+class TofuFinetuneConfig:
+    """Options of `loku tofu finetune` (same names as its flags)."""
+
+    out: str = ""
+    model: str = "smollm2-135m"     # base model: hub id, local folder, .gguf, or the embedded default
+    data: str | None = None         # folder of TOFU's JSON files; None reads the hub (locuslab/TOFU)
+    split: str = "forget10"         # the forget split the retain model leaves out (retain90 for forget10)
+    authors: int | None = None      # K-author TOFU (K x 20 QA pairs), keeping the forget share
+    qa_per_author: int = QA_PER_AUTHOR  # first Q QA pairs of every author (a further scale-down)
+    epochs: int = 5
+    lr: float = 1e-5
+    batch_size: int = 4
+    grad_accum: int = 8             # effective batch 4 x 8 = 32, as TOFU
+    weight_decay: float = 0.01
+    warmup_epochs: float = 1.0      # linear warmup over this many epochs' updates
+    max_length: int = 500           # TOFU's fine-tuning max_length
+    seed: int = 0
+    mixed_precision: str = "no"
+    overwrite: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        check_split(self.split)
+        for name in ("epochs", "batch_size", "grad_accum", "max_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise LokuError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not self.lr > 0:
+            raise LokuError(f"--lr must be positive, got {self.lr!r}")
+        if self.warmup_epochs < 0:
+            raise LokuError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs!r}")
+        check_qa_per_author(self.qa_per_author)
+        if self.authors is not None:
+            scaled_authors(self.authors, split_percent(self.split))  # raises naming valid author counts
+
+
+def check_split(split: str) -> None:
+    if split not in FORGET_SPLITS:
+        import difflib
+
+        close = difflib.get_close_matches(split, FORGET_SPLITS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise LokuError(f"unknown forget split {split!r}: {hint}choose forget01, forget05 or forget10")
+
+
+def check_qa_per_author(q: int) -> None:
+    if not isinstance(q, int) or not 1 <= q <= QA_PER_AUTHOR:
+        raise LokuError(f"--qa-per-author must be between 1 and {QA_PER_AUTHOR}, got {q!r}")
+
+
+def split_percent(split: str) -> int:
+    return int(re.fullmatch(r"forget(\d\d)", split).group(1))
+
+
+def retain_split(split: str) -> str:
+    """The retain split that complements a forget split: forget10 -> retain90."""
+    check_split(split)
+    return f"retain{100 - split_percent(split)}"
+
+
+def per_author(rows: list, qa_per_author: int) -> list:
+    """The first `qa_per_author` rows of every author of an author-major TOFU split (20 rows each)."""
+    if qa_per_author >= QA_PER_AUTHOR:
+        return rows
+    return [r for i, r in enumerate(rows) if i % QA_PER_AUTHOR < qa_per_author]
+
+
+def check_qa_rows(name: str, rows: list) -> None:
+    if not rows:
+        raise LokuError(f"TOFU split {name} has no rows: check the data folder and --authors")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not isinstance(r.get("question"), str) or not isinstance(r.get("answer"), str):
+            raise LokuError(f"TOFU split {name} row {i} has no question/answer strings: pass an unmodified TOFU "
+                            "data folder")
+
+
+def training_rows(cfg: TofuFinetuneConfig) -> dict[str, list[dict]]:
+    """{"target": rows of full, "retain": rows of retainYY}, both at the configured scale."""
+    names = {"target": "full", "retain": retain_split(cfg.split)}
+    rows = {}
+    for model, split in names.items():
+        rows[model] = per_author(load_split(split, cfg.data, authors=cfg.authors, forget=cfg.split),
+                                 cfg.qa_per_author)
+        check_qa_rows(split, rows[model])
+    return rows
+
+
+def warmup_steps(n_rows: int, batch_size: int, grad_accum: int, warmup_epochs: float) -> tuple[int, int]:
+    """(optimizer updates per epoch, warmup updates): TOFU warms up for one epoch of updates."""
+    updates = math.ceil(math.ceil(n_rows / batch_size) / grad_accum)
+    return updates, round(warmup_epochs * updates)
+
+
+def train_model(cfg: TofuFinetuneConfig, name: str, rows: list[dict], out_dir: str | Path,
+                progress: bool = True) -> dict:
+    """Fine-tune a fresh copy of `cfg.model` on `rows` (QA loss on the answers) and write it, with its
+    tokenizer, to `out_dir` as safetensors, all at once (a temporary folder renamed into place)."""
+    from ..finetune import finetune
+    from ..models import load_model
+
+    t0 = time.time()
+    model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model.requires_grad_(True)
+    features = tokenize_qa(tokenizer, rows, cfg.max_length)
+    updates, warmup = warmup_steps(len(rows), cfg.batch_size, cfg.grad_accum, cfg.warmup_epochs)
+    history = finetune(model, features, tokenizer.pad_token_id, epochs=cfg.epochs, lr=cfg.lr,
+                       batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, weight_decay=cfg.weight_decay,
+                       warmup_steps=warmup, seed=cfg.seed, mixed_precision=cfg.mixed_precision, progress=progress,
+                       description=f"fine-tune {name} ({len(rows)} QA)")
+    model.eval()
+    with io.atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return {"rows": len(rows), "updates_per_epoch": updates, "warmup_steps": warmup, "history": history,
+            "seconds": round(time.time() - t0, 1), "path": str(out_dir)}
+
+
+def finetune_tofu(cfg: TofuFinetuneConfig, progress: bool = True,
+                  log: Callable[[str], None] | None = print) -> dict:
+    """Write `cfg.out/target/` (fine-tuned on full) and `cfg.out/retain/` (on retainYY), then
+    `cfg.out/tofu_finetune.json` (the config, the splits, each model's loss per epoch and seconds).
+    Every input is checked before anything is loaded or written."""
+    out = io.check_out_dir(cfg.out, cfg.overwrite)
+    rows = training_rows(cfg)
+    from ..models import resolve_model_path
+
+    resolve_model_path(cfg.model)  # a bad --model fails here, before the output folder exists
+    io.start_out_dir(out, cfg.overwrite)
+    t0 = time.time()
+    summary = {"config": dataclasses.asdict(cfg), "splits": {"target": "full", "retain": retain_split(cfg.split)},
+               "forget_split": cfg.split, "authors": cfg.authors, "qa_per_author": cfg.qa_per_author}
+    for name in MODELS:
+        if log:
+            log(f"fine-tuning the {name} model on {summary['splits'][name]} ({len(rows[name])} QA pairs)")
+        summary[name] = train_model(cfg, name, rows[name], out / name, progress)
+        if log:
+            last = summary[name]["history"][-1]
+            log(f"  {name}: final epoch loss {last['loss']:.4f}, {summary[name]['seconds']:.0f} s -> {out / name}")
+    summary["seconds"] = round(time.time() - t0, 1)
+    io.write_json(out / SUMMARY, summary)
+    return summary
+
+
+def read_summary(model_dir: str | Path) -> dict | None:
+    """The tofu_finetune.json beside a target/retain model folder, if it came from finetune_tofu."""
+    import json
+
+    path = Path(model_dir).expanduser().parent / SUMMARY
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LokuError(f"{path} line {e.lineno} is not valid JSON ({e.msg}): rerun loku tofu finetune") from None

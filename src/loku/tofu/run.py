@@ -1,0 +1,349 @@
+"""TOFU unlearning runs: unlearn a forget split from the target model with one or more methods, scoring
+every epoch with TOFU's Forget Quality (against the retain model) and Model Utility.
+
+    results = run_tofu(TofuUnlearnConfig(target="runs/tofu-models/target", out="runs/tofu-unlearn",
+                                         methods=["ga", "gd", "npo", "idk", "ihl"]))
+
+The retain model is evaluated once and its log cached in `out/retain_eval/` (or taken from `retain_log`);
+the target is evaluated once as epoch 0 (`out/target_eval/`). Each method runs with `loku.train.unlearn`
+into `out/runs/<label>/` (adapter, metrics.jsonl, and TOFU's official logs per epoch under `tofu/`),
+and the report (`results.json`, `report.md`, `fq_mu.png`) is rewritten after every method. With
+`resume`, finished evaluations and methods are kept and the rest run.
+
+A method is `name` or `name+init` (`ihl+fila`, `ihl+default`): the init overrides `train.init` for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .. import io
+from ..config import UnlearnConfig
+from ..data.tofu import QA_PER_AUTHOR, load_split
+from ..errors import LokuError
+from .evaluate import TOFU_DS_SIZE, evaluate_tofu, load_sets
+from .finetune import check_qa_per_author, check_qa_rows, check_split, per_author, read_summary, retain_split
+from .logs import AGGREGATED, FORGET, RETAIN, read_logs
+from .report import headline, write_report
+from .summary import aggregate
+
+CONFIG = "config.json"
+INITS = ("auto", "default", "fila", "vila")
+# TOFU's unlearning recipe (5 epochs, effective batch 32, weight decay 0.01) with a LoRA learning rate.
+TRAIN_DEFAULTS = dict(epochs=5, lr=1e-4, batch_size=8, grad_accum=4, weight_decay=0.01, max_length=500)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    label: str          # as given: "ihl", "ihl+fila"
+    method: str
+    init: str | None    # None: the run's init
+
+
+def parse_method(spec: str) -> MethodSpec:
+    from ..losses import get_method
+
+    name, _, init = spec.strip().partition("+")
+    get_method(name)  # unknown names fail with "did you mean"
+    if init and init not in INITS:
+        raise LokuError(f"unknown init {init!r} in method {spec!r}: write NAME+INIT with INIT one of {', '.join(INITS)}")
+    return MethodSpec(spec.strip(), name, init or None)
+
+
+@dataclass
+class TofuUnlearnConfig:
+    """Options of `loku tofu unlearn`; `train` holds the unlearning settings every method shares."""
+
+    target: str = ""                  # the target model folder (loku tofu finetune's OUT/target) or a hub id
+    out: str = ""
+    methods: list[str] = field(default_factory=lambda: ["ihl"])
+    split: str = "forget10"
+    data: str | None = None           # TOFU JSON folder (None: as fine-tuned, else the hub)
+    authors: int | None = None        # None: as fine-tuned (tofu_finetune.json beside the target), else all 200
+    qa_per_author: int | None = None  # None: as fine-tuned, else 20
+    retain_model: str | None = None   # None: retain/ beside the target
+    retain_log: str | None = None     # the retain model's eval_log_aggregated.json instead of evaluating it
+    limit: int | None = TOFU_DS_SIZE  # first items of each evaluation set (TOFU's ds_size); None: all
+    max_new_tokens: int | None = None
+    eval_batch_size: int = 8
+    eval_target: bool = True          # evaluate the target too (epoch 0 of every line)
+    resume: bool = False
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    train: UnlearnConfig = field(default_factory=lambda: UnlearnConfig(**TRAIN_DEFAULTS))
+
+    def __post_init__(self):
+        if isinstance(self.methods, str):
+            self.methods = [m for m in self.methods.split(",") if m.strip()]
+        if not self.methods:
+            raise LokuError("no method given: pass --method NAME or --methods ga,gd,ihl")
+        labels = [parse_method(m).label for m in self.methods]
+        dup = sorted({m for m in labels if labels.count(m) > 1})
+        if dup:
+            raise LokuError(f"method {dup[0]!r} is listed twice: list each method once")
+        check_split(self.split)
+        if self.qa_per_author is not None:
+            check_qa_per_author(self.qa_per_author)
+        if self.limit is not None and self.limit <= 0:
+            raise LokuError(f"--limit must be positive (or 0 for all items), got {self.limit!r}")
+        if self.resume and self.overwrite:
+            raise LokuError("--resume keeps a run and --overwrite deletes it: pass one of them")
+
+    @property
+    def specs(self) -> list[MethodSpec]:
+        return [parse_method(m) for m in self.methods]
+
+
+@dataclass
+class TofuInputs:
+    """Everything a run reads, checked before anything is written."""
+
+    sets: dict[str, list[dict]]       # evaluation sets keyed by log file name
+    forget: list[dict]                # training rows (question, answer)
+    retain: list[dict]
+    refusals: list[str] | None        # TOFU's idontknow answers for idk (None: loku's built-in ones)
+    data: str | None
+    authors: int | None
+    qa_per_author: int
+    retain_model: str | None
+    retain_logs: dict | None          # given with retain_log
+
+
+def _is_local(path: str) -> bool:
+    p = Path(path).expanduser()
+    return p.exists() or p.is_absolute() or path.startswith((".", "~")) or \
+        (str(p.parent) != "." and p.parent.exists())
+
+
+def check_model(path: str, role: str) -> None:
+    """A local model folder must exist and hold a model; anything else is left to the hub."""
+    if not _is_local(path):
+        return
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise LokuError(f"{role} model folder {p} does not exist: run `loku tofu finetune --out DIR` and pass "
+                        f"DIR/{role}")
+    from ..models import resolve_model_path
+
+    resolve_model_path(str(p))  # config.json and weights, or a clear error
+
+
+def _scale(cfg: TofuUnlearnConfig) -> tuple[str | None, int | None, int, str]:
+    """(data, authors, qa_per_author, note): the fine-tuning run's scale where not given, and an error if a
+    given one contradicts it (a 20-author target knows nothing of the other 180 authors)."""
+    data, authors, q = cfg.data, cfg.authors, cfg.qa_per_author
+    summary = read_summary(cfg.target) if _is_local(cfg.target) else None
+    if summary is None:
+        return data, authors, q or QA_PER_AUTHOR, ""
+    ft = summary.get("config", {})
+    where = Path(cfg.target).expanduser().parent / "tofu_finetune.json"
+    given = {"--authors": (authors, ft.get("authors")), "--qa-per-author": (q, ft.get("qa_per_author", QA_PER_AUTHOR))}
+    for flag, (mine, theirs) in given.items():
+        if mine is not None and mine != theirs:
+            raise LokuError(f"{flag} {mine} differs from the fine-tuning run ({where}: {theirs}): drop {flag} "
+                            "or fine-tune at this scale")
+    scaled = ft.get("authors") is not None
+    default_retain = cfg.retain_model is None and cfg.retain_log is None
+    if cfg.split != ft.get("split") and (scaled or default_retain):
+        raise LokuError(f"--split {cfg.split} differs from the fine-tuning run ({where}: {ft.get('split')}, its "
+                        f"retain model never saw {ft.get('split')}'s authors): pass --split {ft.get('split')}")
+    note = []
+    if data is None and ft.get("data") is not None:
+        data = ft["data"]
+        note.append(f"--data {data}")
+    if authors is None and ft.get("authors") is not None:
+        authors = ft["authors"]
+        note.append(f"--authors {authors}")
+    if q is None:
+        q = ft.get("qa_per_author", QA_PER_AUTHOR)
+        if q != QA_PER_AUTHOR:
+            note.append(f"--qa-per-author {q}")
+    return data, authors, q, (f"as fine-tuned ({where}): " + " ".join(note)) if note else ""
+
+
+def _eval_sets(cfg: TofuUnlearnConfig, data, authors, q) -> dict[str, list[dict]]:
+    sets = load_sets(data, forget=cfg.split, limit=None, authors=authors)
+    for name in (RETAIN, FORGET):  # the author-major sets; real authors and world facts are not
+        sets[name] = per_author(sets[name], q)
+    return {k: rows[:cfg.limit] if cfg.limit else rows for k, rows in sets.items()}
+
+
+def _qa(rows: list[dict]) -> list[dict]:
+    return [{"question": r["question"], "answer": r["answer"]} for r in rows]
+
+
+def prepare(cfg: TofuUnlearnConfig, log: Callable[[str], None] | None = None) -> TofuInputs:
+    """Check every input (methods, split, output folder, models, data) without writing anything."""
+    cfg.specs  # noqa: B018 (validates)
+    out = Path(cfg.out) if cfg.out else None
+    if out is None:
+        raise LokuError("no output directory given: pass --out DIR (a new directory)")
+    if cfg.resume:
+        if not (out / CONFIG).is_file():
+            raise LokuError(f"{out} holds no TOFU run to resume (no {CONFIG}): drop --resume or check the path")
+    else:
+        io.check_out_dir(out, cfg.overwrite)
+    if not cfg.target:
+        raise LokuError("no target model given: pass --target DIR (loku tofu finetune's OUT/target)")
+    check_model(cfg.target, "target")
+    retain_model, retain_logs = None, None
+    if cfg.retain_log:
+        retain_logs = read_logs(cfg.retain_log)
+        if FORGET not in retain_logs:
+            raise LokuError(f"retain log {cfg.retain_log} has no {FORGET}: pass the retain model's "
+                            "eval_log_aggregated.json")
+    else:
+        retain_model = cfg.retain_model
+        if retain_model is None:
+            if not _is_local(cfg.target):
+                raise LokuError("a hub target has no retain model beside it: pass --retain-model or --retain-log")
+            retain_model = str(Path(cfg.target).expanduser().parent / "retain")
+        check_model(retain_model, "retain")
+    data, authors, q, note = _scale(cfg)
+    if note and log:
+        log(note)
+    sets = _eval_sets(cfg, data, authors, q)
+    for name, rows in sets.items():
+        if not rows:
+            raise LokuError(f"TOFU set {name} has no items: check the data folder, --authors and --limit")
+    if retain_logs is not None and len(retain_logs[FORGET].get("avg_gt_loss", {})) != len(sets[FORGET]):
+        raise LokuError(f"retain log {cfg.retain_log} covers {len(retain_logs[FORGET].get('avg_gt_loss', {}))} "
+                        f"forget items but this run evaluates {len(sets[FORGET])}: evaluate the retain model "
+                        "with the same --split, --authors and --limit (or drop --retain-log)")
+    forget = per_author(load_split(cfg.split, data, authors=authors), q)
+    retain = per_author(load_split(retain_split(cfg.split), data, authors=authors), q)
+    check_qa_rows(cfg.split, forget)
+    check_qa_rows(retain_split(cfg.split), retain)
+    refusals = None
+    if data is not None and (Path(data).expanduser() / "idontknow.jsonl").is_file():
+        refusals = load_split("idontknow", data) or None
+    return TofuInputs(sets, _qa(forget), _qa(retain), refusals, data, authors, q, retain_model, retain_logs)
+
+
+def _config_dict(cfg: TofuUnlearnConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    for k in ("resume", "overwrite", "methods"):  # may change between a run and its resumption
+        d.pop(k)
+    return d
+
+
+def _check_same_run(cfg: TofuUnlearnConfig, out: Path) -> None:
+    saved = json.loads((out / CONFIG).read_text(encoding="utf-8"))
+    mine = json.loads(json.dumps(_config_dict(cfg), default=str))
+    for key in sorted(set(saved) | set(mine)):
+        if saved.get(key) != mine.get(key):
+            raise LokuError(f"--resume: {key} was {saved.get(key)!r} in {out / CONFIG}, now {mine.get(key)!r}: "
+                            "resume with the same options, or start a new --out")
+
+
+def evaluate_model(path: str, sets: dict, eval_dir: Path, cfg: TofuUnlearnConfig,
+                   log: Callable[[str], None] | None = None) -> dict:
+    """A model's TOFU logs, from `eval_dir` when an earlier evaluation finished there (its aggregated
+    log is written last), else evaluated now and written there."""
+    if (eval_dir / AGGREGATED).is_file():
+        return read_logs(eval_dir)
+    from ..models import load_model
+
+    model, tokenizer = load_model(path, trust_remote_code=cfg.trust_remote_code)
+    return evaluate_tofu(model, tokenizer, sets, eval_dir, limit=None, max_new_tokens=cfg.max_new_tokens,
+                         batch_size=cfg.eval_batch_size, log=_prefixed(log, f"  {eval_dir.name}: "))
+
+
+def _eval_note(what: str, path: str, eval_dir: Path) -> str:
+    if (eval_dir / AGGREGATED).is_file():
+        return f"{what} {path}: evaluated earlier ({eval_dir})"
+    return f"evaluating the {what} {path} (once; logs in {eval_dir})"
+
+
+def _prefixed(log, prefix: str):
+    return (lambda msg: log(prefix + msg)) if log else None
+
+
+def run_method(spec: MethodSpec, cfg: TofuUnlearnConfig, inputs: TofuInputs, retain_logs: dict, run_dir: Path,
+               progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
+    """Unlearn with one method from the target, evaluating every epoch; returns (and writes to
+    `run_dir/tofu.json`) its epochs' Forget Quality, Model Utility, losses and seconds. A run that
+    finished earlier is read back."""
+    done = run_dir / "tofu.json"
+    if done.is_file():
+        return json.loads(done.read_text(encoding="utf-8"))
+    from ..losses import get_method
+    from ..models import load_model
+    from ..train import unlearn
+
+    train = dataclasses.replace(cfg.train, method=spec.method, init=spec.init or cfg.train.init, model=cfg.target,
+                                out=str(run_dir), overwrite=True, trust_remote_code=cfg.trust_remote_code)
+    model, tokenizer = load_model(cfg.target, trust_remote_code=cfg.trust_remote_code)
+    epochs: list[dict] = []
+    eval_seconds = 0.0
+
+    def evaluate(epoch: int, m) -> dict:
+        nonlocal eval_seconds
+        t0 = time.time()
+        logs = evaluate_tofu(m, tokenizer, inputs.sets, run_dir / "tofu" / f"epoch-{epoch}", limit=None,
+                             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+        summary = aggregate(logs, retain_logs)
+        eval_seconds += time.time() - t0
+        epochs.append({"epoch": epoch, **headline(summary), "eval_seconds": round(time.time() - t0, 1),
+                       "summary": summary})
+        if log:
+            log(f"  {spec.label} epoch {epoch}: Forget Quality {summary['Forget Quality']:.3g}, "
+                f"Model Utility {summary['Model Utility']:.4f} ({time.time() - t0:.0f} s to evaluate)")
+        return {"forget_quality": summary["Forget Quality"], "model_utility": summary["Model Utility"]}
+
+    result = unlearn(train, model, tokenizer, callbacks=[evaluate], progress=progress,
+                     forget=inputs.forget, retain=inputs.retain, refusals=inputs.refusals)
+    for e, h in zip(epochs, result.history):
+        e.update({k: h[k] for k in ("loss", "forget", "retain") if k in h})
+        e["train_seconds"] = h.get("seconds")
+    record = {"method": spec.method, "init": train.resolved_init, "lora_rank": train.lora_rank if train.lora else None,
+              "seconds": round(result.seconds - eval_seconds, 1), "eval_seconds": round(eval_seconds, 1),
+              "epochs": epochs}
+    io.write_json(done, record)
+    return record
+
+
+def run_tofu(cfg: TofuUnlearnConfig, progress: bool = True, log: Callable[[str], None] | None = print) -> dict:
+    """Every method of `cfg` on TOFU, each epoch scored; writes results.json, report.md and fq_mu.png to
+    `cfg.out` and returns the results (see loku.tofu.report)."""
+    inputs = prepare(cfg, log)
+    out = Path(cfg.out)
+    if cfg.resume:
+        _check_same_run(cfg, out)
+    else:
+        io.start_out_dir(out, cfg.overwrite)
+        io.write_json(out / CONFIG, _config_dict(cfg))
+    if inputs.retain_logs is not None:
+        retain_logs = inputs.retain_logs
+    else:
+        if log:
+            log(_eval_note("retain model", inputs.retain_model, out / "retain_eval"))
+        retain_logs = evaluate_model(inputs.retain_model, inputs.sets, out / "retain_eval", cfg, log)
+    results = {
+        "title": f"TOFU {cfg.split}" + (f", {inputs.authors} authors" if inputs.authors else "")
+                 + (f" x {inputs.qa_per_author} QA" if inputs.qa_per_author != QA_PER_AUTHOR else "")
+                 + f": {cfg.target}",
+        "split": cfg.split, "authors": inputs.authors, "qa_per_author": inputs.qa_per_author,
+        "eval_items": {k: len(v) for k, v in inputs.sets.items()}, "train_rows": {"forget": len(inputs.forget),
+                                                                                   "retain": len(inputs.retain)},
+        "limit": cfg.limit, "max_new_tokens": cfg.max_new_tokens, "target_model": cfg.target,
+        "retain_model": inputs.retain_model or cfg.retain_log, "train": dataclasses.asdict(cfg.train),
+        "retain": aggregate(retain_logs, retain_logs), "target": None, "methods": {},
+    }
+    if cfg.eval_target:
+        if log:
+            log(_eval_note("target model (epoch 0)", cfg.target, out / "target_eval"))
+        target_logs = evaluate_model(cfg.target, inputs.sets, out / "target_eval", cfg, log)
+        results["target"] = aggregate(target_logs, retain_logs)
+    for spec in cfg.specs:
+        run_dir = out / "runs" / spec.label
+        if log:
+            log(f"unlearning with {spec.label}" + (" (done earlier)" if (run_dir / "tofu.json").is_file() else ""))
+        results["methods"][spec.label] = run_method(spec, cfg, inputs, retain_logs, run_dir, progress, log)
+        write_report(results, out)
+    return results
