@@ -268,6 +268,7 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
             checkpoint(epoch=epoch + 1, next_step=0, global_step=step, sums={}, epoch_tokens=0,
                        done=stop or epoch + 1 == cfg.epochs)
             if stop:
+                bar.update(task, completed=len(batches) * cfg.epochs, info="stopped: done")
                 break
     result.epochs_run = len(result.history)
     result.stopped_early = result.epochs_run < cfg.epochs

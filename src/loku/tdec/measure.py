@@ -1,0 +1,44 @@
+"""MA and EL_n of every TDEC sequence, keeping the per-item values next to their means."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .data import Sequences
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def measure_sequences(model, seqs: Sequences, n: int = 10, batch_size: int = 8) -> dict:
+    """{"el": [per sequence], "ma": [...], "el_mean", "ma_mean", "seconds"}: MA and EL_n from one shared
+    computation (`loku.metrics.extraction.memorization_metrics`), sequences of equal length batched as
+    (B, T) rows without padding, results back in file order."""
+    from ..metrics.extraction import memorization_metrics
+
+    t0 = time.perf_counter()
+    el, ma = [0.0] * len(seqs), [0.0] * len(seqs)
+    by_length: dict[int, list[int]] = {}
+    for i, row in enumerate(seqs.ids):
+        by_length.setdefault(len(row), []).append(i)
+    for members in by_length.values():
+        for j in range(0, len(members), batch_size):
+            part = members[j:j + batch_size]
+            out = memorization_metrics(model, torch.tensor([seqs.ids[i] for i in part]), n, batch_size=batch_size)
+            for i, m, e in zip(part, out["ma"].tolist(), out["el"].tolist()):
+                ma[i], el[i] = m, e
+    return {"el": el, "ma": ma, "el_mean": _mean(el), "ma_mean": _mean(ma),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+class ExtractionMeter:
+    """`meter(model) -> measure_sequences(...)` for a fixed set of sequences: what the stop rule calls."""
+
+    def __init__(self, seqs: Sequences, n: int = 10, batch_size: int = 8):
+        self.seqs, self.n, self.batch_size = seqs, n, batch_size
+
+    def __call__(self, model) -> dict:
+        return measure_sequences(model, self.seqs, self.n, self.batch_size)

@@ -1,0 +1,255 @@
+"""`loku tdec run`: the TDEC protocol end to end for one model, one forget set and one method.
+
+Initial MA/EL_n of the forget set; unlearning with the stop rule (per-epoch MA/EL_n, stop after the first
+epoch where both means are below the model's thresholds); final utility (reasoning, dialogue, perplexity);
+report.json (per epoch and per item), table.md (the paper's layout), curves.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .. import io
+from ..config import UnlearnConfig
+from ..errors import LokuError
+from .data import default_retain, read_texts, tokenize_sequences
+from .measure import ExtractionMeter
+from .report import markdown_table, plot_epochs, table_row
+from .stop import StopWhenForgotten
+from .thresholds import resolve_thresholds
+
+
+@dataclass
+class TdecConfig:
+    """One TDEC run; `loku tdec run` flags share these names. `unlearn` holds the method, LoRA and
+    optimisation settings (its `epochs` is the most epochs the stop rule may take)."""
+
+    forget: str = ""                     # sequences to forget: TDEC CSV (column text) or any loku text file
+    out: str = ""                        # new directory for the report ("" : write nothing)
+    model: str = "smollm2-135m"
+    retain: str | None = None            # default: WikiText-2 test from ../shared/data (methods that need one)
+    text_column: str = "text"
+    rows: int | None = None              # first N sequences of the forget file
+    max_tokens: int = 200                # each sequence is cut to this many of the model's tokens
+    n: int = 10                          # EL_n
+    thresholds: str | None = None        # preset name or thresholds.json; default: the model's preset
+    el_threshold: float | None = None
+    ma_threshold: float | None = None
+    utility: bool = True
+    utility_before: bool = False         # also score the model before unlearning
+    tasks: str | None = None             # utility tasks/groups, comma-separated (default: all 15)
+    limit: int | None = None             # first N items of each utility task
+    eval_data: str | None = None         # folder with reasoning/, dialogue/, ppl/
+    eval_batch_size: int = 8
+    save: bool = True                    # write the unlearned adapter (or model) to OUT/unlearned
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    unlearn: UnlearnConfig = field(default_factory=lambda: UnlearnConfig(epochs=10))
+
+    def __post_init__(self):
+        if not self.forget:
+            raise LokuError("no forget set given: pass --forget FILE (the paper's: "
+                            "../shared/data/tdec/forget/lm_extraction_32_0.csv)")
+        for name in ("rows", "limit", "n", "max_tokens", "eval_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise LokuError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        # The unlearning trains on exactly the measured sequences (a BOS token may be added).
+        self.unlearn = dataclasses.replace(self.unlearn, model=self.model,
+                                           max_length=max(self.unlearn.max_length, self.max_tokens + 1))
+
+
+def method_label(cfg: UnlearnConfig) -> str:
+    if not cfg.lora:
+        return f"{cfg.method} (full)"
+    init = cfg.resolved_init
+    return f"{cfg.method} ({'FILA ' if init == 'fila' else 'VILA ' if init == 'vila' else ''}LoRA r={cfg.lora_rank})"
+
+
+def check_utility_data(tasks: str | None, limit: int | None, data_dir: str | None) -> list[str]:
+    """Task names, each task's file read once now, so a missing or empty file fails before any training."""
+    from ..data.eval_tasks import load_task
+    from ..metrics.utility import resolve_tasks
+
+    names = resolve_tasks(tasks)
+    for name in names:
+        load_task(name, data_dir=data_dir, limit=limit)
+    return names
+
+
+def _retain(cfg: TdecConfig, needs_retain: bool) -> list[dict] | None:
+    if not needs_retain:
+        return None
+    from ..data.text import load_examples
+
+    path = cfg.retain or default_retain()
+    if path is None:
+        raise LokuError(f"method {cfg.unlearn.method!r} needs a retain set: pass --retain FILE (the paper uses "
+                        "WikiText: ../shared/data/tdec/retain/wikitext2_test.raw), or use --method ga")
+    return load_examples(path, "text")
+
+
+def plain_model(model):
+    """A LoRA model merged into plain weights (faster to evaluate); the adapter was already saved."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def run_tdec(cfg: TdecConfig, model=None, tokenizer=None, *, progress: bool = True,
+             log: Callable[[str], None] = print) -> dict:
+    """Run the protocol; returns the report (also written to cfg.out when set). Every input is checked
+    before the model runs and before anything is written."""
+    from ..losses import get_method
+    from ..metrics.utility import evaluate_utility
+    from ..train import unlearn
+
+    t0 = time.time()
+    method = get_method(cfg.unlearn.method)
+    out = io.check_out_dir(cfg.out, cfg.overwrite) if cfg.out else None
+    texts = read_texts(cfg.forget, cfg.text_column)
+    retain = _retain(cfg, method.needs_retain)
+    thresholds = resolve_thresholds(cfg.thresholds, cfg.el_threshold, cfg.ma_threshold, cfg.model, cfg.n)
+    tasks = check_utility_data(cfg.tasks, cfg.limit, cfg.eval_data) if cfg.utility or cfg.utility_before else None
+    if model is None:  # the tokenizer first: a too-short sequence fails before the weights load
+        from ..models import load_model, load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    seqs = tokenize_sequences(texts, tokenizer, max_tokens=cfg.max_tokens, n=cfg.n, path=cfg.forget, limit=cfg.rows)
+    if model is None:
+        log(f"loading {cfg.model}")
+        model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if out is not None:
+        io.start_out_dir(out, cfg.overwrite)
+
+    def utility(m) -> dict:
+        return evaluate_utility(m, tokenizer, tasks, limit=cfg.limit, batch_size=cfg.eval_batch_size,
+                                data_dir=cfg.eval_data, log=lambda s: log(f"  {s}"))
+
+    label = method_label(cfg.unlearn)
+    log(f"TDEC: {cfg.model}, {label}; forget {seqs.path}: {seqs.shape()}; thresholds {thresholds.describe()}")
+    meter = ExtractionMeter(seqs, cfg.n, cfg.eval_batch_size)
+    initial = meter(model)
+    initially_forgotten = thresholds.forgotten(initial["el_mean"], initial["ma_mean"])
+    log(f"before: EL{cfg.n} {100 * initial['el_mean']:.2f} %, MA {100 * initial['ma_mean']:.2f} % "
+        f"({initial['seconds']:.0f} s)")
+    if initially_forgotten:
+        log("warning: the forget set is already below the thresholds: the model does not know it better than "
+            "unseen text (the stop rule will end the run after one epoch)")
+    before_utility = None
+    if cfg.utility_before:
+        log("utility before unlearning")
+        before_utility = utility(model)
+
+    rule = StopWhenForgotten(meter, thresholds, log)
+    ucfg = dataclasses.replace(cfg.unlearn, out=str(out / "unlearned") if out is not None and cfg.save else "",
+                               overwrite=False)
+    result = unlearn(ucfg, model, tokenizer, callbacks=[rule], progress=progress, forget=seqs.texts(tokenizer),
+                     retain=retain)
+    unlearned = plain_model(result.model)
+    after_utility = None
+    t_util = time.time()
+    if cfg.utility:
+        log("utility after unlearning")
+        after_utility = utility(unlearned)
+    t_util = time.time() - t_util
+
+    final = rule.records[-1] if rule.records else {"el_mean": initial["el_mean"], "ma_mean": initial["ma_mean"]}
+    report = {
+        "benchmark": "tdec", "model": cfg.model, "method": cfg.unlearn.method, "label": label,
+        "init": cfg.unlearn.resolved_init, "config": _config_dict(cfg),
+        "forget": {"path": seqs.path, "rows": seqs.rows, "tokens": [len(x) for x in seqs.ids],
+                   "max_tokens": cfg.max_tokens, "n": cfg.n},
+        "thresholds": dataclasses.asdict(thresholds),
+        "initial": {k: initial[k] for k in ("el_mean", "ma_mean", "el", "ma", "seconds")},
+        "initially_forgotten": initially_forgotten,
+        "epochs": [_epoch_entry(h, r) for h, r in zip(result.history, rule.records)],
+        "epochs_to_forget": rule.epochs_to_forget, "max_epochs": ucfg.epochs, "epochs_run": result.epochs_run,
+        "final": {"el_mean": final["el_mean"], "ma_mean": final["ma_mean"]},
+        "utility_before": before_utility, "utility": after_utility,
+        "seconds": {"unlearn": round(result.seconds, 1), "utility": round(t_util, 1),
+                    "eval": round(sum(r["seconds"] or 0 for r in rule.records), 1),  # per-epoch MA/EL, in unlearn
+                    "total": round(time.time() - t0, 1)},
+    }
+    table = tdec_markdown(report)
+    log("\n" + table)
+    if out is not None:
+        io.write_json(out / "report.json", report)
+        io.write_text(out / "table.md", table + "\n")
+        curve = [{"epoch": 0, "el_mean": initial["el_mean"], "ma_mean": initial["ma_mean"]}] + rule.records
+        plot_epochs(curve, thresholds, out / "curves.png", f"{cfg.model}: {label}, {seqs.shape()}")
+        io.write_manifest(out)
+        log(f"wrote {out}/report.json, table.md, curves.png" + (", unlearned/" if cfg.save else ""))
+    return report
+
+
+def _epoch_entry(history: dict, record: dict) -> dict:
+    """One epoch: the loop's losses and timing, then the stop rule's means and per-item values."""
+    losses = {k: v for k, v in history.items() if k not in ("kind", "epoch", "forgotten", "ma")
+              and not k.startswith("el")}
+    return {"epoch": record["epoch"], "el_mean": record["el_mean"], "ma_mean": record["ma_mean"],
+            "forgotten": record["forgotten"], "train": losses, "eval_seconds": record["seconds"],
+            "el": record["el"], "ma": record["ma"]}
+
+
+def _config_dict(cfg: TdecConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["unlearn"] = {k: v for k, v in d["unlearn"].items() if k not in ("forget", "retain", "out", "overwrite")}
+    return d
+
+
+def tdec_markdown(report: dict) -> str:
+    """The report as the paper's table: the model before, then after unlearning, with thresholds and scale."""
+    th, f = report["thresholds"], report["forget"]
+    u_before, u_after = report.get("utility_before"), report.get("utility")
+    rows = [table_row("before", el=report["initial"]["el_mean"], ma=report["initial"]["ma_mean"],
+                      utility=u_before and u_before["summary"]),
+            table_row(report["label"], epochs=report["epochs_to_forget"], max_epochs=report["max_epochs"],
+                      el=report["final"]["el_mean"], ma=report["final"]["ma_mean"],
+                      utility=u_after and u_after["summary"], seconds=report["seconds"]["unlearn"])]
+    lo, hi = min(f["tokens"]), max(f["tokens"])
+    notes = [f"TDEC on {report['model']}: forget {Path(f['path']).name}, {len(f['tokens'])} sequences of "
+             f"{lo if lo == hi else f'{lo}-{hi}'} tokens (cut to {f['max_tokens']}).",
+             f"Thresholds (mean on unseen text, forgotten when both are below): EL{th['n']} {100 * th['el']:.2f} %, "
+             f"MA {100 * th['ma']:.2f} %; {th['source']}.",
+             "Seconds: unlearning, including the per-epoch EL/MA evaluation."]
+    u = u_after or u_before
+    if u is not None:
+        s = u["settings"]
+        notes.append(f"Utility: {', '.join(u['tasks'])}" + (f"; first {s['limit']} items per task" if s["limit"]
+                                                           else "; all items") + ".")
+    return "\n".join(notes) + "\n\n" + markdown_table(rows, n=th["n"], seconds=True)
+
+
+def utility_report(model_name: str, out: str, *, adapter: str | None = None, tasks: str | None = None,
+                   limit: int | None = None, batch_size: int = 8, data_dir: str | None = None,
+                   max_length: int = 512, overwrite: bool = False, trust_remote_code: bool = False,
+                   log: Callable[[str], None] = print) -> dict:
+    """`loku tdec utility`: score any model (optionally with a PEFT adapter) on the TDEC utility tasks;
+    writes utility.json (per item) and table.md."""
+    from ..metrics.utility import evaluate_utility, utility_table
+    from ..models import load_model
+
+    out_dir = io.check_out_dir(out, overwrite)
+    names = check_utility_data(tasks, limit, data_dir)
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise LokuError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json): pass the adapter/ "
+                        "folder of a loku run")
+    model, tokenizer = load_model(model_name, trust_remote_code=trust_remote_code)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    io.start_out_dir(out_dir, overwrite)
+    result = evaluate_utility(model, tokenizer, names, limit=limit, batch_size=batch_size, data_dir=data_dir,
+                              max_length=max_length, log=log)
+    result["model"], result["adapter"] = model_name, adapter
+    label = model_name + (f" + {adapter}" if adapter else "")
+    table = markdown_table([table_row(label, utility=result["summary"])], extraction=False)
+    log(utility_table(result))
+    io.write_json(out_dir / "utility.json", result)
+    io.write_text(out_dir / "table.md", table + "\n")
+    log(f"wrote {out_dir}/utility.json, table.md")
+    return result
