@@ -153,3 +153,35 @@ def test_idk_uses_given_refusals(tmp_path):
     assert {f["answer"] for f in forget} <= {"Nope.", "No clue."}
     forget, _ = load_data(cfg, get_method("idk"), [{"question": "q?", "answer": "a"}], ["keep"], refusals=["X."])
     assert forget[0]["answer"] == "X."
+
+
+def test_gradient_ascent_divergence_is_reported(memorized, tokenizer, tmp_path):
+    import json
+
+    cfg = UnlearnConfig(method="ga", epochs=6, lr=5e-2, init="default", divergence_bound=15.0, max_grad_norm=0.0,
+                        out=str(tmp_path / "run"))
+    res = unlearn(cfg, copy.deepcopy(memorized), tokenizer, progress=False, forget=FORGET)
+    assert res.diverged_at_step is not None
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    flagged = [l for l in lines if l.get("warning") == "diverged"]
+    assert flagged and all(-l["forget"] > 15.0 for l in flagged)
+    assert flagged[0]["step"] == res.diverged_at_step
+    ihl = unlearn(UnlearnConfig(method="ihl", epochs=2, lr=5e-2, init="default"), copy.deepcopy(memorized),
+                  tokenizer, progress=False, forget=FORGET, retain=RETAIN)
+    assert ihl.diverged_at_step is None  # bounded: never watched, never flagged
+
+
+def test_reading_an_unfinished_or_altered_run_is_refused(memorized, tokenizer, tmp_path):
+    from loku.errors import LokuError
+    from loku.models import load_model
+
+    run = tmp_path / "run"
+    unlearn(UnlearnConfig(method="ihl", epochs=1, init="default", save_merged=True, out=str(run)),
+            copy.deepcopy(memorized), tokenizer, progress=False, forget=FORGET[:4], retain=RETAIN[:4])
+    load_model(str(run / "model"))  # complete: loads
+    (run / "model" / "config.json").write_text((run / "model" / "config.json").read_text() + " ")
+    with pytest.raises(LokuError, match="does not match the run's manifest.json"):
+        load_model(str(run / "model"))
+    (run / "manifest.json").unlink()
+    with pytest.raises(LokuError, match="incomplete run"):
+        load_model(str(run / "model"))

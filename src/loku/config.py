@@ -41,6 +41,7 @@ class UnlearnConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    divergence_bound: float = 20.0       # ascent methods: forget cross-entropy (nats) past which a run is reported diverged
     retain_weight: float = 1.0
     npo_beta: float = 0.1
     simnpo_beta: float = 4.5

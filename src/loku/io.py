@@ -169,3 +169,21 @@ def require_complete(run_dir: str | Path) -> Path:
     if not (run_dir / MANIFEST).is_file():
         raise LokuError(f"incomplete run {run_dir} (no {MANIFEST}): resume it or delete it")
     return run_dir
+
+
+def check_run_part(path: str | Path) -> Path:
+    """A folder inside a loku run (its adapter/ or model/) is read only when the run finished: the
+    run's manifest exists and the folder's files match it (size and sha256)."""
+    path = Path(path)
+    run = path.parent
+    if not ((run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()):
+        return path  # not part of a loku run: nothing to check
+    require_complete(run)
+    files = json.loads((run / MANIFEST).read_text())["files"]
+    for rel, meta in files.items():
+        if Path(rel).parts[0] == path.name:
+            f = run / rel
+            if not f.is_file() or f.stat().st_size != meta["bytes"] or sha256(f) != meta["sha256"]:
+                raise LokuError(f"{f} does not match the run's {MANIFEST} (changed or damaged since the run "
+                                "finished): restore it or run again")
+    return path

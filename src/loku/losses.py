@@ -96,6 +96,7 @@ class Method:
     needs_retain: bool = False
     needs_reference: bool = False  # forward passes of the frozen start model
     forget_answers: str | None = None  # "idk": forget questions are answered with refusals
+    ascent: bool = False  # the forget term is -cross-entropy: unbounded below, so divergence is watched
 
 
 METHODS: Registry[Method] = Registry("method")
@@ -116,12 +117,13 @@ def _total(**terms: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"loss": sum(terms.values()), **terms}
 
 
-@method("ga", "gradient ascent on the forget set (diverges; no retain term)")
+@method("ga", "gradient ascent on the forget set (diverges; no retain term)", ascent=True)
 def ga(x: LossInputs, s: LossSettings):
     return _total(forget=-cross_entropy(x.forget_logits, x.forget_labels))
 
 
-@method("gd", "gradient difference: ascent on forget + cross-entropy on retain", needs_retain=True)
+@method("gd", "gradient difference: ascent on forget + cross-entropy on retain", needs_retain=True,
+        ascent=True)
 def gd(x: LossInputs, s: LossSettings):
     return _total(forget=-cross_entropy(x.forget_logits, x.forget_labels), retain=_retain_ce(x, s))
 
@@ -136,7 +138,7 @@ def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor, labels: torch.
 
 
 @method("kl", "ascent on forget + KL to the frozen start model on retain", needs_retain=True,
-        needs_reference=True)
+        needs_reference=True, ascent=True)
 def kl(x: LossInputs, s: LossSettings):
     return _total(forget=-cross_entropy(x.forget_logits, x.forget_labels),
                   retain=s.retain_weight * kl_divergence(x.ref_retain_logits, x.retain_logits, x.retain_labels))

@@ -161,6 +161,9 @@ def resolve_model_path(name_or_path: str) -> str:
             raise LokuError(f"model file {path} does not exist: check the path")
         return str(_dequantized_dir(path.resolve()))
     if path.exists():
+        from .io import check_run_part
+
+        check_run_part(path)  # the merged model of an unfinished or altered loku run is refused
         if not path.is_dir():
             raise LokuError(f"model {path} is a file, not a model directory or .gguf file: pass the folder "
                             "that holds config.json and the weights")

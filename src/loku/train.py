@@ -35,6 +35,7 @@ class UnlearnResult:
     stopped_early: bool = False
     out: Path | None = None
     seconds: float = 0.0
+    diverged_at_step: int | None = None  # ascent methods: first step past cfg.divergence_bound
 
 
 def _as_examples(items: list) -> list[dict]:
@@ -241,6 +242,15 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
                 tps = t_tokens / max(time.time() - t_epoch, 1e-9)
                 record = {"kind": "step", "epoch": epoch + 1, "step": step, **values,
                           "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tps, 1)}
+                if method.ascent and -values["forget"] > cfg.divergence_bound:
+                    # Ascent has no floor: past the bound the model is being wrecked, not made to forget.
+                    record["warning"] = "diverged"
+                    if result.diverged_at_step is None:
+                        result.diverged_at_step = step
+                        bar.console.print(f"[yellow]warning[/]: {cfg.method} diverged at epoch {epoch + 1} step "
+                                          f"{step}: forget cross-entropy {-values['forget']:.1f} nats > "
+                                          f"{cfg.divergence_bound:g}; lower --lr or --epochs, or use a bounded "
+                                          "method (ihl, npo)")
                 if metrics_log:
                     metrics_log.write(json.dumps(record) + "\n")
                     metrics_log.flush()

@@ -237,6 +237,8 @@ def utility_report(model_name: str, out: str, *, adapter: str | None = None, tas
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise LokuError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json): pass the adapter/ "
                         "folder of a loku run")
+    if adapter is not None:
+        io.check_run_part(adapter)
     model, tokenizer = load_model(model_name, trust_remote_code=trust_remote_code)
     if adapter is not None:
         from peft import PeftModel
