@@ -181,3 +181,16 @@ def test_bad_input(tokenizer):
         apply_fila(small, {"model.layers.0.mlp.up_proj": torch.ones(64, 32)})
     with pytest.raises(LokuError, match="initial factors do not belong to this adapter"):
         export_original_adapter(small, {}, "unused")
+
+
+def test_vila_refuses_a_single_batch(tokenizer):
+    """Variance over one batch is zero: the factors would explode, so fila_init refuses it."""
+    from conftest import tiny_llama
+    from loku.data.batches import collate
+    from loku.errors import LokuError
+    from loku.fila import fila_init
+
+    model = tiny_llama(len(tokenizer))
+    b = collate([{"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4]}], 0)
+    with pytest.raises(LokuError, match="at least 2"):
+        fila_init(model, [(b, b)], rank=2, alpha=4, method="vila", progress=False)

@@ -32,6 +32,7 @@ class UnlearnConfig:
     lora_targets: list[str] | None = None  # default: every linear layer but the output head
     init: str = "auto"                   # auto | default | fila | vila (auto: fila for ihl with LoRA)
     fisher_eps: float = 1e-5
+    fila_svd: str = "exact"              # exact | randomized (much faster on large layers)
     fisher_cache: str | None = None      # safetensors file of Fisher statistics, reused when it matches
     epochs: int = 5
     lr: float = 2e-4
@@ -71,6 +72,8 @@ class UnlearnConfig:
             raise LokuError(f"lr must be positive, got {self.lr!r}: pass e.g. --lr 2e-4")
         if self.init not in ("auto", "default", "fila", "vila"):
             raise LokuError(f"unknown init {self.init!r}: choose auto, default, fila or vila")
+        if self.fila_svd not in ("exact", "randomized"):
+            raise LokuError(f"unknown fila_svd {self.fila_svd!r}: choose exact or randomized")
         if self.init in ("fila", "vila") and not self.lora:
             raise LokuError(f"--init {self.init} initialises LoRA adapters: drop --full or use --init default")
         if self.mixed_precision not in ("no", "bf16", "fp16"):

@@ -164,6 +164,10 @@ def fila_init(model: nn.Module, batch_pairs: Iterable[Pair], rank: int, alpha: f
 
     if method not in ("fila", "vila"):
         raise LokuError(f"unknown init method {method!r}: choose fila or vila")
+    batch_pairs = list(batch_pairs)
+    if method == "vila" and len(batch_pairs) < 2:  # E[g^2] - E[g]^2 over one batch is 0: the init would explode
+        raise LokuError(f"VILA's statistics are variances over batches, but the forget set makes "
+                        f"{len(batch_pairs)} batch: lower --batch-size so it makes at least 2, or use --init fila")
     targets = resolve_targets(model, target_modules)
     check_rank(model, targets, rank)   # before the expensive pass
     names = sorted(targeted_modules(model, targets))
