@@ -1,6 +1,5 @@
 """Tiny models and a small locally trained tokenizer, so the fast suite needs no network and no ../shared."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -87,6 +86,34 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     model.save_pretrained(d)
     tokenizer.save_pretrained(d)
     return d
+
+
+def write_csv(path, rows, column="text"):
+    """A one-column CSV of `rows` (csv module quoting), returned as a str path."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([column])
+        w.writerows([r] for r in rows)
+    return str(path)
+
+
+def run_cli(args, capsys):
+    """`loku ARGS` in process: (exit code, stdout, stderr)."""
+    import sys
+
+    from loku.cli import main
+
+    old, sys.argv, code = sys.argv, ["loku", *map(str, args)], 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def need_shared(*parts: str) -> Path:

@@ -1,8 +1,6 @@
 """The CLI end to end in process, YAML round trip, data loading, model loading, and bad input."""
 
-import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,20 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loku.cli import app, main
 from loku.config import UnlearnConfig
 from loku.data.records import make_records, record_text
 from loku.data.text import load_examples
-from loku.errors import LokuError
+from conftest import run_cli, write_csv
 
-
-def write_csv(path, rows, column="text"):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([column])
-        for r in rows:
-            w.writerow([r])
-    return path
 
 
 @pytest.fixture()
@@ -31,20 +20,6 @@ def data(tmp_path):
     texts = [record_text(r) for r in make_records(12, seed=2)]
     return write_csv(tmp_path / "forget.csv", texts[:6]), write_csv(tmp_path / "retain.csv", texts[6:])
 
-
-def run_cli(args, capsys):
-    """Run `loku ARGS` in process, returning (exit code, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = ["loku", *map(str, args)]
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_unlearn_end_to_end(tiny_model_dir, data, tmp_path, capsys):

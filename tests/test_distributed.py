@@ -1,6 +1,5 @@
 """Two CPU processes (gloo) through `accelerate launch` give the run of one process with a 2x batch."""
 
-import csv
 import os
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from loku.data.records import make_records, record_text
+from conftest import write_csv as _csv
 
 
 def equal_length_texts(tokenizer, n, tokens=12):
@@ -22,13 +22,6 @@ def equal_length_texts(tokenizer, n, tokens=12):
         out.append(text)
     return out
 
-
-def _csv(path, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["text"])
-        w.writerows([r] for r in rows)
-    return str(path)
 
 
 def _run(args, processes):

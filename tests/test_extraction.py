@@ -16,14 +16,6 @@ T, N = 36, 10  # 36 > the tiny GPT-Neo's local window (32), so its sliding atten
 GROUPS = {"memorized": [0, 1], "half": [2, 3], "none": [4, 5]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small only lose time to thread hand-offs, badly so on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def reference(model, rows: list[list[int]], n: int):
     """For each prefix t, greedy-decode up to T tokens by re-running the whole sequence every step (no cache,

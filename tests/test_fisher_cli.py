@@ -1,7 +1,6 @@
 """`loku fisher` end to end in process: the file it writes is a cache hit for `loku unlearn --fisher-cache`
 (same batches, same settings), the hit gives the run it replaces, and bad input writes nothing."""
 
-import csv
 
 import pytest
 import torch
@@ -12,16 +11,10 @@ from conftest import tiny_llama
 from loku.data.records import make_records, record_text
 from loku.fisher import FisherStats
 from test_cli import run_cli
+from conftest import write_csv
 
 COMMON = ["--batch-size", "4", "--max-length", "64", "--seed", "3", "--lora-rank", "4"]
 
-
-def write_csv(path, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["text"])
-        w.writerows([r] for r in rows)
-    return path
 
 
 @pytest.fixture()

@@ -1,23 +1,15 @@
 """A run killed with SIGKILL and resumed ends with exactly the adapter of an uninterrupted run."""
 
-import csv
 import os
 import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from loku.data.records import make_records, record_text
+from conftest import write_csv as _csv
 
-
-def _csv(path, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["text"])
-        w.writerows([r] for r in rows)
-    return str(path)
 
 
 def _loku(*args, env_extra=None):

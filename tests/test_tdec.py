@@ -3,14 +3,13 @@ of per-item values, `loku tdec run/thresholds/utility` end to end on a tiny mode
 
 import csv
 import json
-import sys
 
 import pytest
 import torch
 from conftest import need_shared, tiny_llama
 
 from loku import UnlearnConfig, unlearn
-from loku.cli import main
+from conftest import run_cli
 from loku.data.records import make_records, record_text
 from loku.data.text import tokenize_examples
 from loku.errors import LokuError
@@ -22,18 +21,6 @@ from loku.tdec import (PRESETS, ExtractionMeter, StopWhenForgotten, Thresholds, 
 RECORDS = [record_text(r) for r in make_records(16, seed=11)]
 FORGET, HELDOUT = RECORDS[:6], RECORDS[6:12]
 
-
-def run_cli(args, capsys):
-    """`loku ARGS` in process: (exit code, stdout, stderr)."""
-    old, sys.argv, code = sys.argv, ["loku", *map(str, args)], 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def write_csv(path, texts, column="text"):

@@ -19,14 +19,6 @@ from loku.metrics.reasoning import completion_results, encode_pair, multiple_cho
 from loku.metrics.utility import evaluate_utility, resolve_tasks
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two OpenMP threads on a shared, loaded 2-core machine make these tiny forwards ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 PAIRS = [("The quick brown fox", " jumps over the lazy dog."), ("Question: Who wrote the book? Answer:", " The author"),
          ("Machine", " learning models memorize some of their training data."), ("", " Paris"),

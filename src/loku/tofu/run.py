@@ -272,7 +272,6 @@ def run_method(spec: MethodSpec, cfg: TofuUnlearnConfig, inputs: TofuInputs, ret
     done = run_dir / "tofu.json"
     if done.is_file():
         return json.loads(done.read_text(encoding="utf-8"))
-    from ..losses import get_method
     from ..models import load_model
     from ..train import unlearn
 
