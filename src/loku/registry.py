@@ -10,6 +10,14 @@ from .errors import LokuError
 T = TypeVar("T")
 
 
+def unknown_choice(kind: str, name: str, choices, cutoff: float = 0.6) -> LokuError:
+    """The error for a name that is not one of `choices`, with the closest one suggested."""
+    choices = list(choices)
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=cutoff)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return LokuError(f"unknown {kind} {name!r}: {hint}choose one of {', '.join(choices)}")
+
+
 class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind, self._items = kind, {}
@@ -22,9 +30,7 @@ class Registry(Generic[T]):
 
     def __getitem__(self, name: str) -> T:
         if name not in self._items:
-            close = difflib.get_close_matches(name, self._items, n=1, cutoff=0.5)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise LokuError(f"unknown {self.kind} {name!r}: {hint}choose one of {', '.join(self._items)}")
+            raise unknown_choice(self.kind, name, self._items, cutoff=0.5)
         return self._items[name]
 
     def __contains__(self, name: str) -> bool:

@@ -47,11 +47,9 @@ SPLITS: dict[str, str] = {
 
 def _check_name(name: str) -> None:
     if name not in SPLITS:
-        import difflib
+        from ..registry import unknown_choice
 
-        close = difflib.get_close_matches(name, SPLITS, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise LokuError(f"unknown TOFU split {name!r}: {hint}choose one of {', '.join(SPLITS)}")
+        raise unknown_choice("TOFU split", name, SPLITS)
 
 
 def _read_json_arrays(path: Path) -> list:

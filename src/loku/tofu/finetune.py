@@ -67,11 +67,9 @@ class TofuFinetuneConfig:
 
 def check_split(split: str) -> None:
     if split not in FORGET_SPLITS:
-        import difflib
+        from ..registry import unknown_choice
 
-        close = difflib.get_close_matches(split, FORGET_SPLITS, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise LokuError(f"unknown forget split {split!r}: {hint}choose forget01, forget05 or forget10")
+        raise unknown_choice("forget split", split, FORGET_SPLITS)
 
 
 def check_qa_per_author(q: int) -> None:
