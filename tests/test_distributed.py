@@ -1,11 +1,13 @@
 """Two CPU processes (gloo) through `accelerate launch` give the run of one process with a 2x batch."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from loku.data.records import make_records, record_text
@@ -48,3 +50,50 @@ def test_two_processes_equal_one_with_double_batch(tiny_model_dir, tokenizer, tm
     assert a.keys() == b.keys()
     # Same examples per step; only the order of float sums differs (all-reduce vs one batch).
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+
+
+def test_split_statistics_and_evaluation_equal_one_process(tiny_model_dir, tmp_path):
+    """Fisher/VILA sums all-reduced over 2 processes, the FILA factors from them, and MA/EL, TOFU and utility
+    scores split across the processes and gathered: all equal the one-process values."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    worker = str(Path(__file__).parent / "distributed_worker.py")
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    runs = {}
+    for world, cmd in ((1, [sys.executable]), (2, launcher)):
+        out = tmp_path / f"world{world}"
+        out.mkdir()
+        r = subprocess.run(cmd + [worker, str(tiny_model_dir), str(out)], capture_output=True, text=True, env=env,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[world] = (json.loads((out / "results.json").read_text()), load_file(out / "tensors.safetensors"))
+    (one, t1), (two, t2) = runs[1], runs[2]
+    assert one["world"] == 1 and two["world"] == 2
+    assert one["counts"] == two["counts"] and one["data"] == two["data"]
+    assert t1.keys() == t2.keys()
+    for k in t1:   # only the order of the float sums differs
+        assert torch.allclose(t1[k], t2[k], rtol=1e-5, atol=1e-7 * float(t1[k].abs().max())), k
+    assert one["extraction"]["ma"] == two["extraction"]["ma"]
+    assert one["extraction"]["el"] == pytest.approx(two["extraction"]["el"], abs=1e-9)
+    assert one["tofu"].keys() == two["tofu"].keys()
+    for metric in one["tofu"]:
+        assert list(one["tofu"][metric]) == list(two["tofu"][metric]) == [str(i) for i in range(5)]
+        if metric == "generated_text":
+            assert one["tofu"][metric] == two["tofu"][metric]
+        else:
+            assert json.dumps(one["tofu"][metric]) and _close(one["tofu"][metric], two["tofu"][metric]), metric
+    for task, r in one["utility"].items():
+        assert r["n"] == two["utility"][task]["n"] == len(r["items"])
+        assert _close(r["items"], two["utility"][task]["items"]), task
+        assert r["value"] == pytest.approx(two["utility"][task]["value"], rel=1e-5)
+
+
+def _close(a, b) -> bool:
+    """Equal structures, floats within 1e-5 relative (batches are formed differently per process)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    return a == b

@@ -44,6 +44,25 @@ def test_factors_rebuild_weight_and_reach_the_weighted_optimum():
     assert error < plain
 
 
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48), (40, 40)])
+def test_exact_top_svd_equals_a_full_lapack_svd(shape):
+    """The Gram-eigensolver path gives the same rank-r approximation as torch's full SVD, for tall, wide and
+    square weights, and for one of rank below r (the fallback)."""
+    from loku.fila import _top_svd
+
+    g = torch.Generator().manual_seed(2)
+    M = torch.randn(*shape, generator=g) * torch.linspace(3, 0.1, shape[1])
+    low = torch.randn(shape[0], 3, generator=g) @ torch.randn(3, shape[1], generator=g)   # rank 3 < r = 6
+    for X in (M, low):
+        U, S, Vh = _top_svd(X, 6)
+        assert U.shape == (shape[0], 6) and Vh.shape == (6, shape[1]) and U.dtype == torch.float64
+        U0, S0, Vh0 = torch.linalg.svd(X.double(), full_matrices=False)
+        assert torch.allclose(S, S0[:6], rtol=1e-9, atol=1e-9 * S0[0].item())
+        approx, best = U @ torch.diag(S) @ Vh, U0[:, :6] @ torch.diag(S0[:6]) @ Vh0[:6]
+        assert rel_err(approx, best) < 1e-9
+        assert torch.allclose(U.T @ U, torch.eye(6, dtype=torch.float64), atol=1e-9) or X is low
+
+
 def test_randomized_svd_matches_exact_on_a_decaying_spectrum():
     g = torch.Generator().manual_seed(1)
     U, _ = torch.linalg.qr(torch.randn(64, 64, generator=g))

@@ -85,7 +85,7 @@ def test_fisher_matches_slow_reference(tokenizer, build):
     assert torch.allclose(imp[name], stats.forget[name] / (1e-5 + stats.retain[name]))
 
 
-def test_vila_matches_slow_reference_on_conv1d(tokenizer):
+def test_vila_matches_slow_reference_on_conv1d(tokenizer, tmp_path):
     """VILA through forward hooks == peft LoRA with the same random factors, variance from the definition."""
     from peft import LoraConfig, get_peft_model
 
@@ -122,6 +122,13 @@ def test_vila_matches_slow_reference_on_conv1d(tokenizer):
             ref = var[(name, "lora_B")] @ var[(name, "lora_A")]                  # (out, r) @ (r, in)
             assert rel_err(getattr(stats, side)[name], ref) < 1e-4, (side, name)
     assert stats.kind == "vila" and stats.forget[names[0]].shape == weight_of(mods[names[0]]).shape
+    # kept factored (never the whole model's (out, in) at once), in memory and on disk
+    from loku.fisher import LiftedFisher
+    assert isinstance(stats.forget, LiftedFisher) and stats.shapes() == {n: stats.forget[n].shape for n in names}
+    stats.save(tmp_path / "vila.safetensors")
+    loaded = FisherStats.load(tmp_path / "vila.safetensors")
+    assert isinstance(loaded.retain, LiftedFisher) and sorted(loaded.retain) == names
+    assert all(torch.equal(loaded.retain[n], stats.retain[n]) for n in names)
     # hooks are gone: the model computes what it did before
     x = pairs[0][0]
     assert not any(m._forward_hooks for m in model.modules())

@@ -21,7 +21,7 @@ import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +38,61 @@ _VOLATILE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "u
              "_attn_implementation", "_attn_implementation_autoset", "_attn_implementation_internal"}
 
 
+class LiftedFisher(Mapping):
+    """VILA statistics kept factored, name -> (F_B (out, r), F_A (r, in)); reading one module lifts it to
+    F_B @ F_A (out, in). The whole model's statistics are never expanded at once, which is VILA's saving."""
+
+    def __init__(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        self.factors = factors
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        FB, FA = self.factors[name]
+        return FB @ FA
+
+    def __contains__(self, name) -> bool:
+        return name in self.factors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.factors)
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+    def shape(self, name: str) -> tuple[int, int]:
+        FB, FA = self.factors[name]
+        return (FB.shape[0], FA.shape[1])
+
+
+class RelativeImportance(Mapping):
+    """F_forget / (eps + F_retain) computed one module at a time when read (a third full copy of the
+    statistics for all modules at once is what made FILA's peak memory)."""
+
+    def __init__(self, stats: "FisherStats", eps: float):
+        self.stats, self.eps = stats, eps
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.stats.forget[name] / (self.eps + self.stats.retain[name])
+
+    def __contains__(self, name) -> bool:
+        return name in self.stats.forget
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.stats.forget)
+
+    def __len__(self) -> int:
+        return len(self.stats.forget)
+
+
+def _shape(side: Mapping, name: str) -> tuple[int, int]:
+    return side.shape(name) if isinstance(side, LiftedFisher) else tuple(side[name].shape)
+
+
 @dataclass
 class FisherStats:
     """Per-module Fisher statistics, each (out, in) float32 and already divided by the token count."""
 
-    forget: dict[str, torch.Tensor]
-    retain: dict[str, torch.Tensor]
+    forget: Mapping[str, torch.Tensor]   # a dict, or a LiftedFisher for VILA
+    retain: Mapping[str, torch.Tensor]
     forget_tokens: int
     retain_tokens: int
     meta: dict[str, str] = field(default_factory=dict)  # kind, model identity, data hash, settings
@@ -53,15 +102,21 @@ class FisherStats:
         return self.meta.get("kind", "fila")
 
     def shapes(self) -> dict[str, tuple[int, int]]:
-        return {n: tuple(t.shape) for n, t in self.forget.items()}
+        return {n: _shape(self.forget, n) for n in self.forget}
 
     def save(self, path: str | Path) -> Path:
         from safetensors.torch import save_file
 
         from .io import atomic_path
 
-        tensors = {f"{side}/{n}": t.detach().float().cpu().contiguous()
-                   for side, d in (("forget", self.forget), ("retain", self.retain)) for n, t in d.items()}
+        tensors = {}
+        for side, d in (("forget", self.forget), ("retain", self.retain)):
+            if isinstance(d, LiftedFisher):   # kept factored on disk too: side/name/B and side/name/A
+                for n, (FB, FA) in d.factors.items():
+                    tensors[f"{side}/{n}/B"], tensors[f"{side}/{n}/A"] = FB, FA
+            else:
+                tensors.update({f"{side}/{n}": t for n, t in d.items()})
+        tensors = {k: t.detach().float().cpu().contiguous() for k, t in tensors.items()}
         meta = {**self.meta, "format": FORMAT, "forget_tokens": str(self.forget_tokens),
                 "retain_tokens": str(self.retain_tokens)}
         with atomic_path(path) as tmp:
@@ -83,9 +138,16 @@ class FisherStats:
             raise LokuError(f"{path} is not a readable safetensors file ({e}): delete it to recompute") from None
         if meta.pop("format", None) != FORMAT:
             raise LokuError(f"{path} is not a loku Fisher statistics file: pass another path or delete it")
-        forget = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("forget/")}
-        retain = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("retain/")}
-        return cls(forget, retain, int(meta.pop("forget_tokens")), int(meta.pop("retain_tokens")), meta)
+        sides = {}
+        for side in ("forget", "retain"):
+            keys = [k.split("/") for k in tensors if k.startswith(side + "/")]
+            if keys and all(len(k) == 3 for k in keys):
+                sides[side] = LiftedFisher({k[1]: (tensors[f"{side}/{k[1]}/B"], tensors[f"{side}/{k[1]}/A"])
+                                            for k in keys if k[2] == "B"})
+            else:
+                sides[side] = {k[1]: tensors["/".join(k)] for k in keys}
+        return cls(sides["forget"], sides["retain"], int(meta.pop("forget_tokens")), int(meta.pop("retain_tokens")),
+                   meta)
 
     def check_model(self, model: nn.Module, source: str = "the Fisher statistics") -> None:
         """Raise LokuError unless these statistics were computed on `model` (same modules, shapes, config
@@ -179,18 +241,37 @@ def _track(items, enabled: bool, description: str):
             bar.advance(task)
 
 
+def _my_pairs(batch_pairs: Iterable[Pair]) -> tuple[list[Pair], str]:
+    """(the pairs this process computes, the hash of all pairs). Under several processes each takes every
+    world-th pair and the sums are all-reduced after (`_reduce`): the same statistics as one process."""
+    from .distributed import rank_world
+
+    pairs = list(batch_pairs)
+    if any(retain is None for _, retain in pairs):
+        raise LokuError("Fisher statistics weigh the forget set against the retain set: pass --retain FILE "
+                        "(or use --init default)")
+    rank, world = rank_world()
+    return pairs[rank::world], data_hash(pairs)
+
+
+def _reduce(sums: list[torch.Tensor], counts: dict[str, int]) -> dict[str, int]:
+    """Sum the per-process partial sums (in place) and token counts over all processes."""
+    from .distributed import rank_world, sum_over_ranks
+
+    if rank_world()[1] == 1:
+        return counts
+    n = torch.tensor([counts["forget"], counts["retain"]], dtype=torch.float64, device=sums[0].device)
+    sum_over_ranks([*sums, n])
+    return {"forget": int(n[0]), "retain": int(n[1])}
+
+
 def _batch_gradients(model: nn.Module, batch_pairs: Iterable[Pair], params: dict[str, torch.Tensor],
-                     loss_fn: LossFn, hasher, progress: bool, description: str):
+                     loss_fn: LossFn, progress: bool, description: str):
     """Yields (side, n_tokens, {name: grad of the batch's mean token loss}) for every forget and retain
     batch. Eval mode (no dropout, so the numbers are reproducible); grads only for `params`."""
     device = next(model.parameters()).device
     tensors = list(params.values())
     for forget, retain in _track(batch_pairs, progress, description):
-        if retain is None:
-            raise LokuError("Fisher statistics weigh the forget set against the retain set: pass --retain FILE "
-                            "(or use --init default)")
-        _hash_batch(hasher, forget)
-        _hash_batch(hasher, retain)
         for side, batch in (("forget", forget), ("retain", retain)):
             batch = {k: v.to(device) for k, v in batch.items()}
             n_tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
@@ -238,12 +319,12 @@ def _settings(kind: str, loss_fn: LossFn | None, dtype: torch.dtype, **vila) -> 
     return out
 
 
-def _finish(kind: str, model, modules, sums: dict, counts: dict, hasher, settings: dict) -> FisherStats:
+def _finish(kind: str, model, modules, sums: dict, counts: dict, data_sha256: str, settings: dict) -> FisherStats:
     for side in ("forget", "retain"):
         if counts[side] == 0:
             raise LokuError(f"the {side} batches hold no target token (every label is -100): give {side} "
                             f"examples with text to learn from")
-    meta = {"kind": kind, **model_identity(model, modules), "data_sha256": hasher.hexdigest(),
+    meta = {"kind": kind, **model_identity(model, modules), "data_sha256": data_sha256,
             "settings": json.dumps(settings, sort_keys=True)}
     return FisherStats(sums["forget"], sums["retain"], counts["forget"], counts["retain"], meta)
 
@@ -254,7 +335,9 @@ def fisher_statistics(model: nn.Module, batch_pairs: Iterable[Pair], module_name
     """FILA's empirical Fisher diagonal: for each targeted weight, over forget and retain separately,
     F = sum_b n_b * g_b**2 / sum_b n_b, with g_b the gradient of batch b's mean token loss and n_b its
     target-token count. Float32 accumulators on `device` (default: the weight's own; "cpu" saves
-    accelerator memory on large models). Only the targeted weights get gradients during the pass."""
+    accelerator memory on large models). Only the targeted weights get gradients during the pass.
+    Under several processes (accelerate launch) each computes every world-th pair and the sums and token
+    counts are all-reduced: every process gets the statistics one process would compute."""
     from transformers.pytorch_utils import Conv1D
 
     loss_fn = loss_fn or _default_loss()
@@ -263,19 +346,20 @@ def fisher_statistics(model: nn.Module, batch_pairs: Iterable[Pair], module_name
     params = {n: m.weight for n, m in modules.items()}
     sums = {side: {n: torch.zeros(weight_of(m).shape, dtype=torch.float32, device=device or m.weight.device)
                    for n, m in modules.items()} for side in ("forget", "retain")}   # each (out, in)
-    counts, hasher = {"forget": 0, "retain": 0}, hashlib.sha256()
+    counts = {"forget": 0, "retain": 0}
+    mine, data_sha256 = _my_pairs(batch_pairs)
     with _grads_only(model, list(params.values())):
-        for side, n_tokens, grads in _batch_gradients(model, batch_pairs, params, loss_fn, hasher, progress,
-                                                      "Fisher (fila)"):
+        for side, n_tokens, grads in _batch_gradients(model, mine, params, loss_fn, progress, "Fisher (fila)"):
             for name, g in grads.items():
                 g = g.T if name in conv else g                          # (out, in)
                 sums[side][name] += g.float().pow(2).mul_(n_tokens).to(sums[side][name].device)
             counts[side] += n_tokens
+    counts = _reduce([t for side in sums.values() for t in side.values()], counts)
     for side in sums:
         for t in sums[side].values():
             t.div_(max(counts[side], 1))
     settings = _settings("fila", loss_fn, next(iter(params.values())).dtype)
-    return _finish("fila", model, modules, sums, counts, hasher, settings)
+    return _finish("fila", model, modules, sums, counts, data_sha256, settings)
 
 
 def vila_factors(shapes: dict[str, tuple[int, int]], rank: int, std: float = 0.05,
@@ -315,11 +399,11 @@ def vila_statistics(model: nn.Module, batch_pairs: Iterable[Pair], module_names:
     first = {k: torch.zeros(v.shape, dtype=torch.float32, device=v.device) for k, v in params.items()}
     sums = {side: {"g": {k: t.clone() for k, t in first.items()}, "g2": {k: t.clone() for k, t in first.items()}}
             for side in ("forget", "retain")}
-    counts, hasher = {"forget": 0, "retain": 0}, hashlib.sha256()
+    counts = {"forget": 0, "retain": 0}
+    mine, data_sha256 = _my_pairs(batch_pairs)
     try:
         with _grads_only(model, []):
-            for side, n_tokens, grads in _batch_gradients(model, batch_pairs, params, loss_fn, hasher, progress,
-                                                          "Fisher (vila)"):
+            for side, n_tokens, grads in _batch_gradients(model, mine, params, loss_fn, progress, "Fisher (vila)"):
                 for k, g in grads.items():
                     sums[side]["g"][k] += g.float() * n_tokens
                     sums[side]["g2"][k] += g.float().pow(2) * n_tokens
@@ -327,21 +411,22 @@ def vila_statistics(model: nn.Module, batch_pairs: Iterable[Pair], module_names:
     finally:
         for h in hooks:
             h.remove()
+    counts = _reduce([t for side in sums.values() for part in side.values() for t in part.values()], counts)
     lifted = {}
     for side in ("forget", "retain"):
         n = max(counts[side], 1)
         var = {k: (sums[side]["g2"][k] / n - (sums[side]["g"][k] / n).pow(2)).clamp_(min=0) for k in params}
-        lifted[side] = {name: var[f"{name}/B"] @ var[f"{name}/A"] for name in modules}   # (out, r) @ (r, in)
+        lifted[side] = LiftedFisher({name: (var[f"{name}/B"], var[f"{name}/A"]) for name in modules})
     settings = _settings("vila", loss_fn, next(iter(modules.values())).weight.dtype, rank=rank, scaling=scaling,
                          std=std, seed=seed)
-    return _finish("vila", model, modules, lifted, counts, hasher, settings)
+    return _finish("vila", model, modules, lifted, counts, data_sha256, settings)
 
 
-def relative_importance(stats: FisherStats, eps: float = 1e-5) -> dict[str, torch.Tensor]:
+def relative_importance(stats: FisherStats, eps: float = 1e-5) -> RelativeImportance:
     """FILA's importance of each weight for the forget set relative to the retain set:
-    F_forget / (eps + F_retain), (out, in). eps (the paper's 1e-5) keeps weights that the retain set
-    never touches from dividing by zero."""
-    return {n: stats.forget[n] / (eps + stats.retain[n]) for n in stats.forget}
+    F_forget / (eps + F_retain), (out, in), a read-only mapping that computes each module when read.
+    eps (the paper's 1e-5) keeps weights that the retain set never touches from dividing by zero."""
+    return RelativeImportance(stats, eps)
 
 
 def cached_statistics(path: str | Path, model: nn.Module, batch_pairs: Iterable[Pair], module_names: Iterable[str],
@@ -367,5 +452,8 @@ def cached_statistics(path: str | Path, model: nn.Module, batch_pairs: Iterable[
                 and json.loads(old.meta.get("settings", "{}")) == want):
             return old, True
     stats = compute(model, pairs, names, **kwargs)
-    stats.save(path)
+    from .distributed import rank_world
+
+    if rank_world()[0] == 0:   # every process holds the same reduced statistics; one writes them
+        stats.save(path)
     return stats, False

@@ -157,6 +157,10 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     if method.needs_reference and not (cfg.lora and cfg.resolved_init == "default"):
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     model.config.use_cache = False
+    distributed_engine = accelerator.state.deepspeed_plugin is not None or \
+        getattr(accelerator.state, "fsdp_plugin", None) is not None
+    if not distributed_engine:   # FILA's Fisher pass on the accelerator, not on the CPU the weights loaded to
+        model.to(accelerator.device)
     model, initial_factors = prepare_model(cfg, model, batches, progress and accelerator.is_main_process)
     model.train()
 
@@ -167,8 +171,6 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     # The scheduler stays outside accelerate: it would step once per process, assuming a sharded loader.
     model, optimizer = accelerator.prepare(model, optimizer)
     if reference is not None:
-        distributed_engine = accelerator.state.deepspeed_plugin is not None or \
-            getattr(accelerator.state, "fsdp_plugin", None) is not None
         reference = accelerator.prepare_model(reference, evaluation_mode=True) if distributed_engine \
             else reference.to(accelerator.device)
     unwrapped = accelerator.unwrap_model(model)

@@ -80,7 +80,8 @@ def compute_fisher(cfg: UnlearnConfig, out: str | Path, method: str = "fila", *,
     forget_ex, retain_ex = load_data(cfg, get_method(cfg.method))
     if not retain_ex:
         raise LokuError("Fisher statistics weigh the forget set against a retain set: pass --retain FILE")
-    n_batches = math.ceil(len(forget_ex) / cfg.batch_size)
+    world = _state().num_processes
+    n_batches = math.ceil(len(forget_ex) / (cfg.batch_size * world))
     if method == "vila" and n_batches < 2:   # E[g^2] - E[g]^2 over one batch is 0 up to rounding
         raise LokuError(f"VILA's statistics are variances over batches, but the {len(forget_ex)} forget examples "
                         f"make {n_batches} batch of --batch-size {cfg.batch_size}: lower --batch-size to at most "
@@ -102,9 +103,10 @@ def compute_fisher(cfg: UnlearnConfig, out: str | Path, method: str = "fila", *,
     names = sorted(targeted_modules(model, targets))
     forget = tokenize_examples(forget_ex, tokenizer, cfg.max_length, "forget")
     retain = tokenize_examples(retain_ex, tokenizer, cfg.max_length, "retain")
-    # One process: unlearn's global batch is batch_size x processes, i.e. batch_size here.
-    batches = PairedBatches(forget, retain, cfg.batch_size, tokenizer.pad_token_id, cfg.seed,
-                            cfg.retain_batch_size or cfg.batch_size)
+    # unlearn's global batch is batch_size x processes; under accelerate launch the processes split the
+    # batches and all-reduce the sums (loku.fisher), so the file equals a one-process run's.
+    batches = PairedBatches(forget, retain, cfg.batch_size * world, tokenizer.pad_token_id, cfg.seed,
+                            (cfg.retain_batch_size or cfg.batch_size) * world)
     pairs = list(batches.epoch(0))
     model.config.use_cache = False   # as unlearn sets it before FILA (the statistics do not depend on it)
 
@@ -117,16 +119,23 @@ def compute_fisher(cfg: UnlearnConfig, out: str | Path, method: str = "fila", *,
     seconds = time.time() - t0
     importance = relative_importance(stats, cfg.fisher_eps)
     means = {n: float(t.double().mean()) for n, t in importance.items()}
-    stats.save(out)
+    if _state().is_main_process:
+        stats.save(out)
+    _state().wait_for_everyone()
     return FisherRun(stats, out, method, seconds, dict(sorted(means.items(), key=lambda kv: -kv[1])))
+
+
+def _state():
+    """accelerate's process state (starts the process group under accelerate launch)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def _device():
     """Where unlearn would train (accelerate's choice: the GPU when there is one)."""
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available()).device
+    return _state().device
 
 
 def _targets(text: str | None) -> list[str] | None:
@@ -190,5 +199,7 @@ def command(
     if not out:
         raise LokuError("no output file given: pass --out FILE (e.g. fisher.safetensors)")
     run = compute_fisher(cfg, out, kind, overwrite=overwrite)
+    if not _state().is_main_process:
+        return
     for line in _summary(run, cfg):
         typer.echo(line)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..data.eval_tasks import DIALOGUE_TASKS, PPL_TASKS, REASONING_TASKS, TASK_REGISTRY, TASKS, load_task
+from ..distributed import map_items
 from ..errors import LokuError
 from .dialogue import dialogue_results
 from .perplexity import sequence_nll, token_weighted_perplexity
@@ -88,7 +89,11 @@ def evaluate_task(model, tokenizer, name: str, items: list, batch_size: int = 8,
     spec = TASKS[name]
     runner, metric = KINDS[spec.kind]
     start = time.perf_counter()
-    per_item = runner(model, tokenizer, items, batch_size=batch_size, max_length=max_length)
+    # under several DDP processes each scores every world-th item; all get every item's result back
+    per_item = map_items(lambda part: runner(model, tokenizer, part, batch_size=batch_size, max_length=max_length),
+                         items)
+    for i, item in enumerate(per_item):   # a process numbers its share from 0: back to positions in the task
+        item["index"] = i
     return {"task": name, "kind": spec.kind, "metric": metric.name, "aggregation": metric.aggregation,
             "higher_is_better": metric.higher_is_better, "value": metric.aggregate(per_item), "n": len(per_item),
             "seconds": round(time.perf_counter() - start, 2), "note": spec.note, "items": per_item}

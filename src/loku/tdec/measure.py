@@ -16,20 +16,27 @@ def _mean(values: list[float]) -> float:
 def measure_sequences(model, seqs: Sequences, n: int = 10, batch_size: int = 8) -> dict:
     """{"el": [per sequence], "ma": [...], "el_mean", "ma_mean", "seconds"}: MA and EL_n from one shared
     computation (`loku.metrics.extraction.memorization_metrics`), sequences of equal length batched as
-    (B, T) rows without padding, results back in file order."""
+    (B, T) rows without padding, results back in file order. Under several DDP processes each measures
+    every world-th sequence and all get every value (`loku.distributed.map_items`)."""
+    from ..distributed import map_items
     from ..metrics.extraction import memorization_metrics
 
     t0 = time.perf_counter()
-    el, ma = [0.0] * len(seqs), [0.0] * len(seqs)
-    by_length: dict[int, list[int]] = {}
-    for i, row in enumerate(seqs.ids):
-        by_length.setdefault(len(row), []).append(i)
-    for members in by_length.values():
-        for j in range(0, len(members), batch_size):
-            part = members[j:j + batch_size]
-            out = memorization_metrics(model, torch.tensor([seqs.ids[i] for i in part]), n, batch_size=batch_size)
-            for i, m, e in zip(part, out["ma"].tolist(), out["el"].tolist()):
-                ma[i], el[i] = m, e
+
+    def measure(indices: list[int]) -> list[tuple[float, float]]:
+        out: dict[int, tuple[float, float]] = {}
+        by_length: dict[int, list[int]] = {}
+        for i in indices:
+            by_length.setdefault(len(seqs.ids[i]), []).append(i)
+        for members in by_length.values():
+            for j in range(0, len(members), batch_size):
+                part = members[j:j + batch_size]
+                res = memorization_metrics(model, torch.tensor([seqs.ids[i] for i in part]), n, batch_size=batch_size)
+                out.update(zip(part, zip(res["ma"].tolist(), res["el"].tolist())))
+        return [out[i] for i in indices]
+
+    pairs = map_items(measure, range(len(seqs)))
+    ma, el = [p[0] for p in pairs], [p[1] for p in pairs]
     return {"el": el, "ma": ma, "el_mean": _mean(el), "ma_mean": _mean(ma),
             "seconds": round(time.perf_counter() - t0, 2)}
 

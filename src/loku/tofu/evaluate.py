@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..data.tofu import format_qa, load_split
+from ..distributed import map_items
 from ..errors import LokuError
 from .generate import greedy_answers, rouge_recalls
 from .logs import FORGET, LOG_FILES, NORMALIZED_KEY, REAL_AUTHORS, REAL_WORLD, RETAIN, has_normalized, write_logs
@@ -61,13 +62,19 @@ def evaluate_set(model, tokenizer, rows: list[dict], base_key: str = "paraphrase
     _check_rows("rows", rows, base_key)
     was_training = model.training
     model.eval()
-    try:
-        return _evaluate_set(model, tokenizer, rows, base_key, normalized, max_length, max_new_tokens, batch_size)
+    try:   # under several DDP processes each scores every world-th item; all get every value back
+        items = map_items(lambda part: _evaluate_rows(model, tokenizer, part, base_key, normalized, max_length,
+                                                      max_new_tokens, batch_size), rows)
     finally:
         model.train(was_training)
+    keys = [str(i) for i in range(len(rows))]
+    return {metric: {k: item[metric] for k, item in zip(keys, items)} for metric in items[0]} if items else {}
 
 
-def _evaluate_set(model, tokenizer, rows, base_key, normalized, max_length, max_new_tokens, batch_size):
+def _evaluate_rows(model, tokenizer, rows, base_key, normalized, max_length, max_new_tokens, batch_size) -> list[dict]:
+    """One {metric: value} per row, in row order."""
+    if not rows:
+        return []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts: dict[tuple[str, str], int] = {}  # distinct (question, answer) -> position in `features`
     features = []
@@ -95,7 +102,6 @@ def _evaluate_set(model, tokenizer, rows, base_key, normalized, max_length, max_
     rouge = rouge_recalls(generations, truths)
 
     avg = [s / n if n else math.nan for s, n in zip(sums, counts)]
-    keys = [str(i) for i in range(len(rows))]
     per_item = {
         "avg_gt_loss": [avg[g] for g in gt],
         "gt_loss": [sums[g] for g in gt],
@@ -113,7 +119,7 @@ def _evaluate_set(model, tokenizer, rows, base_key, normalized, max_length, max_
     }
     if normalized:  # -log of the answer's share of probability among itself and its perturbations
         per_item[NORMALIZED_KEY] = [_log1p_sum_exp([avg[g] - avg[p] for p in ps]) for g, ps in zip(gt, pert)]
-    return {metric: dict(zip(keys, values)) for metric, values in per_item.items()}
+    return [dict(zip(per_item, values)) for values in zip(*per_item.values())]
 
 
 def _log1p_sum_exp(xs: list[float]) -> float:
