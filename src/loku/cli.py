@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -131,7 +132,12 @@ def main() -> None:
     # and would break the one-line error contract.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from .distributed import is_main, join_launch
+
     try:
+        join_launch()
+        if not is_main():   # under `accelerate launch` the main process reports; the others stay quiet
+            sys.stdout = open(os.devnull, "w")
         app(standalone_mode=False)
     except LokuError as e:
         typer.echo(f"error: {e}", err=True)

@@ -83,3 +83,29 @@ def map_items(fn: Callable[[list[T]], list[R]], items: Sequence[T]) -> list[R]:
     for r, part in enumerate(parts):
         out[r::world] = part
     return out
+
+
+def launched() -> bool:
+    """Started by `accelerate launch` / torchrun with more than one process (their WORLD_SIZE variable)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def join_launch() -> None:
+    """Join the process group that `accelerate launch` prepared, before any model runs: then evaluation
+    before unlearning is split across processes too (`unlearn` would start it only later)."""
+    if launched():
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available())
+
+
+def is_main() -> bool:
+    return rank_world()[0] == 0
+
+
+def barrier() -> None:
+    """Wait until every process gets here (no-op in one process)."""
+    import torch.distributed as dist
+
+    if rank_world()[1] > 1:
+        dist.barrier()

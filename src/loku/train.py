@@ -142,8 +142,12 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     set_seed(cfg.seed)
     forget = tokenize_examples(forget_ex, tokenizer, cfg.max_length, "forget")
     retain = tokenize_examples(retain_ex, tokenizer, cfg.max_length, "retain") if retain_ex else None
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
-                              cpu=not torch.cuda.is_available())
+    try:
+        accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
+                                  cpu=not torch.cuda.is_available())
+    except (RuntimeError, ValueError, ImportError) as e:   # e.g. an FSDP/DeepSpeed launch config on a CPU machine
+        raise LokuError(f"accelerate could not start this launch configuration ({e}): FSDP and DeepSpeed need "
+                        f"GPUs; on CPUs launch with configs/accelerate/ddp.yaml or a single process") from None
     # One global batch of batch_size x processes per step, each process taking its share: N processes
     # see exactly the examples one process would see with an N times larger batch.
     world, rank = accelerator.num_processes, accelerator.process_index

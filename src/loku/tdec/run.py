@@ -121,7 +121,11 @@ def run_tdec(cfg: TdecConfig, model=None, tokenizer=None, *, progress: bool = Tr
     if model is None:
         log(f"loading {cfg.model}")
         model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    if out is not None:
+    from ..distributed import barrier, is_main
+
+    main = is_main()   # under accelerate launch: every process computes, the main one writes
+    barrier()          # every process has checked --out before the main one creates it
+    if out is not None and main:
         io.start_out_dir(out, cfg.overwrite)
 
     def utility(m) -> dict:
@@ -175,7 +179,7 @@ def run_tdec(cfg: TdecConfig, model=None, tokenizer=None, *, progress: bool = Tr
     }
     table = tdec_markdown(report)
     log("\n" + table)
-    if out is not None:
+    if out is not None and main:
         io.write_json(out / "report.json", report)
         io.write_text(out / "table.md", table + "\n")
         curve = [{"epoch": 0, "el_mean": initial["el_mean"], "ma_mean": initial["ma_mean"]}] + rule.records

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..data.tofu import format_qa, load_split
-from ..distributed import map_items
+from ..distributed import is_main, map_items
 from ..errors import LokuError
 from .generate import greedy_answers, rouge_recalls
 from .logs import FORGET, LOG_FILES, NORMALIZED_KEY, REAL_AUTHORS, REAL_WORLD, RETAIN, has_normalized, write_logs
@@ -157,6 +157,8 @@ def evaluate_tofu(model, tokenizer, data: str | Path | dict[str, list[dict]] | N
         sets = load_sets(data, forget=forget, limit=limit, authors=authors)
     for name, rows in sets.items():
         _check_rows(name, rows, TASK_BY_LOG[name].base_key)
+    if not is_main():   # under accelerate launch every process scores its share; the main one writes
+        out_dir, log = None, None
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)  # fail on an unwritable folder before the work
     logs = {}

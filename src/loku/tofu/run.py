@@ -25,6 +25,7 @@ from typing import Callable
 from .. import io
 from ..config import UnlearnConfig
 from ..data.tofu import QA_PER_AUTHOR, load_split
+from ..distributed import barrier, is_main
 from ..errors import LokuError
 from .evaluate import TOFU_DS_SIZE, evaluate_tofu, load_sets
 from .finetune import check_qa_per_author, check_qa_rows, check_split, per_author, read_summary, retain_split
@@ -303,18 +304,22 @@ def run_method(spec: MethodSpec, cfg: TofuUnlearnConfig, inputs: TofuInputs, ret
     record = {"method": spec.method, "init": train.resolved_init, "lora_rank": train.lora_rank if train.lora else None,
               "seconds": round(result.seconds - eval_seconds, 1), "eval_seconds": round(eval_seconds, 1),
               "epochs": epochs}
-    io.write_json(done, record)
+    if is_main():
+        io.write_json(done, record)
     return record
 
 
 def run_tofu(cfg: TofuUnlearnConfig, progress: bool = True, log: Callable[[str], None] | None = print) -> dict:
     """Every method of `cfg` on TOFU, each epoch scored; writes results.json, report.md and fq_mu.png to
     `cfg.out` and returns the results (see loku.tofu.report)."""
+    main = is_main()   # under accelerate launch every process computes, the main one reports and writes
+    log = log if main else None
     inputs = prepare(cfg, log)
     out = Path(cfg.out)
+    barrier()          # every process has checked --out before the main one creates it
     if cfg.resume:
         _check_same_run(cfg, out)
-    else:
+    elif main:
         io.start_out_dir(out, cfg.overwrite)
         io.write_json(out / CONFIG, _config_dict(cfg))
     if inputs.retain_logs is not None:
@@ -343,6 +348,7 @@ def run_tofu(cfg: TofuUnlearnConfig, progress: bool = True, log: Callable[[str],
         run_dir = out / "runs" / spec.label
         if log:
             log(f"unlearning with {spec.label}" + (" (done earlier)" if (run_dir / "tofu.json").is_file() else ""))
-        results["methods"][spec.label] = run_method(spec, cfg, inputs, retain_logs, run_dir, progress, log)
-        write_report(results, out)
+        results["methods"][spec.label] = run_method(spec, cfg, inputs, retain_logs, run_dir, progress and main, log)
+        if main:
+            write_report(results, out)
     return results
