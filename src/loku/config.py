@@ -34,6 +34,7 @@ class UnlearnConfig:
     fisher_eps: float = 1e-5
     fila_svd: str = "exact"              # exact | randomized (much faster on large layers)
     fisher_cache: str | None = None      # safetensors file of Fisher statistics, reused when it matches
+    fisher_on_cpu: bool = False          # FILA's two fp32 Fisher sums in CPU memory (large models on one GPU)
     epochs: int = 5
     lr: float = 2e-4
     batch_size: int = 8

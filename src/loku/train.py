@@ -97,7 +97,8 @@ def prepare_model(cfg: UnlearnConfig, model, batches: PairedBatches, progress: b
         pairs = list(batches.epoch(0))
         model, initial = fila_init(model, pairs, rank=cfg.lora_rank, alpha=cfg.alpha, target_modules=targets,
                                    method=init, eps=cfg.fisher_eps, svd=cfg.fila_svd, cache=cfg.fisher_cache,
-                                   progress=progress)
+                                   progress=progress, **({"device": "cpu"} if cfg.fisher_on_cpu and init == "fila"
+                                                         else {}))
         return model, initial
     return add_lora(model, cfg.lora_rank, cfg.alpha, targets), None
 
