@@ -245,3 +245,33 @@ def test_option_scores_match_lm_evaluation_harness(tokenizer):
     theirs = lm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
     for (logprob, greedy), ours in zip(theirs, score_continuations(model, tok, pairs, batch_size=3)):
         assert ours.logprob == pytest.approx(logprob, abs=1e-4) and ours.greedy == greedy
+
+
+def test_harness_adapter_runs_a_local_task_like_our_scorer(tokenizer, tmp_path):
+    """loku.harness on a model in memory, with a local multiple-choice task: the harness's per-choice
+    log-likelihoods and accuracy equal loku's own scorer's (runs only where lm-eval is installed)."""
+    pytest.importorskip("lm_eval")
+    from loku.harness import harness_evaluate
+
+    items = [{"question": "The sky is", "choices": ["blue", "a fox", "Paris"], "answer": 0},
+             {"question": "Machine learning models", "choices": ["memorize data", "swim"], "answer": 1},
+             {"question": "Alice was born in", "choices": ["Lyon", "1970", "the sea", "data"], "answer": 2}]
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps(it) + "\n" for it in items))
+    (tmp_path / "task.yaml").write_text(
+        "task: loku_local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{{{question}}}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
+    model = tiny_llama(len(tokenizer))
+    tok = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|endoftext|>",
+                              pad_token="<|endoftext|>")
+    out = harness_evaluate(model, tok, tasks=["loku_local_mc"], batch_size=2, include_path=str(tmp_path),
+                           log_samples=True)
+    ours = [[s.logprob for s in score_continuations(model, tok, [(it["question"], " " + c) for c in it["choices"]],
+                                                    batch_size=3)] for it in items]
+    samples = sorted(out["raw"]["samples"]["loku_local_mc"], key=lambda s: s["doc_id"])
+    for it, s, mine in zip(items, samples, ours):
+        theirs = [r[0][0] for r in s["resps"]]
+        assert theirs == pytest.approx(mine, abs=1e-4)
+    expected = sum(max(range(len(m)), key=m.__getitem__) == it["answer"] for it, m in zip(items, ours)) / len(items)
+    assert out["tasks"]["loku_local_mc"]["acc"] == pytest.approx(expected)
