@@ -97,6 +97,7 @@ class Method:
     needs_reference: bool = False  # forward passes of the frozen start model
     forget_answers: str | None = None  # "idk": forget questions are answered with refusals
     ascent: bool = False  # the forget term is -cross-entropy: unbounded below, so divergence is watched
+    forget_mean_over: str = "tokens"  # what the forget term averages: "tokens" or "sequences" (NPO, SimNPO)
 
 
 METHODS: Registry[Method] = Registry("method")
@@ -145,7 +146,7 @@ def kl(x: LossInputs, s: LossSettings):
 
 
 @method("npo", "negative preference optimization against the start model + retain cross-entropy",
-        needs_retain=True, needs_reference=True)
+        needs_retain=True, needs_reference=True, forget_mean_over="sequences")
 def npo(x: LossInputs, s: LossSettings):
     log_ratio = sequence_logprob(x.forget_logits, x.forget_labels) - sequence_logprob(
         x.ref_forget_logits, x.forget_labels)                               # (B,)
@@ -153,7 +154,8 @@ def npo(x: LossInputs, s: LossSettings):
     return _total(forget=forget, retain=_retain_ce(x, s))
 
 
-@method("simnpo", "reference-free, length-normalised NPO + retain cross-entropy", needs_retain=True)
+@method("simnpo", "reference-free, length-normalised NPO + retain cross-entropy", needs_retain=True,
+        forget_mean_over="sequences")
 def simnpo(x: LossInputs, s: LossSettings):
     avg_logp = sequence_logprob(x.forget_logits, x.forget_labels, mean=True)  # (B,)
     forget = -(2.0 / s.simnpo_beta) * F.logsigmoid(-s.simnpo_beta * avg_logp - s.simnpo_gamma).mean()
@@ -169,6 +171,24 @@ def idk(x: LossInputs, s: LossSettings):
 @method("ihl", "inverted hinge loss on forget + retain cross-entropy (LoKU)", needs_retain=True)
 def ihl(x: LossInputs, s: LossSettings):
     return _total(forget=inverted_hinge_loss(x.forget_logits, x.forget_labels), retain=_retain_ce(x, s))
+
+
+def global_mean_scales(method: Method, forget_labels: torch.Tensor, retain_labels: torch.Tensor | None,
+                       sum_over_processes: Callable[[torch.Tensor], torch.Tensor], world: int) -> dict[str, float]:
+    """Per-term factors that turn each process's mean into its share of the mean over the whole global batch.
+
+    Each process averages its own tokens (or sequences); DDP then averages the processes' gradients, which
+    weighs a process with few tokens like one with many. Scaling a term by local count / (global count /
+    world) makes the averaged gradient exactly that of one process on the whole batch, for any lengths."""
+    def count(labels, unit):
+        return float(labels.shape[0]) if unit == "sequences" else float((labels[:, 1:] != IGNORE).sum())
+
+    local = torch.tensor([count(forget_labels, method.forget_mean_over),
+                          count(retain_labels, "tokens") if retain_labels is not None else 0.0],
+                         dtype=torch.float64, device=forget_labels.device)
+    total = sum_over_processes(local.clone())
+    scale = [float(l * world / t) if t > 0 else 1.0 for l, t in zip(local.tolist(), total.tolist())]
+    return {"forget": scale[0], "retain": scale[1]}
 
 
 def get_method(name: str) -> Method:

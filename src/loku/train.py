@@ -20,7 +20,7 @@ from .config import UnlearnConfig
 from .data.batches import PairedBatches
 from .data.text import load_examples, tokenize_examples
 from .errors import LokuError
-from .losses import LossInputs, LossSettings, Method, get_method
+from .losses import LossInputs, LossSettings, Method, get_method, global_mean_scales
 
 _KILL_AT_STEP = int(os.environ.get("LOKU_TEST_KILL_AT_STEP", "0")) or None
 EpochCallback = Callable[[int, torch.nn.Module], "dict | None"]
@@ -230,6 +230,11 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
                             if x.retain_logits is not None:
                                 x.ref_retain_logits = reference_logits(retain_b)
                     terms = method.fn(x, settings)
+                    if world > 1:   # each process's share of the global-batch mean, whatever the lengths
+                        scales = global_mean_scales(method, x.forget_labels, x.retain_labels,
+                                                    lambda t: accelerator.reduce(t, reduction="sum"), world)
+                        terms = {k: v * scales[k] for k, v in terms.items() if k != "loss"}
+                        terms = {"loss": sum(terms.values()), **terms}
                     _check_finite(terms, epoch, step, out)
                     accelerator.backward(terms["loss"])
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
