@@ -139,3 +139,21 @@ def test_tofu_unlearn_under_two_processes_equals_one(tiny_model_dir, tofu_dir, t
         for x, y in zip(a["methods"][label]["epochs"], b["methods"][label]["epochs"]):
             assert _close(x["summary"], y["summary"], rel=1e-4), (label, x["epoch"])
         assert (tmp_path / "two" / "runs" / label / "tofu" / "epoch-2" / "eval_log_aggregated.json").is_file()
+
+
+def test_fisher_command_under_two_processes_equals_one(tiny_model_dir, tokenizer, tmp_path):
+    """`loku fisher` under accelerate launch: the processes split the batches, all-reduce, one writes; the file
+    equals a one-process run with the same global batch, so either serves as the other's --fisher-cache."""
+    texts = unequal_texts(tokenizer, 16)
+    forget, retain = _csv(tmp_path / "f.csv", texts[:8]), _csv(tmp_path / "r.csv", texts[8:])
+    common = ["fisher", "--model", tiny_model_dir, "--forget", forget, "--retain", retain, "--method", "fila"]
+    two = _run(common + ["--batch-size", "2", "--out", tmp_path / "two.safetensors"], processes=2)
+    assert two.stdout.count("wrote ") == 1
+    _run(common + ["--batch-size", "4", "--out", tmp_path / "one.safetensors"], processes=1)
+    from loku.fisher import FisherStats
+
+    a, b = (FisherStats.load(tmp_path / f"{d}.safetensors") for d in ("one", "two"))
+    assert a.meta["data_sha256"] == b.meta["data_sha256"] and a.forget_tokens == b.forget_tokens
+    for n in a.forget:
+        assert torch.allclose(a.forget[n], b.forget[n], rtol=1e-5, atol=1e-12)
+        assert torch.allclose(a.retain[n], b.retain[n], rtol=1e-5, atol=1e-12)
