@@ -169,7 +169,7 @@ def test_fila_init_reuses_cached_statistics(tokenizer, tmp_path, monkeypatch):
     pairs = make_pairs(tokenizer)
     fila_init(tiny_llama(len(tokenizer)), pairs, rank=2, alpha=4, target_modules=["v_proj"],
               cache=tmp_path / "f.safetensors", progress=False)
-    monkeypatch.setattr(fisher, "_batch_gradients", lambda *a, **k: (_ for _ in ()).throw(AssertionError("miss")))
+    monkeypatch.setattr(fisher, "_batch_losses", lambda *a, **k: (_ for _ in ()).throw(AssertionError("miss")))
     _, initial = fila_init(tiny_llama(len(tokenizer)), pairs, rank=2, alpha=4, target_modules=["v_proj"],
                            cache=tmp_path / "f.safetensors", progress=False)
     assert len(initial) == 2

@@ -149,7 +149,7 @@ def test_save_load_and_cache_hit_miss(tokenizer, tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise AssertionError("recomputed on a cache hit")
-    monkeypatch.setattr(fisher, "_batch_gradients", boom)
+    monkeypatch.setattr(fisher, "_batch_losses", boom)
     again, hit = cached_statistics(path, model, pairs, ["q_proj", "down_proj"], progress=False)
     assert hit and all(torch.equal(again.forget[n], stats.forget[n]) for n in stats.forget)
     monkeypatch.undo()

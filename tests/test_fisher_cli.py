@@ -32,7 +32,7 @@ def no_recompute(monkeypatch):
 
     def boom(*a, **k):
         raise AssertionError("the Fisher statistics were recomputed: the cache missed")
-    monkeypatch.setattr(fisher, "_batch_gradients", boom)
+    monkeypatch.setattr(fisher, "_batch_losses", boom)
 
 
 @pytest.mark.parametrize("kind", ["fila", "vila"])

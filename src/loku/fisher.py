@@ -265,12 +265,11 @@ def _reduce(sums: list[torch.Tensor], counts: dict[str, int]) -> dict[str, int]:
     return {"forget": int(n[0]), "retain": int(n[1])}
 
 
-def _batch_gradients(model: nn.Module, batch_pairs: Iterable[Pair], params: dict[str, torch.Tensor],
-                     loss_fn: LossFn, progress: bool, description: str):
-    """Yields (side, n_tokens, {name: grad of the batch's mean token loss}) for every forget and retain
-    batch. Eval mode (no dropout, so the numbers are reproducible); grads only for `params`."""
+def _batch_losses(model: nn.Module, batch_pairs: Iterable[Pair], loss_fn: LossFn, progress: bool,
+                  description: str):
+    """Yields (side, n_tokens, the batch's mean token loss) for every forget and retain batch, ready for a
+    backward pass. Eval mode (no dropout, so the numbers are reproducible)."""
     device = next(model.parameters()).device
-    tensors = list(params.values())
     for forget, retain in _track(batch_pairs, progress, description):
         for side, batch in (("forget", forget), ("retain", retain)):
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -279,9 +278,7 @@ def _batch_gradients(model: nn.Module, batch_pairs: Iterable[Pair], params: dict
                 continue
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            use_cache=False).logits                      # (B, T, V)
-            loss = loss_fn(logits, batch["labels"])
-            grads = torch.autograd.grad(loss, tensors)
-            yield side, n_tokens, dict(zip(params, grads))
+            yield side, n_tokens, loss_fn(logits, batch["labels"])
 
 
 @contextmanager
@@ -348,12 +345,29 @@ def fisher_statistics(model: nn.Module, batch_pairs: Iterable[Pair], module_name
                    for n, m in modules.items()} for side in ("forget", "retain")}   # each (out, in)
     counts = {"forget": 0, "retain": 0}
     mine, data_sha256 = _my_pairs(batch_pairs)
-    with _grads_only(model, list(params.values())):
-        for side, n_tokens, grads in _batch_gradients(model, mine, params, loss_fn, progress, "Fisher (fila)"):
-            for name, g in grads.items():
-                g = g.T if name in conv else g                          # (out, in)
-                sums[side][name] += g.float().pow(2).mul_(n_tokens).to(sums[side][name].device)
-            counts[side] += n_tokens
+    now = {"side": "forget", "n": 0}
+
+    def consume(name: str):
+        def hook(p: torch.Tensor) -> None:   # right after p's gradient is complete: square, add, free it
+            g = p.grad.T if name in conv else p.grad                        # (out, in)
+            sums[now["side"]][name].add_(g.float().pow(2).mul_(now["n"]).to(sums[now["side"]][name].device))
+            p.grad = None
+        return hook
+
+    # Streamed: each weight's gradient is folded into the sums as soon as backward completes it, so at most
+    # one module's gradient is alive at a time, never the whole model's.
+    handles = [p.register_post_accumulate_grad_hook(consume(n)) for n, p in params.items()]
+    try:
+        with _grads_only(model, list(params.values())):
+            for side, n_tokens, loss in _batch_losses(model, mine, loss_fn, progress, "Fisher (fila)"):
+                now.update(side=side, n=n_tokens)
+                loss.backward()
+                counts[side] += n_tokens
+    finally:
+        for h in handles:
+            h.remove()
+        for p in params.values():
+            p.grad = None
     counts = _reduce([t for side in sums.values() for t in side.values()], counts)
     for side in sums:
         for t in sums[side].values():
@@ -403,7 +417,8 @@ def vila_statistics(model: nn.Module, batch_pairs: Iterable[Pair], module_names:
     mine, data_sha256 = _my_pairs(batch_pairs)
     try:
         with _grads_only(model, []):
-            for side, n_tokens, grads in _batch_gradients(model, mine, params, loss_fn, progress, "Fisher (vila)"):
+            for side, n_tokens, loss in _batch_losses(model, mine, loss_fn, progress, "Fisher (vila)"):
+                grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
                 for k, g in grads.items():
                     sums[side]["g"][k] += g.float() * n_tokens
                     sums[side]["g2"][k] += g.float().pow(2) * n_tokens
