@@ -29,7 +29,7 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _sharded_engine() -> bool:
+def sharded_engine() -> bool:
     """True under FSDP or DeepSpeed, where the weights are split and every forward pass is collective."""
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") or \
             os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
@@ -44,7 +44,7 @@ def _sharded_engine() -> bool:
 
 def split_evaluation() -> bool:
     """Whether per-item evaluation is divided among processes (several processes, each with all weights)."""
-    return rank_world()[1] > 1 and not _sharded_engine()
+    return rank_world()[1] > 1 and not sharded_engine()
 
 
 def sum_over_ranks(tensors: Sequence[torch.Tensor]) -> None:

@@ -467,8 +467,8 @@ def cached_statistics(path: str | Path, model: nn.Module, batch_pairs: Iterable[
                 and json.loads(old.meta.get("settings", "{}")) == want):
             return old, True
     stats = compute(model, pairs, names, **kwargs)
-    from .distributed import rank_world
+    from .distributed import is_main
 
-    if rank_world()[0] == 0:   # every process holds the same reduced statistics; one writes them
+    if is_main():   # every process holds the same reduced statistics; one writes them
         stats.save(path)
     return stats, False

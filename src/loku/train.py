@@ -19,6 +19,7 @@ from . import io
 from .config import UnlearnConfig
 from .data.batches import PairedBatches
 from .data.text import load_examples, tokenize_examples
+from .distributed import sharded_engine
 from .errors import LokuError
 from .losses import LossInputs, LossSettings, Method, get_method, global_mean_scales
 
@@ -162,8 +163,7 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     if method.needs_reference and not (cfg.lora and cfg.resolved_init == "default"):
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     model.config.use_cache = False
-    distributed_engine = accelerator.state.deepspeed_plugin is not None or \
-        getattr(accelerator.state, "fsdp_plugin", None) is not None
+    distributed_engine = sharded_engine()   # FSDP / DeepSpeed: they place (and shard) the weights themselves
     if not distributed_engine:   # FILA's Fisher pass on the accelerator, not on the CPU the weights loaded to
         model.to(accelerator.device)
     model, initial_factors = prepare_model(cfg, model, batches, progress and accelerator.is_main_process)

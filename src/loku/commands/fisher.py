@@ -20,6 +20,7 @@ from typing import Optional
 import typer
 
 from ..config import UnlearnConfig
+from ..distributed import barrier, is_main
 from ..errors import LokuError
 
 METHODS = ("fila", "vila")
@@ -119,9 +120,9 @@ def compute_fisher(cfg: UnlearnConfig, out: str | Path, method: str = "fila", *,
     seconds = time.time() - t0
     importance = relative_importance(stats, cfg.fisher_eps)
     means = {n: float(t.double().mean()) for n, t in importance.items()}
-    if _state().is_main_process:
+    if is_main():
         stats.save(out)
-    _state().wait_for_everyone()
+    barrier()
     return FisherRun(stats, out, method, seconds, dict(sorted(means.items(), key=lambda kv: -kv[1])))
 
 
@@ -199,7 +200,7 @@ def command(
     if not out:
         raise LokuError("no output file given: pass --out FILE (e.g. fisher.safetensors)")
     run = compute_fisher(cfg, out, kind, overwrite=overwrite)
-    if not _state().is_main_process:
+    if not is_main():   # the statistics file was written by the main process
         return
     for line in _summary(run, cfg):
         typer.echo(line)
