@@ -3,6 +3,8 @@
 A checkpoint is a directory written whole (temporary name, then rename): the trainable weights
 (safetensors), optimizer and scheduler states, RNG states, the data position and the epoch history.
 Everything is loaded back with `torch.load(weights_only=True)`: no pickled code is ever executed.
+Under FSDP the weights and optimizer state are gathered whole to the main process (torch.distributed.
+checkpoint's full state dicts), so a checkpoint is the same file whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -25,18 +27,39 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict) -> None:
-    """`state`: JSON-able position (epoch, step, ...) and history."""
+def _full_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, sharded: bool = False) -> None:
+    """`state`: JSON-able position (epoch, step, ...) and history. `sharded` (FSDP): every process calls
+    this with the prepared model and its torch optimizer; the main process writes."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        from .distributed import is_main
+
+        options = _full_options(cpu_offload=True, ignore_frozen_params=True)
+        weights = get_model_state_dict(model, options=options)
+        optim = get_optimizer_state_dict(model, optimizer, options=options)
+        if not is_main():
+            return
+    else:
+        weights, optim = trainable_state(model), optimizer.state_dict()
     with io.atomic_dir(Path(run_dir) / NAME) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(),
                     "rng_torch": torch.get_rng_state(), "rng_numpy": _numpy_rng(),
                     "rng_python": _python_rng()}, tmp / "training_state.pt")
         (tmp / "state.json").write_text(json.dumps(state, default=float))
 
 
-def load_checkpoint(run_dir: Path, model, optimizer, scheduler) -> dict:
-    """Restores weights, optimizer, scheduler and RNG in place; returns the saved position and history."""
+def load_checkpoint(run_dir: Path, model, optimizer, scheduler, sharded: bool = False) -> dict:
+    """Restores weights, optimizer, scheduler and RNG in place; returns the saved position and history.
+    `sharded` (FSDP): every process calls this with the prepared model and its torch optimizer and takes
+    its own shards of the saved whole tensors."""
     ckpt = Path(run_dir) / NAME
     if not (ckpt / "state.json").is_file():
         raise LokuError(f"{run_dir} has no checkpoint to resume from (it was killed before the first one): "
@@ -49,15 +72,29 @@ def load_checkpoint(run_dir: Path, model, optimizer, scheduler) -> dict:
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LokuError(f"checkpoint in {ckpt} is damaged ({why}): it cannot be resumed; delete {run_dir} "
                         "and start the run again") from None
-    params = dict(model.named_parameters())
-    missing = [n for n in weights if n not in params]
-    if missing or len(weights) != sum(p.requires_grad for p in params.values()):
-        raise LokuError(f"checkpoint in {ckpt} does not match this model's trainable weights "
-                        f"(e.g. {missing[:1] or 'count differs'}): resume with the run's own config.yaml")
-    with torch.no_grad():
-        for n, w in weights.items():
-            params[n].copy_(w)
-    optimizer.load_state_dict(training["optimizer"])
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        try:
+            keys = set_model_state_dict(model, weights, options=_full_options(strict=False))
+            unexpected = list(keys.unexpected_keys)
+            if not unexpected:
+                set_optimizer_state_dict(model, optimizer, training["optimizer"], options=_full_options())
+        except (KeyError, RuntimeError, ValueError) as e:
+            unexpected = [str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__]
+        if unexpected:
+            raise LokuError(f"checkpoint in {ckpt} does not match this model's trainable weights "
+                            f"(e.g. {unexpected[0]}): resume with the run's own config.yaml")
+    else:
+        params = dict(model.named_parameters())
+        missing = [n for n in weights if n not in params]
+        if missing or len(weights) != sum(p.requires_grad for p in params.values()):
+            raise LokuError(f"checkpoint in {ckpt} does not match this model's trainable weights "
+                            f"(e.g. {missing[:1] or 'count differs'}): resume with the run's own config.yaml")
+        with torch.no_grad():
+            for n, w in weights.items():
+                params[n].copy_(w)
+        optimizer.load_state_dict(training["optimizer"])
     scheduler.load_state_dict(training["scheduler"])
     torch.set_rng_state(training["rng_torch"])
     keys, (pos, has_gauss, gauss) = training["rng_numpy"]

@@ -49,7 +49,7 @@ class UnlearnConfig:
     simnpo_beta: float = 4.5
     simnpo_gamma: float = 0.125
     seed: int = 0
-    mixed_precision: str = "no"          # no | bf16 | fp16
+    mixed_precision: str | None = None   # no | bf16 | fp16; None: the launch config's, else no
     save_merged: bool = False
     overwrite: bool = False
     trust_remote_code: bool = False
@@ -77,7 +77,7 @@ class UnlearnConfig:
             raise LokuError(f"unknown fila_svd {self.fila_svd!r}: choose exact or randomized")
         if self.init in ("fila", "vila") and not self.lora:
             raise LokuError(f"--init {self.init} initialises LoRA adapters: drop --full or use --init default")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
+        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             raise LokuError(f"unknown mixed precision {self.mixed_precision!r}: choose no, bf16 or fp16")
 
     @property

@@ -29,10 +29,24 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def launch_precision(asked: str | None) -> str:
+    """Mixed precision as asked, else the launch configuration's (`accelerate launch --mixed_precision`,
+    `mixed_precision:` in its config file), else "no". Passing "no" to accelerate would override the file."""
+    return asked or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no"
+
+
+def requested_engine() -> str | None:
+    """The sharding engine the launch configuration asks for ("FSDP", "DeepSpeed") or None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return "FSDP"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        return "DeepSpeed"
+    return None
+
+
 def sharded_engine() -> bool:
     """True under FSDP or DeepSpeed, where the weights are split and every forward pass is collective."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") or \
-            os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+    if requested_engine():
         return True
     try:
         from accelerate.state import DistributedType, PartialState
@@ -40,6 +54,85 @@ def sharded_engine() -> bool:
         return False
     kind = PartialState._shared_state.get("distributed_type")
     return kind in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def check_engine(accelerator) -> str | None:
+    """The engine accelerate really started ("FSDP", "DeepSpeed" or None), after checking it is the one the
+    launch configuration asked for: without GPUs accelerate quietly runs an FSDP config as plain data
+    parallel, which would hold a whole model copy per process where the user planned for a shard."""
+    from accelerate.utils import DistributedType
+
+    started = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed"}.get(
+        accelerator.distributed_type)
+    asked = requested_engine()
+    if asked and started != asked:
+        from .errors import LokuError
+
+        raise LokuError(f"the launch configuration asks for {asked}, but accelerate started "
+                        f"{accelerator.distributed_type.value} instead ({asked} runs through accelerate only on "
+                        "GPUs): on CPUs launch with configs/accelerate/ddp.yaml or run a single process")
+    return started
+
+
+def gathered_state(accelerator, model, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict of a model prepared by FSDP or DeepSpeed, in CPU memory on the main
+    process and {} on the others, keyed as the unwrapped model's own state_dict. Collective: every
+    process must call it. FSDP goes through torch.distributed.checkpoint, which gathers one tensor at a
+    time to the main process's CPU memory, so no GPU ever holds a whole 70B model."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        state = accelerator.get_state_dict(model)   # needs stage3_gather_16bit_weights_on_model_save under ZeRO-3
+        if trainable_only and state:
+            keep = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+            state = {k: v for k, v in state.items() if k in keep}
+        return {k: v.detach().cpu() for k, v in (state or {}).items()} if is_main() else {}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    state = get_model_state_dict(model, options=options)
+    return state if is_main() else {}
+
+
+def prepare_reference(accelerator, model):
+    """The frozen start model (KL, NPO, SimNPO) laid out like the trained one: sharded under FSDP and ZeRO-3,
+    where a whole copy per GPU would not fit, and on the device otherwise. accelerate's
+    `prepare_model(evaluation_mode=True)` only moves a model, so the sharding is done here with the
+    engine's own functions and the launch configuration's settings."""
+    from accelerate.utils import DistributedType
+
+    model.eval().requires_grad_(False)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        plugin = accelerator.state.fsdp_plugin
+        if plugin.fsdp_version == 2:
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+            return fsdp2_prepare_model(accelerator, model).eval()
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        plugin.set_auto_wrap_policy(model)
+        return FullyShardedDataParallel(
+            model, sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
+            auto_wrap_policy=plugin.auto_wrap_policy, mixed_precision=plugin.mixed_precision_policy,
+            cpu_offload=plugin.cpu_offload, limit_all_gathers=plugin.limit_all_gathers,
+            use_orig_params=plugin.use_orig_params, device_id=accelerator.device).eval()
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        import copy
+
+        import deepspeed
+
+        # The training config (its "auto" values filled in by accelerate.prepare), without an optimizer:
+        # ZeRO-3 shards the reference's weights; lower stages gain nothing for a model with no gradients.
+        config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+        for key in ("optimizer", "scheduler", "gradient_accumulation_steps", "train_batch_size"):
+            config.pop(key, None)
+        if config.get("train_micro_batch_size_per_gpu") == "auto":
+            config["train_micro_batch_size_per_gpu"] = 1
+        stage = config.get("zero_optimization", {}).get("stage", 0)
+        config["zero_optimization"] = config["zero_optimization"] if stage == 3 else {"stage": 0}
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        return engine.eval()
+    return model.to(accelerator.device)
 
 
 def split_evaluation() -> bool:

@@ -218,9 +218,20 @@ def fila_init(model: nn.Module, batch_pairs: Iterable[Pair], rank: int, alpha: f
 
 # ---------------------------------------------------------------------------------------------- export
 
-def original_adapter_tensors(peft_model: nn.Module, initial_factors: Factors,
-                             adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The rank-2r state dict (peft's saved key names) of dW = s (B A - B0 A0) = s [B | -B0] [A ; A0]."""
+def _layer_tensor(state_dict, full: str, layer: nn.Module, part: str, adapter_name: str) -> torch.Tensor:
+    """A LoRA layer's weight ("lora_A", "lora_B" or "base_layer"): from `state_dict` (keys of the peft model's
+    own state_dict, e.g. gathered from FSDP shards) when given, else from the layer itself."""
+    if state_dict is not None:
+        return state_dict[f"{full}.{part}.weight" if part == "base_layer" else f"{full}.{part}.{adapter_name}.weight"]
+    if part == "base_layer":
+        return weight_of(layer.get_base_layer())
+    return getattr(layer, part)[adapter_name].weight.detach()
+
+
+def original_adapter_tensors(peft_model: nn.Module, initial_factors: Factors, adapter_name: str = "default",
+                             state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The rank-2r state dict (peft's saved key names) of dW = s (B A - B0 A0) = s [B | -B0] [A ; A0].
+    `state_dict`: the trained weights, when the model's own are shards (FSDP, DeepSpeed)."""
     layers = lora_layers(peft_model, adapter_name)
     if set(layers) != set(initial_factors):
         diff = sorted(set(layers) ^ set(initial_factors))
@@ -228,7 +239,7 @@ def original_adapter_tensors(peft_model: nn.Module, initial_factors: Factors,
                         f"{', '.join(diff[:3])}): pass the factors apply_fila/fila_init returned for this model")
     out = {}
     for name, (full, layer) in layers.items():
-        A, B = layer.lora_A[adapter_name].weight.detach(), layer.lora_B[adapter_name].weight.detach()
+        A, B = (_layer_tensor(state_dict, full, layer, part, adapter_name) for part in ("lora_A", "lora_B"))
         A0, B0 = (t.to(A.device, A.dtype) for t in initial_factors[name])
         if A0.shape != A.shape or B0.shape != B.shape:
             raise LokuError(f"initial factors of {name} are {tuple(A0.shape)}/{tuple(B0.shape)} but the adapter's "
@@ -239,13 +250,13 @@ def original_adapter_tensors(peft_model: nn.Module, initial_factors: Factors,
 
 
 def export_original_adapter(peft_model: nn.Module, initial_factors: Factors, out_dir: str | Path,
-                            adapter_name: str = "default") -> Path:
+                            adapter_name: str = "default", state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a standard PEFT adapter directory (adapter_config.json + adapter_model.safetensors) for the
     ORIGINAL base model: `PeftModel.from_pretrained(original_model, out_dir)` then reproduces the trained
     FILA model. Rank 2r with alpha rescaled so the LoRA scaling s stays the same."""
     from safetensors.torch import save_file
 
-    tensors = original_adapter_tensors(peft_model, initial_factors, adapter_name)
+    tensors = original_adapter_tensors(peft_model, initial_factors, adapter_name, state_dict)
     cfg = copy.deepcopy(peft_model.peft_config[adapter_name])
     # s = alpha / r (or alpha / sqrt(r) with rsLoRA); doubling r must leave s as it was.
     grow = 2 ** 0.5 if cfg.use_rslora else 2.0
@@ -261,27 +272,40 @@ def export_original_adapter(peft_model: nn.Module, initial_factors: Factors, out
 
 
 @torch.no_grad()
-def merged_weights(peft_model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+def merged_weights(peft_model: nn.Module, adapter_name: str = "default",
+                   state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """{name: residual + s B A} (out, in) in the weight's dtype: the trained model's weights, which equal
     original + dW. Reads only; the model is left as it was."""
     out = {}
-    for name, (_, layer) in lora_layers(peft_model, adapter_name).items():
-        W = weight_of(layer.get_base_layer())
-        A, B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+    for name, (full, layer) in lora_layers(peft_model, adapter_name).items():
+        W, A, B = (_layer_tensor(state_dict, full, layer, part, adapter_name)
+                   for part in ("base_layer", "lora_A", "lora_B"))
+        if state_dict is not None and isinstance(layer.get_base_layer(), _conv1d()):
+            W = W.T   # weight_of gives (out, in); a Conv1D's saved weight is (in, out)
         out[name] = (W.float() + layer.scaling[adapter_name] * B.float() @ A.float()).to(W.dtype)
     return out
 
 
-def save_merged(peft_model: nn.Module, out_dir: str | Path, adapter_name: str = "default", tokenizer=None) -> Path:
+def _conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+def save_merged(peft_model: nn.Module, out_dir: str | Path, adapter_name: str = "default", tokenizer=None,
+                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the trained model with the adapter merged in, as a plain transformers model directory,
-    without changing `peft_model` (peft's merge_and_unload would rewrite it in place)."""
+    without changing `peft_model` (peft's merge_and_unload would rewrite it in place). `state_dict`: the
+    peft model's full weights when its own are shards (FSDP, DeepSpeed)."""
     from transformers.pytorch_utils import Conv1D
 
     base = peft_model.get_base_model()
     layers = lora_layers(peft_model, adapter_name)
-    merged = merged_weights(peft_model, adapter_name)
+    merged = merged_weights(peft_model, adapter_name, state_dict)
     state = {}
-    for key, value in base.state_dict().items():
+    own = base.state_dict().items() if state_dict is None else \
+        ((k.split("base_model.model.", 1)[-1], v) for k, v in state_dict.items())
+    for key, value in own:
         if ".lora_" in key:   # adapter tensors (lora_A/B, magnitude, ...) are folded into the weight
             continue
         state[key.replace(".base_layer.", ".")] = value

@@ -13,7 +13,7 @@ from .data.batches import PairedBatches
 
 def finetune(model, features: list[dict], pad_id: int, *, epochs: int = 5, lr: float = 1e-5,
              batch_size: int = 8, grad_accum: int = 1, weight_decay: float = 0.0, warmup_steps: int = 0,
-             seed: int = 0, mixed_precision: str = "no", max_grad_norm: float = 1.0,
+             seed: int = 0, mixed_precision: str | None = None, max_grad_norm: float = 1.0,
              callback: Callable[[int, torch.nn.Module], "dict | None"] | None = None,
              progress: bool = True, description: str = "fine-tune") -> list[dict]:
     """Cross-entropy training of every trainable parameter on `features`; returns one dict per epoch.
@@ -22,12 +22,13 @@ def finetune(model, features: list[dict], pad_id: int, *, epochs: int = 5, lr: f
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
 
+    from .distributed import launch_precision
     from .losses import cross_entropy
     from .train import _forward, _progress
 
     set_seed(seed)
     batches = PairedBatches(features, None, batch_size, pad_id, seed)
-    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision,
+    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=launch_precision(mixed_precision),
                               cpu=not torch.cuda.is_available())
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

@@ -19,7 +19,7 @@ from . import io
 from .config import UnlearnConfig
 from .data.batches import PairedBatches
 from .data.text import load_examples, tokenize_examples
-from .distributed import sharded_engine
+from .distributed import check_engine, gathered_state, launch_precision, prepare_reference
 from .errors import LokuError
 from .losses import LossInputs, LossSettings, Method, get_method, global_mean_scales
 
@@ -145,11 +145,16 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     forget = tokenize_examples(forget_ex, tokenizer, cfg.max_length, "forget")
     retain = tokenize_examples(retain_ex, tokenizer, cfg.max_length, "retain") if retain_ex else None
     try:
-        accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision,
+        accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
+                                  mixed_precision=launch_precision(cfg.mixed_precision),
                                   cpu=not torch.cuda.is_available())
     except (RuntimeError, ValueError, ImportError) as e:   # e.g. an FSDP/DeepSpeed launch config on a CPU machine
         raise LokuError(f"accelerate could not start this launch configuration ({e}): FSDP and DeepSpeed need "
                         f"GPUs; on CPUs launch with configs/accelerate/ddp.yaml or a single process") from None
+    engine = check_engine(accelerator)   # "FSDP" / "DeepSpeed": they place (and shard) the weights themselves
+    if resume and engine == "DeepSpeed":
+        raise LokuError("resuming is not available under DeepSpeed (loku writes no checkpoints there): start "
+                        "the run again, or use FSDP (configs/accelerate/fsdp.yaml), whose checkpoints resume")
     # One global batch of batch_size x processes per step, each process taking its share: N processes
     # see exactly the examples one process would see with an N times larger batch.
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -163,8 +168,7 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     if method.needs_reference and not (cfg.lora and cfg.resolved_init == "default"):
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     model.config.use_cache = False
-    distributed_engine = sharded_engine()   # FSDP / DeepSpeed: they place (and shard) the weights themselves
-    if not distributed_engine:   # FILA's Fisher pass on the accelerator, not on the CPU the weights loaded to
+    if engine is None:   # FILA's Fisher pass on the accelerator, not on the CPU the weights loaded to
         model.to(accelerator.device)
     model, initial_factors = prepare_model(cfg, model, batches, progress and accelerator.is_main_process)
     model.train()
@@ -175,9 +179,10 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, updates_per_epoch * cfg.epochs)
     # The scheduler stays outside accelerate: it would step once per process, assuming a sharded loader.
     model, optimizer = accelerator.prepare(model, optimizer)
+    # FSDP2 replaces the parameters with sharded ones: clip those (the list above would be stale, unclipped).
+    params = [p for p in model.parameters() if p.requires_grad]
     if reference is not None:
-        reference = accelerator.prepare_model(reference, evaluation_mode=True) if distributed_engine \
-            else reference.to(accelerator.device)
+        reference = prepare_reference(accelerator, reference)
     unwrapped = accelerator.unwrap_model(model)
 
     def reference_logits(batch):
@@ -191,7 +196,8 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     result = UnlearnResult(model=model, tokenizer=tokenizer, out=out)
     pos = {"epoch": 0, "next_step": 0, "global_step": 0, "sums": {}, "epoch_tokens": 0, "done": False}
     if resume:
-        pos = load_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler)
+        pos = load_checkpoint(out, model, optimizer.optimizer, scheduler, sharded=True) if engine == "FSDP" \
+            else load_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler)
         result.history = pos.pop("history")
         _truncate_metrics(out / "metrics.jsonl", pos["global_step"], len(result.history))
     elif out is not None and main:
@@ -200,9 +206,13 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     metrics_log = (out / "metrics.jsonl").open("a") if out is not None and main else None
 
     def checkpoint(**state):
-        if out is not None and main:
-            save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler,
-                            {**state, "history": result.history})
+        state = {**state, "history": result.history}
+        if out is None or engine == "DeepSpeed":   # DeepSpeed's optimizer state has its own format: no resume
+            return
+        if engine == "FSDP":   # collective: shards gathered to the main process, which writes
+            save_checkpoint(out, model, optimizer.optimizer, scheduler, state, sharded=True)
+        elif main:
+            save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, state)
 
     step = pos["global_step"]
     with _progress(progress and main) as bar:
@@ -297,11 +307,15 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     result.stopped_early = result.epochs_run < cfg.epochs
     if metrics_log:
         metrics_log.close()
-    model = accelerator.unwrap_model(model)
+    prepared, model = model, accelerator.unwrap_model(model)
     model.eval()
     result.model = model
-    if out is not None and main:
-        save_run(cfg, model, tokenizer, out, initial_factors)
+    if out is not None:
+        # Under FSDP / DeepSpeed each process holds shards: gather them (collectively) for the main one to save.
+        state = gathered_state(accelerator, prepared, trainable_only=cfg.lora and not cfg.save_merged) \
+            if engine else None
+        if main:
+            save_run(cfg, model, tokenizer, out, initial_factors, state)
     result.seconds = time.time() - t_start
     return result
 
@@ -381,23 +395,31 @@ def _resolved(cfg: UnlearnConfig, model) -> UnlearnConfig:
         if resolved.lora_targets is None and hasattr(model, "peft_config"):
             resolved.lora_targets = sorted(next(iter(model.peft_config.values())).target_modules)
     resolved.overwrite = False
+    resolved.mixed_precision = launch_precision(cfg.mixed_precision)
     return resolved
 
 
-def save_run(cfg: UnlearnConfig, model, tokenizer, out: Path, initial_factors=None) -> None:
-    """Adapter (for the ORIGINAL model), optional merged model, tokenizer; manifest last."""
+def save_run(cfg: UnlearnConfig, model, tokenizer, out: Path, initial_factors=None, state=None) -> None:
+    """Adapter (for the ORIGINAL model), optional merged model, tokenizer; manifest last. `state`: the
+    model's full state dict (gathered from FSDP / DeepSpeed shards), saved in place of its own weights."""
+    given = {} if state is None else {"state_dict": state}
     if cfg.lora:
         with io.atomic_dir(out / "adapter") as tmp:
             if initial_factors is not None:
                 from .fila import export_original_adapter
 
-                export_original_adapter(model, initial_factors, tmp)
+                export_original_adapter(model, initial_factors, tmp, state_dict=state)
             else:
-                model.save_pretrained(tmp)
+                model.save_pretrained(tmp, **given)
     if cfg.save_merged or not cfg.lora:
-        merged = model.merge_and_unload() if cfg.lora else model
         with io.atomic_dir(out / "model") as tmp:
-            merged.save_pretrained(tmp, safe_serialization=True)
+            if cfg.lora and state is not None:   # merged from the gathered tensors; the shards stay as they are
+                from .fila import save_merged
+
+                save_merged(model, tmp, state_dict=state)
+            else:
+                merged = model.merge_and_unload() if cfg.lora else model
+                merged.save_pretrained(tmp, safe_serialization=True, **given)
             tokenizer.save_pretrained(tmp)
     with io.atomic_dir(out / "tokenizer") as tmp:
         tokenizer.save_pretrained(tmp)

@@ -38,7 +38,8 @@ def run(
     batch_size: int = typer.Option(8),
     retain_weight: float = typer.Option(1.0),
     seed: int = typer.Option(0),
-    mixed_precision: str = typer.Option("no", help="no, bf16 or fp16."),
+    mixed_precision: Optional[str] = typer.Option(None, help="no, bf16 or fp16 (default: the launch "
+                                                              "configuration's, else no)."),
     tasks: Optional[str] = typer.Option(None, help="Utility tasks or groups (reasoning, dialogue, ppl), "
                                                    "comma-separated; default all 15."),
     limit: Optional[int] = typer.Option(None, help="First N items of each utility task."),

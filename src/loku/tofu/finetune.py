@@ -46,7 +46,7 @@ class TofuFinetuneConfig:
     warmup_epochs: float = 1.0      # linear warmup over this many epochs' updates
     max_length: int = 500           # TOFU's fine-tuning max_length
     seed: int = 0
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None   # None: the launch configuration's, else no
     overwrite: bool = False
     trust_remote_code: bool = False
 
