@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,13 +25,24 @@ def unequal_texts(tokenizer, n):
     return texts
 
 
-def _run(args, processes):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+FSDP_CONFIG = Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp.yaml"
+# The shipped FSDP config on 2 CPU processes; tests/fsdp_on_cpu.py starts the CLI with accelerate in FSDP mode.
+FSDP_LAUNCH = [ACCELERATE, "launch", "--config_file", str(FSDP_CONFIG), "--num_processes", "2",
+               "--mixed_precision", "no", str(Path(__file__).parent / "fsdp_on_cpu.py")]
+
+
+def _run(args, processes, env_extra=None, check=True):
+    """processes: 1, 2 (DDP over gloo) or "fsdp" (2 processes, FSDP2 over gloo)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    launcher = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "loku"]
-    cmd = launcher if processes == 2 else [sys.executable, "-m", "loku"]
+    if processes == 2:
+        env["ACCELERATE_USE_CPU"] = "true"
+    cmd = {1: [sys.executable, "-m", "loku"], 2: launcher, "fsdp": FSDP_LAUNCH}[processes]
     r = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
     return r
 
 
@@ -157,3 +169,99 @@ def test_fisher_command_under_two_processes_equals_one(tiny_model_dir, tokenizer
     for n in a.forget:
         assert torch.allclose(a.forget[n], b.forget[n], rtol=1e-5, atol=1e-12)
         assert torch.allclose(a.retain[n], b.retain[n], rtol=1e-5, atol=1e-12)
+
+
+def _max_diff(a: Path, b: Path) -> float:
+    x, y = load_file(a), load_file(b)
+    assert x.keys() == y.keys()
+    return max(float((x[k] - y[k]).abs().max()) for k in x)
+
+
+@pytest.mark.parametrize("method,extra", [("ihl", ["--init", "fila", "--save-merged"]),
+                                          ("npo", ["--init", "fila"]),
+                                          ("ga", ["--full"])])
+def test_fsdp_equals_one_process_with_double_batch(tiny_model_dir, tokenizer, tmp_path, method, extra):
+    """configs/accelerate/fsdp.yaml (FSDP2, weights sharded over 2 processes) gives the one-process run with a 2x
+    batch: LoRA+FILA adapter (exported for the original model) and merged model gathered from the shards; NPO
+    with FILA, whose frozen reference is sharded too; full fine-tuning. Before the fix, gradient clipping was
+    skipped under FSDP (stale parameter list) and runs differed by 2e-3 after 2 epochs."""
+    texts = unequal_texts(tokenizer, 16)
+    forget, retain = _csv(tmp_path / "f.csv", texts[:8]), _csv(tmp_path / "r.csv", texts[8:])
+    common = ["unlearn", "--model", tiny_model_dir, "--forget", forget, "--retain", retain, "--method", method,
+              "--lora-rank", "4", "--epochs", "2", "--lr", "5e-3" if method != "ga" else "1e-4", *extra]
+    fsdp = _run(common + ["--batch-size", "2", "--out", tmp_path / "fsdp"], processes="fsdp")
+    assert fsdp.stdout.count("done in") == 1
+    _run(common + ["--batch-size", "4", "--out", tmp_path / "one"], processes=1)
+    files = [] if "--full" in extra else ["adapter/adapter_model.safetensors"]
+    files += ["model/model.safetensors"] if {"--full", "--save-merged"} & set(extra) else []
+    start = load_file(Path(tiny_model_dir) / "model.safetensors")
+    for f in files:
+        # Sums in another order only (reduce-scatter vs one batch), amplified by Adam over 4 steps.
+        assert _max_diff(tmp_path / "one" / f, tmp_path / "fsdp" / f) <= 1e-5, f   # the DDP test's bound
+    if "--full" in extra:
+        moved = load_file(tmp_path / "one" / "model" / "model.safetensors")
+        assert max(float((moved[k] - start[k]).abs().max()) for k in start) > 1e-4   # 10x the bound
+
+
+def test_fsdp_reference_model_is_sharded(tiny_model_dir):
+    """The frozen reference (kl/npo/simnpo with FILA or full fine-tuning) is split like the trained model:
+    every weight a DTensor holding 1/2 of the rows on each process, logits equal to the whole model's."""
+    worker = str(Path(__file__).parent / "fsdp_reference_worker.py")
+    r = subprocess.run(FSDP_LAUNCH[:-1] + [worker, str(tiny_model_dir)], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("reference sharded over 2 processes; logits equal") == 2
+
+
+def test_fsdp_killed_run_resumes_exactly(tiny_model_dir, tokenizer, tmp_path):
+    """Under FSDP the checkpoint gathers weights and optimizer state from the shards; killed mid-epoch and
+    resumed (shards restored from it), the run ends with the uninterrupted run's adapter."""
+    texts = unequal_texts(tokenizer, 16)
+    forget, retain = _csv(tmp_path / "f.csv", texts[:8]), _csv(tmp_path / "r.csv", texts[8:])
+    common = ["unlearn", "--model", tiny_model_dir, "--forget", forget, "--retain", retain, "--method", "npo",
+              "--init", "fila", "--lora-rank", "4", "--epochs", "3", "--lr", "5e-3", "--batch-size", "2",
+              "--save-every", "1"]
+    killed = _run(common + ["--out", tmp_path / "killed"], processes="fsdp",
+                  env_extra={"LOKU_TEST_KILL_AT_STEP": "3"}, check=False)
+    assert killed.returncode != 0 and (tmp_path / "killed" / "checkpoint" / "state.json").is_file()
+    assert not (tmp_path / "killed" / "adapter").exists()
+    _run(["unlearn", "--resume", tmp_path / "killed"], processes="fsdp")
+    _run(common + ["--out", tmp_path / "whole"], processes="fsdp")
+    f = "adapter/adapter_model.safetensors"
+    assert _max_diff(tmp_path / "whole" / f, tmp_path / "killed" / f) <= 1e-7
+
+
+def test_tdec_run_under_fsdp_equals_one_process(tiny_model_dir, tmp_path):
+    """`loku tdec run` under FSDP: evaluation is not split (every forward is collective) and per-epoch MA/EL
+    equal one process's."""
+    from test_tdec import FORGET, RECORDS
+
+    forget = _csv(tmp_path / "forget.csv", FORGET[:4])
+    retain = tmp_path / "retain.txt"
+    retain.write_text("\n".join(RECORDS[12:]) + "\n")
+    common = ["tdec", "run", "--model", tiny_model_dir, "--forget", forget, "--retain", retain, "--method", "ihl",
+              "--init", "fila", "--lora-rank", "4", "--epochs", "2", "--lr", "1e-3", "--max-tokens", "40",
+              "--el-threshold", "0", "--ma-threshold", "0", "--no-utility"]
+    fsdp = _run(common + ["--batch-size", "2", "--out", tmp_path / "fsdp"], processes="fsdp")
+    assert fsdp.stdout.count("wrote ") == 1
+    _run(common + ["--batch-size", "4", "--out", tmp_path / "one"], processes=1)
+    a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "fsdp"))
+    assert a["initial"]["ma"] == b["initial"]["ma"] and a["initial"]["el"] == b["initial"]["el"]
+    assert a["epochs_run"] == b["epochs_run"] == 2
+    for x, y in zip(a["epochs"], b["epochs"]):
+        assert x["ma"] == pytest.approx(y["ma"], abs=1e-6) and x["el"] == pytest.approx(y["el"], abs=1e-6)
+
+
+def test_fsdp_config_on_cpus_is_a_clear_error(tiny_model_dir, tmp_path):
+    """Without GPUs accelerate quietly runs an FSDP config as plain data parallel (a whole model per process
+    where the user planned for shards): loku stops with one line naming the fix, and writes nothing."""
+    forget = _csv(tmp_path / "f.csv", ["Some text to forget here.", "And a second line of it."])
+    plain = FSDP_LAUNCH[:-1] + ["-m", "loku"]   # without tests/fsdp_on_cpu.py: what a user would run
+    r = subprocess.run(plain + ["unlearn", "--model", str(tiny_model_dir), "--forget", str(forget), "--method", "ga",
+                                "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode != 0
+    assert "error: the launch configuration asks for FSDP, but accelerate started MULTI_CPU" in r.stderr
+    assert "configs/accelerate/ddp.yaml" in r.stderr
+    assert not re.search(r'File ".*/loku/', r.stderr)   # only the launcher's report of the exit code follows
+    assert not (tmp_path / "o").exists()
