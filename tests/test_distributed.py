@@ -110,9 +110,11 @@ def _close(a, b, rel=1e-5) -> bool:
     return a == b
 
 
-def test_tdec_run_under_two_processes_equals_one(tiny_model_dir, tmp_path):
-    """`loku tdec run` unchanged under accelerate launch: one process reports and writes; initial and per-epoch
-    MA/EL (split across the processes) equal the one-process run with the same global batch."""
+@pytest.mark.parametrize("launch", [2, "fsdp"])
+def test_tdec_run_under_two_processes_equals_one(tiny_model_dir, tmp_path, launch):
+    """`loku tdec run` unchanged under accelerate launch (DDP, FSDP2): one process reports and writes; initial and
+    per-epoch MA/EL (split across the processes under DDP; under FSDP every forward is collective and nothing is
+    split) equal the one-process run with the same global batch."""
     from test_tdec import FORGET, RECORDS
 
     forget = _csv(tmp_path / "forget.csv", FORGET[:4])
@@ -121,7 +123,7 @@ def test_tdec_run_under_two_processes_equals_one(tiny_model_dir, tmp_path):
     common = ["tdec", "run", "--model", tiny_model_dir, "--forget", forget, "--retain", retain, "--method", "ihl",
               "--init", "fila", "--lora-rank", "4", "--epochs", "2", "--lr", "1e-3", "--max-tokens", "40",
               "--el-threshold", "0", "--ma-threshold", "0", "--no-utility"]
-    two = _run(common + ["--batch-size", "2", "--out", tmp_path / "two"], processes=2)
+    two = _run(common + ["--batch-size", "2", "--out", tmp_path / "two"], processes=launch)
     assert two.stdout.count("wrote ") == 1
     _run(common + ["--batch-size", "4", "--out", tmp_path / "one"], processes=1)
     a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
@@ -131,14 +133,15 @@ def test_tdec_run_under_two_processes_equals_one(tiny_model_dir, tmp_path):
         assert x["ma"] == pytest.approx(y["ma"], abs=1e-6) and x["el"] == pytest.approx(y["el"], abs=1e-6)
 
 
-def test_tofu_unlearn_under_two_processes_equals_one(tiny_model_dir, tofu_dir, tmp_path):
+@pytest.mark.parametrize("launch", [2, "fsdp"])
+def test_tofu_unlearn_under_two_processes_equals_one(tiny_model_dir, tofu_dir, tmp_path, launch):
     """`loku tofu unlearn` under accelerate launch equals one process with the same global batch: the TOFU
     scores split across the processes (target and retain logs within 1e-5) and, after training on QA pairs of
     unequal lengths, every method's per-epoch scores (within 1e-4: float summation order); one process writes."""
     common = ["tofu", "unlearn", "--target", tiny_model_dir, "--retain-model", tiny_model_dir, "--data", tofu_dir,
               "--methods", "ga,ihl+fila", "--epochs", "2", "--lr", "1e-3", "--grad-accum", "1", "--lora-rank", "2",
               "--max-length", "64", "--limit", "3", "--max-new-tokens", "3"]
-    two = _run(common + ["--batch-size", "1", "--out", tmp_path / "two"], processes=2)
+    two = _run(common + ["--batch-size", "1", "--out", tmp_path / "two"], processes=launch)
     assert two.stdout.count("wrote ") == 1
     _run(common + ["--batch-size", "2", "--out", tmp_path / "one"], processes=1)
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
@@ -229,27 +232,6 @@ def test_fsdp_killed_run_resumes_exactly(tiny_model_dir, tokenizer, tmp_path):
     _run(common + ["--out", tmp_path / "whole"], processes="fsdp")
     f = "adapter/adapter_model.safetensors"
     assert _max_diff(tmp_path / "whole" / f, tmp_path / "killed" / f) <= 1e-7
-
-
-def test_tdec_run_under_fsdp_equals_one_process(tiny_model_dir, tmp_path):
-    """`loku tdec run` under FSDP: evaluation is not split (every forward is collective) and per-epoch MA/EL
-    equal one process's."""
-    from test_tdec import FORGET, RECORDS
-
-    forget = _csv(tmp_path / "forget.csv", FORGET[:4])
-    retain = tmp_path / "retain.txt"
-    retain.write_text("\n".join(RECORDS[12:]) + "\n")
-    common = ["tdec", "run", "--model", tiny_model_dir, "--forget", forget, "--retain", retain, "--method", "ihl",
-              "--init", "fila", "--lora-rank", "4", "--epochs", "2", "--lr", "1e-3", "--max-tokens", "40",
-              "--el-threshold", "0", "--ma-threshold", "0", "--no-utility"]
-    fsdp = _run(common + ["--batch-size", "2", "--out", tmp_path / "fsdp"], processes="fsdp")
-    assert fsdp.stdout.count("wrote ") == 1
-    _run(common + ["--batch-size", "4", "--out", tmp_path / "one"], processes=1)
-    a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "fsdp"))
-    assert a["initial"]["ma"] == b["initial"]["ma"] and a["initial"]["el"] == b["initial"]["el"]
-    assert a["epochs_run"] == b["epochs_run"] == 2
-    for x, y in zip(a["epochs"], b["epochs"]):
-        assert x["ma"] == pytest.approx(y["ma"], abs=1e-6) and x["el"] == pytest.approx(y["el"], abs=1e-6)
 
 
 def test_fsdp_config_on_cpus_is_a_clear_error(tiny_model_dir, tmp_path):
