@@ -247,3 +247,25 @@ def test_fsdp_config_on_cpus_is_a_clear_error(tiny_model_dir, tmp_path):
     assert "configs/accelerate/ddp.yaml" in r.stderr
     assert not re.search(r'File ".*/loku/', r.stderr)   # only the launcher's report of the exit code follows
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("launch", [2, "fsdp"])
+def test_tofu_finetune_under_two_processes_equals_one(tiny_model_dir, tofu_dir, tmp_path, launch):
+    """`loku tofu finetune` (full fine-tuning of the target and retain models) under DDP and FSDP2: each process
+    trains on its share of the global batch (9 and 6 QA pairs: the last batch is uneven) and the main process
+    writes the models, gathered from the shards under FSDP; equal to one process with a 2x batch."""
+    common = ["tofu", "finetune", "--model", tiny_model_dir, "--data", tofu_dir, "--epochs", "2", "--lr", "3e-3",
+              "--grad-accum", "1", "--max-length", "64"]
+    two = _run(common + ["--batch-size", "2", "--out", tmp_path / "two"], processes=launch)
+    assert two.stdout.count("done in") == 1
+    _run(common + ["--batch-size", "4", "--out", tmp_path / "one"], processes=1)
+    start = load_file(Path(tiny_model_dir) / "model.safetensors")
+    for name in ("target", "retain"):
+        f = f"{name}/model.safetensors"
+        assert _max_diff(tmp_path / "one" / f, tmp_path / "two" / f) <= 1e-5, name
+        moved = load_file(tmp_path / "one" / f)
+        assert max(float((moved[k] - start[k]).abs().max()) for k in start) > 1e-3
+    a, b = (json.loads((tmp_path / d / "tofu_finetune.json").read_text()) for d in ("one", "two"))
+    for name in ("target", "retain"):
+        assert [e["loss"] for e in a[name]["history"]] == pytest.approx([e["loss"] for e in b[name]["history"]],
+                                                                         rel=1e-5)

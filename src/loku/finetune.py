@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -15,27 +16,37 @@ def finetune(model, features: list[dict], pad_id: int, *, epochs: int = 5, lr: f
              batch_size: int = 8, grad_accum: int = 1, weight_decay: float = 0.0, warmup_steps: int = 0,
              seed: int = 0, mixed_precision: str | None = None, max_grad_norm: float = 1.0,
              callback: Callable[[int, torch.nn.Module], "dict | None"] | None = None,
-             progress: bool = True, description: str = "fine-tune") -> list[dict]:
+             progress: bool = True, description: str = "fine-tune", out_dir: str | Path | None = None,
+             tokenizer=None) -> list[dict]:
     """Cross-entropy training of every trainable parameter on `features`; returns one dict per epoch.
-    `callback(epoch, model)` may return {"stop": True} to end early (e.g. once memorized)."""
+    `callback(epoch, model)` may return {"stop": True} to end early (e.g. once memorized). With `out_dir`,
+    the trained model (and `tokenizer`) is written there whole, by the main process.
+
+    Under `accelerate launch` each step takes a global batch of batch_size x processes and every process
+    trains on its share, its loss scaled to its share of the global token mean: N processes equal one
+    process with an N times larger batch, under DDP, FSDP and DeepSpeed alike."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
 
-    from .distributed import launch_precision
-    from .losses import cross_entropy
-    from .train import _forward, _progress
+    from . import io
+    from .distributed import barrier, check_engine, gathered_state, launch_precision
+    from .losses import IGNORE, cross_entropy
+    from .train import _forward, _progress, shard
 
     set_seed(seed)
-    batches = PairedBatches(features, None, batch_size, pad_id, seed)
     accelerator = Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=launch_precision(mixed_precision),
                               cpu=not torch.cuda.is_available())
+    engine = check_engine(accelerator)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    batches = PairedBatches(features, None, batch_size * world, pad_id, seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     total = math.ceil(len(batches) / grad_accum) * epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total)
     # The scheduler stays outside accelerate: it would step once per process, assuming a sharded loader.
     model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]   # FSDP2 replaced them with shards
     history = []
     with _progress(progress and accelerator.is_main_process) as bar:
         task = bar.add_task(description, total=len(batches) * epochs, info="")
@@ -43,9 +54,12 @@ def finetune(model, features: list[dict], pad_id: int, *, epochs: int = 5, lr: f
             model.train()
             t0, loss_sum, tokens = time.time(), 0.0, 0
             for batch, _ in batches.epoch(epoch):
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                batch = shard(batch, rank, world, accelerator.device)
                 with accelerator.accumulate(model):
                     loss = cross_entropy(_forward(model, batch), batch["labels"])
+                    if world > 1:   # this process's share of the global token mean (gradients are averaged)
+                        mine = (batch["labels"][:, 1:] != IGNORE).sum().double()
+                        loss = loss * float(mine * world / accelerator.reduce(mine.clone(), reduction="sum"))
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and max_grad_norm > 0:
                         accelerator.clip_grad_norm_(params, max_grad_norm)
@@ -53,7 +67,7 @@ def finetune(model, features: list[dict], pad_id: int, *, epochs: int = 5, lr: f
                     if accelerator.sync_gradients:
                         scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                value = float(loss.detach())
+                value = float(accelerator.reduce(loss.detach(), reduction="mean")) if world > 1 else float(loss)
                 loss_sum += value
                 tokens += int(batch["attention_mask"].sum())
                 bar.update(task, advance=1, info=f"loss {value:.4f}")
@@ -69,5 +83,14 @@ def finetune(model, features: list[dict], pad_id: int, *, epochs: int = 5, lr: f
             if stop:
                 bar.update(task, completed=len(batches) * epochs)
                 break
-    accelerator.unwrap_model(model).eval()
+    prepared, model = model, accelerator.unwrap_model(model)
+    model.eval()
+    if out_dir is not None:
+        state = gathered_state(accelerator, prepared) if engine else None   # collective under FSDP/DeepSpeed
+        if accelerator.is_main_process:
+            with io.atomic_dir(Path(out_dir)) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True, **({} if state is None else {"state_dict": state}))
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+        barrier()
     return history

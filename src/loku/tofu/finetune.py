@@ -21,6 +21,7 @@ from typing import Callable
 
 from .. import io
 from ..data.tofu import QA_PER_AUTHOR, load_split, scaled_authors, tokenize_qa
+from ..distributed import barrier, is_main, rank_world
 from ..errors import LokuError
 
 SUMMARY = "tofu_finetune.json"
@@ -131,15 +132,12 @@ def train_model(cfg: TofuFinetuneConfig, name: str, rows: list[dict], out_dir: s
     model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model.requires_grad_(True)
     features = tokenize_qa(tokenizer, rows, cfg.max_length)
-    updates, warmup = warmup_steps(len(rows), cfg.batch_size, cfg.grad_accum, cfg.warmup_epochs)
+    # Under accelerate launch a step takes batch_size from every process: count updates of that global batch.
+    updates, warmup = warmup_steps(len(rows), cfg.batch_size * rank_world()[1], cfg.grad_accum, cfg.warmup_epochs)
     history = finetune(model, features, tokenizer.pad_token_id, epochs=cfg.epochs, lr=cfg.lr,
                        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, weight_decay=cfg.weight_decay,
                        warmup_steps=warmup, seed=cfg.seed, mixed_precision=cfg.mixed_precision, progress=progress,
-                       description=f"fine-tune {name} ({len(rows)} QA)")
-    model.eval()
-    with io.atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+                       description=f"fine-tune {name} ({len(rows)} QA)", out_dir=out_dir, tokenizer=tokenizer)
     return {"rows": len(rows), "updates_per_epoch": updates, "warmup_steps": warmup, "history": history,
             "seconds": round(time.time() - t0, 1), "path": str(out_dir)}
 
@@ -154,7 +152,9 @@ def finetune_tofu(cfg: TofuFinetuneConfig, progress: bool = True,
     from ..models import resolve_model_path
 
     resolve_model_path(cfg.model)  # a bad --model fails here, before the output folder exists
-    io.start_out_dir(out, cfg.overwrite)
+    barrier()   # under accelerate launch: every process has checked --out before the main one creates it
+    if is_main():
+        io.start_out_dir(out, cfg.overwrite)
     t0 = time.time()
     summary = {"config": dataclasses.asdict(cfg), "splits": {"target": "full", "retain": retain_split(cfg.split)},
                "forget_split": cfg.split, "authors": cfg.authors, "qa_per_author": cfg.qa_per_author}
@@ -166,7 +166,8 @@ def finetune_tofu(cfg: TofuFinetuneConfig, progress: bool = True,
             last = summary[name]["history"][-1]
             log(f"  {name}: final epoch loss {last['loss']:.4f}, {summary[name]['seconds']:.0f} s -> {out / name}")
     summary["seconds"] = round(time.time() - t0, 1)
-    io.write_json(out / SUMMARY, summary)
+    if is_main():
+        io.write_json(out / SUMMARY, summary)
     return summary
 
 
