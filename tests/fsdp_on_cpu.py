@@ -11,7 +11,7 @@ import os
 
 import accelerate
 from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 
 _init = accelerate.Accelerator.__init__
 
@@ -23,6 +23,14 @@ def _init_as_on_gpus(self, *args, **kwargs):
         AcceleratorState._shared_state["fsdp_plugin"] = FullyShardedDataParallelPlugin()
         AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and \
+            self.distributed_type == DistributedType.MULTI_CPU:
+        plugin = DeepSpeedPlugin()   # from the launch configuration, as accelerate builds it on GPUs
+        plugin.set_mixed_precision(self.mixed_precision)
+        plugin.select(_from_accelerator_state=True)
+        AcceleratorState._shared_state["deepspeed_plugins"] = plugin
+        AcceleratorState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+        PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
 
 
 accelerate.Accelerator.__init__ = _init_as_on_gpus

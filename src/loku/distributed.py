@@ -74,6 +74,17 @@ def check_engine(accelerator) -> str | None:
     return started
 
 
+def set_micro_batch(accelerator, batch_size: int) -> None:
+    """DeepSpeed sizes its engine from the micro batch, which accelerate reads off a dataloader; loku forms its
+    own global batches (no dataloader), so it fills in the launch file's "auto" with the per-process batch."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            config["train_micro_batch_size_per_gpu"] = batch_size
+
+
 def gathered_state(accelerator, model, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """The full (unsharded) state dict of a model prepared by FSDP or DeepSpeed, in CPU memory on the main
     process and {} on the others, keyed as the unwrapped model's own state_dict. Collective: every
@@ -131,7 +142,8 @@ def prepare_reference(accelerator, model):
         stage = config.get("zero_optimization", {}).get("stage", 0)
         config["zero_optimization"] = config["zero_optimization"] if stage == 3 else {"stage": 0}
         engine, *_ = deepspeed.initialize(model=model, config=config)
-        return engine.eval()
+        engine.eval()   # DeepSpeedEngine.eval returns None, unlike Module.eval
+        return engine
     return model.to(accelerator.device)
 
 

@@ -30,7 +30,7 @@ def finetune(model, features: list[dict], pad_id: int, *, epochs: int = 5, lr: f
     from transformers import get_linear_schedule_with_warmup
 
     from . import io
-    from .distributed import barrier, check_engine, gathered_state, launch_precision
+    from .distributed import barrier, check_engine, gathered_state, launch_precision, set_micro_batch
     from .losses import IGNORE, cross_entropy
     from .train import _forward, _progress, shard
 
@@ -38,6 +38,7 @@ def finetune(model, features: list[dict], pad_id: int, *, epochs: int = 5, lr: f
     accelerator = Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=launch_precision(mixed_precision),
                               cpu=not torch.cuda.is_available())
     engine = check_engine(accelerator)
+    set_micro_batch(accelerator, batch_size)
     world, rank = accelerator.num_processes, accelerator.process_index
     batches = PairedBatches(features, None, batch_size * world, pad_id, seed)
     params = [p for p in model.parameters() if p.requires_grad]

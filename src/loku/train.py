@@ -19,7 +19,7 @@ from . import io
 from .config import UnlearnConfig
 from .data.batches import PairedBatches
 from .data.text import load_examples, tokenize_examples
-from .distributed import check_engine, gathered_state, launch_precision, prepare_reference
+from .distributed import check_engine, gathered_state, launch_precision, prepare_reference, set_micro_batch
 from .errors import LokuError
 from .losses import LossInputs, LossSettings, Method, get_method, global_mean_scales
 
@@ -152,6 +152,7 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
         raise LokuError(f"accelerate could not start this launch configuration ({e}): FSDP and DeepSpeed need "
                         f"GPUs; on CPUs launch with configs/accelerate/ddp.yaml or a single process") from None
     engine = check_engine(accelerator)   # "FSDP" / "DeepSpeed": they place (and shard) the weights themselves
+    set_micro_batch(accelerator, cfg.batch_size)
     if resume and engine == "DeepSpeed":
         raise LokuError("resuming is not available under DeepSpeed (loku writes no checkpoints there): start "
                         "the run again, or use FSDP (configs/accelerate/fsdp.yaml), whose checkpoints resume")
