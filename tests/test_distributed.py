@@ -1,5 +1,6 @@
 """Two CPU processes (gloo) through `accelerate launch` give the run of one process with a 2x batch."""
 
+import importlib.util
 import json
 import os
 import re
@@ -26,20 +27,29 @@ def unequal_texts(tokenizer, n):
 
 
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-FSDP_CONFIG = Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp.yaml"
-# The shipped FSDP config on 2 CPU processes; tests/fsdp_on_cpu.py starts the CLI with accelerate in FSDP mode.
-FSDP_LAUNCH = [ACCELERATE, "launch", "--config_file", str(FSDP_CONFIG), "--num_processes", "2",
-               "--mixed_precision", "no", str(Path(__file__).parent / "fsdp_on_cpu.py")]
+CONFIGS = Path(__file__).parents[1] / "configs" / "accelerate"
+
+
+def sharded_launch(config: str) -> list[str]:
+    """A shipped launch config (fsdp, deepspeed_zero2, deepspeed_zero3) on 2 CPU processes; tests/fsdp_on_cpu.py
+    starts the CLI with accelerate in that mode (it starts them only on GPUs by itself)."""
+    return [ACCELERATE, "launch", "--config_file", str(CONFIGS / f"{config}.yaml"), "--num_processes", "2",
+            "--mixed_precision", "no", str(Path(__file__).parent / "fsdp_on_cpu.py")]
+
+
+FSDP_LAUNCH = sharded_launch("fsdp")
+has_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                   reason="deepspeed is not installed (pip install -e '.[test]' brings it)")
 
 
 def _run(args, processes, env_extra=None, check=True):
-    """processes: 1, 2 (DDP over gloo) or "fsdp" (2 processes, FSDP2 over gloo)."""
+    """processes: 1, 2 (DDP over gloo), or a config under configs/accelerate on 2 processes over gloo."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     launcher = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "loku"]
     if processes == 2:
         env["ACCELERATE_USE_CPU"] = "true"
-    cmd = {1: [sys.executable, "-m", "loku"], 2: launcher, "fsdp": FSDP_LAUNCH}[processes]
+    cmd = {1: [sys.executable, "-m", "loku"], 2: launcher}.get(processes) or sharded_launch(processes)
     r = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=env, timeout=300)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
@@ -110,7 +120,7 @@ def _close(a, b, rel=1e-5) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("launch", [2, "fsdp"])
+@pytest.mark.parametrize("launch", [2, "fsdp", pytest.param("deepspeed_zero3", marks=has_deepspeed)])
 def test_tdec_run_under_two_processes_equals_one(tiny_model_dir, tmp_path, launch):
     """`loku tdec run` unchanged under accelerate launch (DDP, FSDP2): one process reports and writes; initial and
     per-epoch MA/EL (split across the processes under DDP; under FSDP every forward is collective and nothing is
@@ -133,7 +143,7 @@ def test_tdec_run_under_two_processes_equals_one(tiny_model_dir, tmp_path, launc
         assert x["ma"] == pytest.approx(y["ma"], abs=1e-6) and x["el"] == pytest.approx(y["el"], abs=1e-6)
 
 
-@pytest.mark.parametrize("launch", [2, "fsdp"])
+@pytest.mark.parametrize("launch", [2, "fsdp", pytest.param("deepspeed_zero3", marks=has_deepspeed)])
 def test_tofu_unlearn_under_two_processes_equals_one(tiny_model_dir, tofu_dir, tmp_path, launch):
     """`loku tofu unlearn` under accelerate launch equals one process with the same global batch: the TOFU
     scores split across the processes (target and retain logs within 1e-5) and, after training on QA pairs of
@@ -249,7 +259,7 @@ def test_fsdp_config_on_cpus_is_a_clear_error(tiny_model_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("launch", [2, "fsdp"])
+@pytest.mark.parametrize("launch", [2, "fsdp", pytest.param("deepspeed_zero3", marks=has_deepspeed)])
 def test_tofu_finetune_under_two_processes_equals_one(tiny_model_dir, tofu_dir, tmp_path, launch):
     """`loku tofu finetune` (full fine-tuning of the target and retain models) under DDP and FSDP2: each process
     trains on its share of the global batch (9 and 6 QA pairs: the last batch is uneven) and the main process

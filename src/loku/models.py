@@ -197,6 +197,29 @@ def ensure_pad_token(tokenizer):
     return tokenizer
 
 
+@contextmanager
+def whole_weights():
+    """Load whole weights even under DeepSpeed ZeRO-3: once an Accelerator exists, its zero3_init_flag makes
+    transformers partition a model as it loads (every second model of a `tofu finetune` or `tofu unlearn`
+    run), but loku's Fisher pass, reference copy and FILA need the whole weights; the engine partitions
+    them at prepare."""
+    from transformers.integrations import (HfDeepSpeedConfig, deepspeed_config, is_deepspeed_zero3_enabled,
+                                           unset_hf_deepspeed_config)
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    config = deepspeed_config()
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:   # transformers holds only a weak reference: the restored config is kept alive here
+        _ZERO3_CONFIG[:] = [HfDeepSpeedConfig(config)]
+
+
+_ZERO3_CONFIG: list = []
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str | None = None,
                trust_remote_code: bool = False, allow_pickle: bool = False):
     """(model, tokenizer) for a hub id, local directory, .gguf file or embedded name. Safe by default:
@@ -217,7 +240,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str | 
                  "auto": "auto"}[dtype]
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        with _quiet_local_load(local.is_dir()):
+        with _quiet_local_load(local.is_dir()), whole_weights():
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
                 use_safetensors=None if allow_pickle else True)

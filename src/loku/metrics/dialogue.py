@@ -40,7 +40,7 @@ def unigram_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-@torch.inference_mode()
+@torch.no_grad()   # not inference_mode: ZeRO-3 keeps weights gathered here, and training reuses them
 def greedy_replies(model, tokenizer, prompts: list[str], batch_size: int = 8, max_new_tokens: int = MAX_NEW_TOKENS,
                    max_length: int = 512, stop: str = STOP) -> list[str]:
     """The greedy continuation of each prompt, cut before `stop`, in input order.

@@ -15,7 +15,7 @@ import torch
 from .reasoning import model_device, pad_id
 
 
-@torch.inference_mode()
+@torch.no_grad()   # not inference_mode: ZeRO-3 keeps weights gathered here, and training reuses them
 def sequence_nll(model, tokenizer, texts: list[str], batch_size: int = 8, max_length: int = 512) -> list[dict]:
     """Per text: index, `nll` (summed negative log-likelihood in nats) and `tokens` (how many were predicted).
 

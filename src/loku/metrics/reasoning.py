@@ -53,7 +53,7 @@ def pad_id(tokenizer) -> int:
     return 0
 
 
-@torch.inference_mode()
+@torch.no_grad()   # not inference_mode: ZeRO-3 keeps weights gathered here, and training reuses them
 def score_continuations(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 8,
                         max_length: int = 512) -> list[ContinuationScore]:
     """Score many (context, continuation) pairs, `batch_size` sequences per forward pass.

@@ -25,7 +25,7 @@ def stop_ids(model, tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
-@torch.inference_mode()
+@torch.no_grad()   # not inference_mode: ZeRO-3 keeps weights gathered here, and training reuses them
 def greedy_answers(model, tokenizer, prompts: list[list[int]], budgets: list[int],
                    batch_size: int = 8) -> list[list[int]]:
     """Greedy continuation of each prompt (token ids), at most `budgets[i]` new tokens, cut at the first

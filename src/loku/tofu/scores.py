@@ -17,7 +17,7 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.inference_mode()
+@torch.no_grad()   # not inference_mode: ZeRO-3 keeps weights gathered here, and training reuses them
 def sequence_losses(model, features: list[dict], pad_id: int, batch_size: int = 8) -> tuple[list[float], list[int]]:
     """(summed loss, labelled-token count) of each feature (`input_ids`, `labels` with -100 off the answer).
 
