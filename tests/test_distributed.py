@@ -40,6 +40,7 @@ def sharded_launch(config: str) -> list[str]:
 FSDP_LAUNCH = sharded_launch("fsdp")
 has_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                    reason="deepspeed is not installed (pip install -e '.[test]' brings it)")
+ZERO2, ZERO3 = (pytest.param(f"deepspeed_zero{k}", marks=has_deepspeed) for k in (2, 3))
 
 
 def _run(args, processes, env_extra=None, check=True):
@@ -120,7 +121,7 @@ def _close(a, b, rel=1e-5) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("launch", [2, "fsdp", pytest.param("deepspeed_zero3", marks=has_deepspeed)])
+@pytest.mark.parametrize("launch", [2, "fsdp", ZERO3])
 def test_tdec_run_under_two_processes_equals_one(tiny_model_dir, tmp_path, launch):
     """`loku tdec run` unchanged under accelerate launch (DDP, FSDP2): one process reports and writes; initial and
     per-epoch MA/EL (split across the processes under DDP; under FSDP every forward is collective and nothing is
@@ -143,7 +144,7 @@ def test_tdec_run_under_two_processes_equals_one(tiny_model_dir, tmp_path, launc
         assert x["ma"] == pytest.approx(y["ma"], abs=1e-6) and x["el"] == pytest.approx(y["el"], abs=1e-6)
 
 
-@pytest.mark.parametrize("launch", [2, "fsdp", pytest.param("deepspeed_zero3", marks=has_deepspeed)])
+@pytest.mark.parametrize("launch", [2, "fsdp", ZERO3])
 def test_tofu_unlearn_under_two_processes_equals_one(tiny_model_dir, tofu_dir, tmp_path, launch):
     """`loku tofu unlearn` under accelerate launch equals one process with the same global batch: the TOFU
     scores split across the processes (target and retain logs within 1e-5) and, after training on QA pairs of
@@ -190,20 +191,27 @@ def _max_diff(a: Path, b: Path) -> float:
     return max(float((x[k] - y[k]).abs().max()) for k in x)
 
 
-@pytest.mark.parametrize("method,extra", [("ihl", ["--init", "fila", "--save-merged"]),
-                                          ("npo", ["--init", "fila"]),
-                                          ("ga", ["--full"])])
-def test_fsdp_equals_one_process_with_double_batch(tiny_model_dir, tokenizer, tmp_path, method, extra):
-    """configs/accelerate/fsdp.yaml (FSDP2, weights sharded over 2 processes) gives the one-process run with a 2x
-    batch: LoRA+FILA adapter (exported for the original model) and merged model gathered from the shards; NPO
-    with FILA, whose frozen reference is sharded too; full fine-tuning. Before the fix, gradient clipping was
-    skipped under FSDP (stale parameter list) and runs differed by 2e-3 after 2 epochs."""
+@pytest.mark.parametrize("engine,method,extra", [("fsdp", "ihl", ["--init", "fila", "--save-merged"]),
+                                                 ("fsdp", "npo", ["--init", "fila"]),
+                                                 ("fsdp", "ga", ["--full"]),
+                                                 pytest.param("deepspeed_zero2", "ihl", ["--init", "fila"],
+                                                              marks=has_deepspeed),
+                                                 pytest.param("deepspeed_zero3", "npo",
+                                                              ["--init", "fila", "--save-merged"], marks=has_deepspeed),
+                                                 pytest.param("deepspeed_zero3", "ga", ["--full"], marks=has_deepspeed)])
+def test_sharded_engines_equal_one_process_with_double_batch(tiny_model_dir, tokenizer, tmp_path, engine, method,
+                                                             extra):
+    """The shipped FSDP2 and DeepSpeed ZeRO-2/3 configs (weights split over 2 processes) give the one-process run
+    with a 2x batch: LoRA+FILA adapter (exported for the original model) and merged model gathered from the
+    shards; NPO with FILA, whose frozen reference is sharded too; full fine-tuning. Before the fixes, clipping
+    was skipped under FSDP (stale parameter list: runs differed by 2e-3) and under DeepSpeed the reference was
+    None (DeepSpeedEngine.eval() returns None), so NPO compared against the FILA residual model."""
     texts = unequal_texts(tokenizer, 16)
     forget, retain = _csv(tmp_path / "f.csv", texts[:8]), _csv(tmp_path / "r.csv", texts[8:])
     common = ["unlearn", "--model", tiny_model_dir, "--forget", forget, "--retain", retain, "--method", method,
               "--lora-rank", "4", "--epochs", "2", "--lr", "5e-3" if method != "ga" else "1e-4", *extra]
-    fsdp = _run(common + ["--batch-size", "2", "--out", tmp_path / "fsdp"], processes="fsdp")
-    assert fsdp.stdout.count("done in") == 1
+    sharded = _run(common + ["--batch-size", "2", "--out", tmp_path / "fsdp"], processes=engine)
+    assert sharded.stdout.count("done in") == 1
     _run(common + ["--batch-size", "4", "--out", tmp_path / "one"], processes=1)
     files = [] if "--full" in extra else ["adapter/adapter_model.safetensors"]
     files += ["model/model.safetensors"] if {"--full", "--save-merged"} & set(extra) else []
@@ -216,11 +224,13 @@ def test_fsdp_equals_one_process_with_double_batch(tiny_model_dir, tokenizer, tm
         assert max(float((moved[k] - start[k]).abs().max()) for k in start) > 1e-4   # 10x the bound
 
 
-def test_fsdp_reference_model_is_sharded(tiny_model_dir):
-    """The frozen reference (kl/npo/simnpo with FILA or full fine-tuning) is split like the trained model:
-    every weight a DTensor holding 1/2 of the rows on each process, logits equal to the whole model's."""
+@pytest.mark.parametrize("engine", ["fsdp", ZERO3])
+def test_reference_model_is_sharded(tiny_model_dir, engine):
+    """The frozen reference (kl/npo/simnpo with FILA or full fine-tuning) is split like the trained model: under
+    FSDP every weight a DTensor holding 1/2 of the rows on each process, under ZeRO-3 a 1/2 slice of each
+    flattened weight and nothing whole between forwards; logits equal to the whole model's."""
     worker = str(Path(__file__).parent / "fsdp_reference_worker.py")
-    r = subprocess.run(FSDP_LAUNCH[:-1] + [worker, str(tiny_model_dir)], capture_output=True, text=True,
+    r = subprocess.run(sharded_launch(engine)[:-1] + [worker, str(tiny_model_dir)], capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("reference sharded over 2 processes; logits equal") == 2
@@ -259,7 +269,7 @@ def test_fsdp_config_on_cpus_is_a_clear_error(tiny_model_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("launch", [2, "fsdp", pytest.param("deepspeed_zero3", marks=has_deepspeed)])
+@pytest.mark.parametrize("launch", [2, "fsdp", ZERO3])
 def test_tofu_finetune_under_two_processes_equals_one(tiny_model_dir, tofu_dir, tmp_path, launch):
     """`loku tofu finetune` (full fine-tuning of the target and retain models) under DDP and FSDP2: each process
     trains on its share of the global batch (9 and 6 QA pairs: the last batch is uneven) and the main process
@@ -279,3 +289,18 @@ def test_tofu_finetune_under_two_processes_equals_one(tiny_model_dir, tofu_dir, 
     for name in ("target", "retain"):
         assert [e["loss"] for e in a[name]["history"]] == pytest.approx([e["loss"] for e in b[name]["history"]],
                                                                          rel=1e-5)
+
+
+@has_deepspeed
+def test_resume_under_deepspeed_is_a_clear_error(tiny_model_dir, tmp_path):
+    """DeepSpeed keeps its optimizer state in its own format and loku writes no checkpoints there: a killed run
+    cannot resume, and --resume says so (naming FSDP, which can) instead of failing somewhere inside."""
+    forget = _csv(tmp_path / "f.csv", ["Some text to forget here.", "And a second line of it.", "A third one."])
+    common = ["unlearn", "--model", tiny_model_dir, "--forget", forget, "--method", "ga", "--epochs", "2",
+              "--batch-size", "1", "--save-every", "1"]
+    killed = _run(common + ["--out", tmp_path / "o"], processes="deepspeed_zero2",
+                  env_extra={"LOKU_TEST_KILL_AT_STEP": "2"}, check=False)
+    assert killed.returncode != 0 and not (tmp_path / "o" / "checkpoint").exists()
+    r = _run(["unlearn", "--resume", tmp_path / "o"], processes="deepspeed_zero2", check=False)
+    assert r.returncode != 0
+    assert "error: resuming is not available under DeepSpeed" in r.stderr and "fsdp.yaml" in r.stderr

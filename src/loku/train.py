@@ -19,7 +19,8 @@ from . import io
 from .config import UnlearnConfig
 from .data.batches import PairedBatches
 from .data.text import load_examples, tokenize_examples
-from .distributed import check_engine, gathered_state, launch_precision, prepare_reference, set_micro_batch
+from .distributed import (check_engine, gathered_state, launch_precision, prepare_reference, requested_engine,
+                          set_micro_batch)
 from .errors import LokuError
 from .losses import LossInputs, LossSettings, Method, get_method, global_mean_scales
 
@@ -153,9 +154,6 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
                         f"GPUs; on CPUs launch with configs/accelerate/ddp.yaml or a single process") from None
     engine = check_engine(accelerator)   # "FSDP" / "DeepSpeed": they place (and shard) the weights themselves
     set_micro_batch(accelerator, cfg.batch_size)
-    if resume and engine == "DeepSpeed":
-        raise LokuError("resuming is not available under DeepSpeed (loku writes no checkpoints there): start "
-                        "the run again, or use FSDP (configs/accelerate/fsdp.yaml), whose checkpoints resume")
     # One global batch of batch_size x processes per step, each process taking its share: N processes
     # see exactly the examples one process would see with an N times larger batch.
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -333,6 +331,10 @@ def resume_run(run_dir: str | Path, **kwargs) -> UnlearnResult:
 
 def _check_resumable(cfg: UnlearnConfig) -> Path:
     out = Path(cfg.out)
+    if requested_engine() == "DeepSpeed":
+        raise LokuError("resuming is not available under DeepSpeed (loku writes no checkpoints there: its "
+                        "optimizer state has its own format): start the run again, or use FSDP "
+                        "(configs/accelerate/fsdp.yaml), whose checkpoints resume")
     if (out / io.MANIFEST).is_file():
         raise LokuError(f"run {out} is already complete (it has {io.MANIFEST}): nothing to resume")
     if not (out / "checkpoint" / "state.json").is_file():
