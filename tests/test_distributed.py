@@ -37,7 +37,6 @@ def sharded_launch(config: str) -> list[str]:
             "--mixed_precision", "no", str(Path(__file__).parent / "fsdp_on_cpu.py")]
 
 
-FSDP_LAUNCH = sharded_launch("fsdp")
 has_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                    reason="deepspeed is not installed (pip install -e '.[test]' brings it)")
 ZERO2, ZERO3 = (pytest.param(f"deepspeed_zero{k}", marks=has_deepspeed) for k in (2, 3))
@@ -254,16 +253,18 @@ def test_fsdp_killed_run_resumes_exactly(tiny_model_dir, tokenizer, tmp_path):
     assert _max_diff(tmp_path / "whole" / f, tmp_path / "killed" / f) <= 1e-7
 
 
-def test_fsdp_config_on_cpus_is_a_clear_error(tiny_model_dir, tmp_path):
-    """Without GPUs accelerate quietly runs an FSDP config as plain data parallel (a whole model per process
-    where the user planned for shards): loku stops with one line naming the fix, and writes nothing."""
+@pytest.mark.parametrize("engine", ["fsdp", ZERO3])
+def test_sharded_config_on_cpus_is_a_clear_error(tiny_model_dir, tmp_path, engine):
+    """Without GPUs accelerate quietly runs an FSDP or DeepSpeed config as plain data parallel (a whole model per
+    process where the user planned for shards): loku stops with one line naming the fix, and writes nothing."""
     forget = _csv(tmp_path / "f.csv", ["Some text to forget here.", "And a second line of it."])
-    plain = FSDP_LAUNCH[:-1] + ["-m", "loku"]   # without tests/fsdp_on_cpu.py: what a user would run
+    plain = sharded_launch(engine)[:-1] + ["-m", "loku"]   # without tests/fsdp_on_cpu.py: what a user would run
     r = subprocess.run(plain + ["unlearn", "--model", str(tiny_model_dir), "--forget", str(forget), "--method", "ga",
                                 "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode != 0
-    assert "error: the launch configuration asks for FSDP, but accelerate started MULTI_CPU" in r.stderr
+    asked = "FSDP" if engine == "fsdp" else "DeepSpeed"
+    assert f"error: the launch configuration asks for {asked}, but accelerate started MULTI_CPU" in r.stderr
     assert "configs/accelerate/ddp.yaml" in r.stderr
     assert not re.search(r'File ".*/loku/', r.stderr)   # only the launcher's report of the exit code follows
     assert not (tmp_path / "o").exists()
