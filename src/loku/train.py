@@ -167,7 +167,9 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     if method.needs_reference and not (cfg.lora and cfg.resolved_init == "default"):
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     model.config.use_cache = False
-    if engine is None:   # FILA's Fisher pass on the accelerator, not on the CPU the weights loaded to
+    # FILA's Fisher pass on the accelerator, not on the CPU the weights loaded to. Under FSDP / DeepSpeed that is
+    # one whole copy per GPU until the engine shards it, as under DDP (README: or take the statistics first).
+    if engine is None or (cfg.lora and cfg.resolved_init in ("fila", "vila")):
         model.to(accelerator.device)
     model, initial_factors = prepare_model(cfg, model, batches, progress and accelerator.is_main_process)
     model.train()
