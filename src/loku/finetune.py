@@ -68,7 +68,8 @@ def finetune(model, features: list[dict], pad_id: int, *, epochs: int = 5, lr: f
                     if accelerator.sync_gradients:
                         scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                value = float(accelerator.reduce(loss.detach(), reduction="mean")) if world > 1 else float(loss)
+                value = float(accelerator.reduce(loss.detach(), reduction="mean")) if world > 1 \
+                    else float(loss.detach())
                 loss_sum += value
                 tokens += int(batch["attention_mask"].sum())
                 bar.update(task, advance=1, info=f"loss {value:.4f}")
