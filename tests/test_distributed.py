@@ -305,3 +305,21 @@ def test_resume_under_deepspeed_is_a_clear_error(tiny_model_dir, tmp_path):
     r = _run(["unlearn", "--resume", tmp_path / "o"], processes="deepspeed_zero2", check=False)
     assert r.returncode != 0
     assert "error: resuming is not available under DeepSpeed" in r.stderr and "fsdp.yaml" in r.stderr
+
+
+def test_fila_under_fsdp_from_statistics_taken_under_ddp(tiny_model_dir, tokenizer, tmp_path):
+    """The README's FILA path for sharded engines: `loku fisher` under DDP writes the statistics, `loku unlearn
+    --fisher-cache` under FSDP reuses them (the file is left as it was) and trains the adapter that the
+    in-run Fisher pass gives."""
+    texts = unequal_texts(tokenizer, 16)
+    forget, retain = _csv(tmp_path / "f.csv", texts[:8]), _csv(tmp_path / "r.csv", texts[8:])
+    data = ["--model", tiny_model_dir, "--forget", forget, "--retain", retain, "--batch-size", "2"]
+    stats = tmp_path / "fisher.safetensors"
+    _run(["fisher", *data, "--method", "fila", "--out", stats], processes=2)
+    before = (stats.read_bytes(), stats.stat().st_mtime_ns, stats.stat().st_ino)
+    common = ["unlearn", *data, "--method", "ihl", "--init", "fila", "--lora-rank", "4", "--epochs", "1"]
+    _run(common + ["--fisher-cache", stats, "--out", tmp_path / "cached"], processes="fsdp")
+    assert (stats.read_bytes(), stats.stat().st_mtime_ns, stats.stat().st_ino) == before   # reused, not rewritten
+    _run(common + ["--out", tmp_path / "in_run"], processes="fsdp")
+    f = "adapter/adapter_model.safetensors"
+    assert _max_diff(tmp_path / "in_run" / f, tmp_path / "cached" / f) <= 1e-6
