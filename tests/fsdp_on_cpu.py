@@ -20,7 +20,10 @@ def _init_as_on_gpus(self, *args, **kwargs):
     _init(self, *args, **kwargs)
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and \
             self.distributed_type == DistributedType.MULTI_CPU:
-        AcceleratorState._shared_state["fsdp_plugin"] = FullyShardedDataParallelPlugin()
+        plugin = FullyShardedDataParallelPlugin()   # from the launch configuration, as accelerate builds it
+        if self.mixed_precision != "no":
+            plugin.set_mixed_precision(self.mixed_precision)
+        AcceleratorState._shared_state["fsdp_plugin"] = plugin
         AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and \

@@ -30,11 +30,11 @@ ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 CONFIGS = Path(__file__).parents[1] / "configs" / "accelerate"
 
 
-def sharded_launch(config: str) -> list[str]:
+def sharded_launch(config: str, precision: str = "no") -> list[str]:
     """A shipped launch config (fsdp, deepspeed_zero2, deepspeed_zero3) on 2 CPU processes; tests/fsdp_on_cpu.py
     starts the CLI with accelerate in that mode (it starts them only on GPUs by itself)."""
     return [ACCELERATE, "launch", "--config_file", str(CONFIGS / f"{config}.yaml"), "--num_processes", "2",
-            "--mixed_precision", "no", str(Path(__file__).parent / "fsdp_on_cpu.py")]
+            *(["--mixed_precision", precision] if precision else []), str(Path(__file__).parent / "fsdp_on_cpu.py")]
 
 
 has_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -323,3 +323,23 @@ def test_fila_under_fsdp_from_statistics_taken_under_ddp(tiny_model_dir, tokeniz
     _run(common + ["--out", tmp_path / "in_run"], processes="fsdp")
     f = "adapter/adapter_model.safetensors"
     assert _max_diff(tmp_path / "in_run" / f, tmp_path / "cached" / f) <= 1e-6
+
+
+@pytest.mark.parametrize("engine", ["fsdp", ZERO3])
+def test_mixed_precision_comes_from_the_launch_config(tiny_model_dir, tokenizer, tmp_path, engine):
+    """The shipped files say `mixed_precision: bf16`; without --mixed-precision loku trains in it (recorded in
+    config.yaml; FSDP's bf16 policy / DeepSpeed's bf16 engine move the adapter away from the float32 run by
+    more than float32 noise, but not far), and --mixed-precision no still overrides it."""
+    texts = unequal_texts(tokenizer, 16)
+    forget, retain = _csv(tmp_path / "f.csv", texts[:8]), _csv(tmp_path / "r.csv", texts[8:])
+    common = ["unlearn", "--model", tiny_model_dir, "--forget", forget, "--retain", retain, "--method", "ihl",
+              "--init", "fila", "--lora-rank", "4", "--epochs", "2", "--lr", "5e-3", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, extra in (("file", []), ("fp32", ["--mixed-precision", "no"])):
+        r = subprocess.run(sharded_launch(engine, precision="") + [str(a) for a in common + extra]
+                           + ["--out", str(tmp_path / name)], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "mixed_precision: bf16" in (tmp_path / "file" / "config.yaml").read_text()
+    assert "mixed_precision: 'no'" in (tmp_path / "fp32" / "config.yaml").read_text()
+    f = "adapter/adapter_model.safetensors"
+    assert 1e-4 < _max_diff(tmp_path / "fp32" / f, tmp_path / "file" / f) < 0.1
