@@ -343,3 +343,5 @@ def test_mixed_precision_comes_from_the_launch_config(tiny_model_dir, tokenizer,
     assert "mixed_precision: 'no'" in (tmp_path / "fp32" / "config.yaml").read_text()
     f = "adapter/adapter_model.safetensors"
     assert 1e-4 < _max_diff(tmp_path / "fp32" / f, tmp_path / "file" / f) < 0.1
+    # Saved from the float32 masters (DeepSpeed's module holds bf16 copies; B A - B0 A0 would drown in their rounding).
+    assert {v.dtype for v in load_file(tmp_path / "file" / f).values()} == {torch.float32}

@@ -93,11 +93,23 @@ def gathered_state(accelerator, model, trainable_only: bool = False) -> dict[str
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        state = accelerator.get_state_dict(model)   # needs stage3_gather_16bit_weights_on_model_save under ZeRO-3
-        if trainable_only and state:
+        # Trained weights from the optimizer's float32 masters: under bf16 the module holds rounded copies, and
+        # FILA's exported adapter (B A - B0 A0) would lose the update in their rounding.
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        trained = {}
+        for name, p in accelerator.unwrap_model(model).named_parameters():
+            if p.requires_grad:
+                master = safe_get_full_fp32_param(p)   # collective under ZeRO-3
+                if master is not None:
+                    trained[name] = master.detach().float().cpu()
+        # The rest as the module holds it (ZeRO-3: needs zero3_save_16bit_model, as in the shipped file).
+        state = {} if trainable_only and trained else accelerator.get_state_dict(model) or {}
+        if trainable_only and not trained:
             keep = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
             state = {k: v for k, v in state.items() if k in keep}
-        return {k: v.detach().cpu() for k, v in (state or {}).items()} if is_main() else {}
+        state = {**{k: v.detach().cpu() for k, v in state.items()}, **trained}
+        return state if is_main() else {}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
