@@ -56,6 +56,26 @@ def sharded_engine() -> bool:
     return kind in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
+def start_accelerator(grad_accum: int, mixed_precision: str | None, batch_size: int):
+    """(accelerator, engine) for a training loop: mixed precision as asked else the launch configuration's, the
+    engine checked to be the one asked for (`check_engine`), DeepSpeed's micro batch filled in."""
+    import torch
+    from accelerate import Accelerator
+
+    from .errors import LokuError
+
+    try:
+        accelerator = Accelerator(gradient_accumulation_steps=grad_accum,
+                                  mixed_precision=launch_precision(mixed_precision),
+                                  cpu=not torch.cuda.is_available())
+    except (RuntimeError, ValueError, ImportError) as e:   # e.g. an FSDP1 launch config on a CPU machine
+        raise LokuError(f"accelerate could not start this launch configuration ({e}): FSDP and DeepSpeed need "
+                        f"GPUs; on CPUs launch with configs/accelerate/ddp.yaml or a single process") from None
+    engine = check_engine(accelerator)
+    set_micro_batch(accelerator, batch_size)
+    return accelerator, engine
+
+
 def check_engine(accelerator) -> str | None:
     """The engine accelerate really started ("FSDP", "DeepSpeed" or None), after checking it is the one the
     launch configuration asked for: without GPUs accelerate quietly runs an FSDP config as plain data
@@ -97,19 +117,15 @@ def gathered_state(accelerator, model, trainable_only: bool = False) -> dict[str
         # FILA's exported adapter (B A - B0 A0) would lose the update in their rounding.
         from deepspeed.utils import safe_get_full_fp32_param
 
-        trained = {}
-        for name, p in accelerator.unwrap_model(model).named_parameters():
-            if p.requires_grad:
-                master = safe_get_full_fp32_param(p)   # collective under ZeRO-3
-                if master is not None:
-                    trained[name] = master.detach().float().cpu()
-        # The rest as the module holds it (ZeRO-3: needs zero3_save_16bit_model, as in the shipped file).
-        state = {} if trainable_only and trained else accelerator.get_state_dict(model) or {}
-        if trainable_only and not trained:
-            keep = {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-            state = {k: v for k, v in state.items() if k in keep}
-        state = {**{k: v.detach().cpu() for k, v in state.items()}, **trained}
-        return state if is_main() else {}
+        trainable = [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
+        masters = {n: safe_get_full_fp32_param(p) for n, p in trainable}   # collective under ZeRO-3
+        trained = {n: m.detach().float().cpu() for n, m in masters.items() if m is not None}
+        state = {}
+        if not trainable_only or len(trained) < len(trainable):
+            # The rest as the module holds it (ZeRO-3: needs zero3_save_16bit_model, as in the shipped file).
+            state = accelerator.get_state_dict(model) or {}
+            state = {k: v.detach().cpu() for k, v in state.items() if not trainable_only or k in masters}
+        return {**state, **trained} if is_main() else {}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)

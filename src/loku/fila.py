@@ -276,20 +276,16 @@ def merged_weights(peft_model: nn.Module, adapter_name: str = "default",
                    state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """{name: residual + s B A} (out, in) in the weight's dtype: the trained model's weights, which equal
     original + dW. Reads only; the model is left as it was."""
+    from transformers.pytorch_utils import Conv1D
+
     out = {}
     for name, (full, layer) in lora_layers(peft_model, adapter_name).items():
         W, A, B = (_layer_tensor(state_dict, full, layer, part, adapter_name)
                    for part in ("base_layer", "lora_A", "lora_B"))
-        if state_dict is not None and isinstance(layer.get_base_layer(), _conv1d()):
+        if state_dict is not None and isinstance(layer.get_base_layer(), Conv1D):
             W = W.T   # weight_of gives (out, in); a Conv1D's saved weight is (in, out)
         out[name] = (W.float() + layer.scaling[adapter_name] * B.float() @ A.float()).to(W.dtype)
     return out
-
-
-def _conv1d():
-    from transformers.pytorch_utils import Conv1D
-
-    return Conv1D
 
 
 def save_merged(peft_model: nn.Module, out_dir: str | Path, adapter_name: str = "default", tokenizer=None,

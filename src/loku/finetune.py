@@ -25,20 +25,16 @@ def finetune(model, features: list[dict], pad_id: int, *, epochs: int = 5, lr: f
     Under `accelerate launch` each step takes a global batch of batch_size x processes and every process
     trains on its share, its loss scaled to its share of the global token mean: N processes equal one
     process with an N times larger batch, under DDP, FSDP and DeepSpeed alike."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
 
     from . import io
-    from .distributed import barrier, check_engine, gathered_state, launch_precision, set_micro_batch
-    from .losses import IGNORE, cross_entropy
+    from .distributed import barrier, gathered_state, start_accelerator
+    from .losses import cross_entropy, global_mean_scales
     from .train import _forward, _progress, shard
 
     set_seed(seed)
-    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=launch_precision(mixed_precision),
-                              cpu=not torch.cuda.is_available())
-    engine = check_engine(accelerator)
-    set_micro_batch(accelerator, batch_size)
+    accelerator, engine = start_accelerator(grad_accum, mixed_precision, batch_size)
     world, rank = accelerator.num_processes, accelerator.process_index
     batches = PairedBatches(features, None, batch_size * world, pad_id, seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -59,8 +55,8 @@ def finetune(model, features: list[dict], pad_id: int, *, epochs: int = 5, lr: f
                 with accelerator.accumulate(model):
                     loss = cross_entropy(_forward(model, batch), batch["labels"])
                     if world > 1:   # this process's share of the global token mean (gradients are averaged)
-                        mine = (batch["labels"][:, 1:] != IGNORE).sum().double()
-                        loss = loss * float(mine * world / accelerator.reduce(mine.clone(), reduction="sum"))
+                        loss = loss * global_mean_scales("tokens", batch["labels"], None, lambda t: accelerator.reduce(
+                            t, reduction="sum"), world)["forget"]
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and max_grad_norm > 0:
                         accelerator.clip_grad_norm_(params, max_grad_norm)

@@ -173,17 +173,18 @@ def ihl(x: LossInputs, s: LossSettings):
     return _total(forget=inverted_hinge_loss(x.forget_logits, x.forget_labels), retain=_retain_ce(x, s))
 
 
-def global_mean_scales(method: Method, forget_labels: torch.Tensor, retain_labels: torch.Tensor | None,
+def global_mean_scales(forget_mean_over: str, forget_labels: torch.Tensor, retain_labels: torch.Tensor | None,
                        sum_over_processes: Callable[[torch.Tensor], torch.Tensor], world: int) -> dict[str, float]:
     """Per-term factors that turn each process's mean into its share of the mean over the whole global batch.
 
     Each process averages its own tokens (or sequences); DDP then averages the processes' gradients, which
     weighs a process with few tokens like one with many. Scaling a term by local count / (global count /
-    world) makes the averaged gradient exactly that of one process on the whole batch, for any lengths."""
+    world) makes the averaged gradient exactly that of one process on the whole batch, for any lengths.
+    `forget_mean_over`: what the forget term averages ("tokens" or "sequences"); retain terms average tokens."""
     def count(labels, unit):
         return float(labels.shape[0]) if unit == "sequences" else float((labels[:, 1:] != IGNORE).sum())
 
-    local = torch.tensor([count(forget_labels, method.forget_mean_over),
+    local = torch.tensor([count(forget_labels, forget_mean_over),
                           count(retain_labels, "tokens") if retain_labels is not None else 0.0],
                          dtype=torch.float64, device=forget_labels.device)
     total = sum_over_processes(local.clone())

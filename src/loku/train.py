@@ -19,8 +19,7 @@ from . import io
 from .config import UnlearnConfig
 from .data.batches import PairedBatches
 from .data.text import load_examples, tokenize_examples
-from .distributed import (check_engine, gathered_state, launch_precision, prepare_reference, requested_engine,
-                          set_micro_batch)
+from .distributed import gathered_state, launch_precision, prepare_reference, requested_engine, start_accelerator
 from .errors import LokuError
 from .losses import LossInputs, LossSettings, Method, get_method, global_mean_scales
 
@@ -114,7 +113,6 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     after every epoch with (epoch, model) and may return a dict of values to log; `{"stop": True}` ends
     the run (stop rules are plain callables). With `resume`, `cfg.out` holds a killed run of this
     config and training continues from its last checkpoint, ending exactly as an uninterrupted run."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
 
@@ -145,15 +143,8 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     set_seed(cfg.seed)
     forget = tokenize_examples(forget_ex, tokenizer, cfg.max_length, "forget")
     retain = tokenize_examples(retain_ex, tokenizer, cfg.max_length, "retain") if retain_ex else None
-    try:
-        accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
-                                  mixed_precision=launch_precision(cfg.mixed_precision),
-                                  cpu=not torch.cuda.is_available())
-    except (RuntimeError, ValueError, ImportError) as e:   # e.g. an FSDP/DeepSpeed launch config on a CPU machine
-        raise LokuError(f"accelerate could not start this launch configuration ({e}): FSDP and DeepSpeed need "
-                        f"GPUs; on CPUs launch with configs/accelerate/ddp.yaml or a single process") from None
-    engine = check_engine(accelerator)   # "FSDP" / "DeepSpeed": they place (and shard) the weights themselves
-    set_micro_batch(accelerator, cfg.batch_size)
+    # engine "FSDP" / "DeepSpeed": they place (and shard) the weights themselves
+    accelerator, engine = start_accelerator(cfg.grad_accum, cfg.mixed_precision, cfg.batch_size)
     # One global batch of batch_size x processes per step, each process taking its share: N processes
     # see exactly the examples one process would see with an N times larger batch.
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -242,7 +233,7 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
                                 x.ref_retain_logits = reference_logits(retain_b)
                     terms = method.fn(x, settings)
                     if world > 1:   # each process's share of the global-batch mean, whatever the lengths
-                        scales = global_mean_scales(method, x.forget_labels, x.retain_labels,
+                        scales = global_mean_scales(method.forget_mean_over, x.forget_labels, x.retain_labels,
                                                     lambda t: accelerator.reduce(t, reduction="sum"), world)
                         terms = {k: v * scales[k] for k, v in terms.items() if k != "loss"}
                         terms = {"loss": sum(terms.values()), **terms}
