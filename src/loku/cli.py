@@ -38,7 +38,8 @@ def unlearn(
     max_length: Optional[int] = typer.Option(None),
     retain_weight: Optional[float] = typer.Option(None),
     seed: Optional[int] = typer.Option(None),
-    mixed_precision: Optional[str] = typer.Option(None, help="no, bf16 or fp16."),
+    mixed_precision: Optional[str] = typer.Option(None, help="no, bf16 or fp16 (default: the launch "
+                                                              "configuration's, else no)."),
     save_merged: bool = typer.Option(False, "--save-merged", help="Also write the merged model (safetensors)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
