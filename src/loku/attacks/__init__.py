@@ -5,6 +5,10 @@
 `paraphrase`: probe with perturbed prefixes (text) or TOFU's paraphrased questions (QA).
 """
 
+from .paraphrase import QA_KIND, TEXT_KINDS, prefix_probes, question_probes
 from .quantize import DEFAULT_QUANTIZERS, Quantizer, parse_quantizer, quantize_model
+from .relearn import DEFAULT_STEPS, RelearnSettings, relearn, relearning_curve, split_forget
 
-__all__ = ["DEFAULT_QUANTIZERS", "Quantizer", "parse_quantizer", "quantize_model"]
+__all__ = ["DEFAULT_QUANTIZERS", "DEFAULT_STEPS", "QA_KIND", "Quantizer", "RelearnSettings", "TEXT_KINDS",
+           "parse_quantizer", "prefix_probes", "quantize_model", "question_probes", "relearn", "relearning_curve",
+           "split_forget"]
