@@ -90,18 +90,18 @@ def test_audit_attacks_and_recovery(audit_files, tmp_path):
 
 def test_resume_reuses_finished_parts(audit_files, tmp_path):
     out = tmp_path / "c"
-    cfg = _cfg(audit_files, out, attacks=["quantize"], quantizers=["int8", "int4"], el=False)
+    cfg = _cfg(audit_files, out, attacks=["quantize"], quantizers=["int8", "int4"], el="none")
     first = run_audit(cfg, log=lambda s: None)
     for name in ("audit.json", "audit.md", "audit.png", "manifest.json", "parts/quantize-int4-merged.json"):
         (out / name).unlink()   # as if killed while quantizing to int4
     logs = []
-    second = run_audit(_cfg(audit_files, out, attacks=["quantize"], quantizers=["int8", "int4"], el=False,
+    second = run_audit(_cfg(audit_files, out, attacks=["quantize"], quantizers=["int8", "int4"], el="none",
                             resume=True), log=logs.append)
     assert any("unlearned: reused" in s for s in logs) and any("quantize-int8-merged: reused" in s for s in logs)
     assert not any("int4-merged: reused" in s for s in logs)
     assert second["verdicts"] == first["verdicts"]
     with pytest.raises(LokuError, match="other settings"):
-        run_audit(_cfg(audit_files, out, attacks=["quantize"], quantizers=["nf4"], el=False, resume=True))
+        run_audit(_cfg(audit_files, out, attacks=["quantize"], quantizers=["nf4"], el="none", resume=True))
 
 
 def test_qa_audit_with_paraphrased_questions(tmp_path):
@@ -127,11 +127,11 @@ def test_cli_audit_writes_the_report(audit_files, tmp_path, capsys):
     f = audit_files
     out = tmp_path / "cli"
     code, stdout, err = run_cli(["audit", "--model", f["dir"] / "mem", "--forget", f["forget"], "--unseen",
-                                 f["unseen"], "--max-tokens", 40, "--bootstrap", 100, "--no-el", "--attacks",
+                                 f["unseen"], "--max-tokens", 40, "--bootstrap", 100, "--el", "none", "--attacks",
                                  "quantize", "--quantizers", "nf4", "--out", out], capsys)
     assert code == 0, err
     report = json.loads((out / "audit.json").read_text())
-    assert report["config"]["el"] is False and report["config"]["quantizers"] == ["nf4"]
+    assert report["config"]["el"] == "none" and report["config"]["quantizers"] == ["nf4"]
     assert "el" not in report["unlearned"]["sets"]["forget"]["per_example"]
     assert "wrote" in stdout
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from ..errors import LokuError
 
 ATTACK_NAMES = ("quantize", "relearn", "paraphrase")
+EL_MODES = ("all", "before", "none")
 
 
 def _f(default, help: str, group: str | None = None, **kw):
@@ -41,7 +42,10 @@ class AuditConfig:
                          "Data")
     n: int = _f(10, "n of extraction likelihood EL_n.", "Metrics")
     k: float = _f(0.4, "Share of lowest-probability tokens for Min-K% and Min-K%++.", "Metrics")
-    el: bool = _f(True, "Compute EL_n (greedy decoding; the slowest metric). --no-el skips it.", "Metrics")
+    el: str = _f("before", "Where EL_n is computed: all (also after every attack), before (the models before "
+                           "attacks: unlearned, original), none. EL_n decodes every prefix's greedy continuation: "
+                           "on text the model does not know, ~T^2/2 tokens a sequence, by far the slowest metric.",
+                  "Metrics")
     attacks: list[str] = _f([], "Attacks to run, comma-separated: quantize, relearn, paraphrase.", "Attacks")
     quantizers: list[str] = _f(["int8", "int4", "int4-g128", "int4-g64", "nf4"],
                                "Quantizers: intB (per channel), intB-gG (groups of G), nf4 (bitsandbytes, block 64), "
@@ -98,6 +102,10 @@ class AuditConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value < 1:
                 raise LokuError(f"{name.replace('_', '-')} must be between 0 and 1, got {value!r}")
+        if self.el not in EL_MODES:
+            from ..registry import unknown_choice
+
+            raise unknown_choice("--el mode", str(self.el), EL_MODES)
         if not self.tolerance >= 0:
             raise LokuError(f"tolerance must be >= 0, got {self.tolerance!r}")
         self.attacks = _names(self.attacks)

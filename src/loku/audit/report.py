@@ -118,7 +118,9 @@ def audit_markdown(report: dict) -> str:
              "back, 1: all that unlearning removed); '-' without --original or when unlearning moved the value by "
              "less than 0.01. For prefix probes the unlearned and original values are those of the exact prefix.",
              "MA equals EM on plain text (same tokens); QA sets and probes have no MA or EL (their prompt is not "
-             "scored)."]
+             "scored)."
+             + ({"before": f" EL{n} is computed before attacks only (--el all: after every attack too).",
+                 "none": f" EL{n} was not computed (--el none)."}.get(report["settings"]["el"], ""))]
     return "\n".join(head + [""] + table + notes)
 
 

@@ -9,6 +9,7 @@ and manifest.json are written at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -148,7 +149,7 @@ def run_audit(cfg: AuditConfig, *, model=None, tokenizer=None, original=None, re
     barrier()
     parts = Parts(out, main)
 
-    st = Settings(n=cfg.n, k=cfg.k, attacks=_membership_attacks(reference is not None), el=cfg.el,
+    st = Settings(n=cfg.n, k=cfg.k, attacks=_membership_attacks(reference is not None), el=cfg.el != "none",
                   batch_size=cfg.batch_size, decode_batch_size=cfg.decode_batch_size,
                   pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
                   bootstrap=cfg.bootstrap, confidence=cfg.confidence, tolerance=cfg.tolerance, seed=cfg.seed)
@@ -158,7 +159,7 @@ def run_audit(cfg: AuditConfig, *, model=None, tokenizer=None, original=None, re
 
     ref_losses = _reference_losses(reference, sets, st) if reference is not None else None
     report = {"config": cfg.to_dict(), "sets": {name: s.describe() for name, s in sets.items()},
-              "settings": {"membership_attacks": list(st.attacks), "n": st.n, "k": st.k, "el": st.el,
+              "settings": {"membership_attacks": list(st.attacks), "n": st.n, "k": st.k, "el": cfg.el,
                            "bootstrap": st.bootstrap, "confidence": st.confidence, "tolerance": st.tolerance}}
     log("measuring the unlearned model")
     unlearned = parts.get("unlearned", lambda: measure_model(plain, sets, st, ref_losses), log)
@@ -169,6 +170,7 @@ def run_audit(cfg: AuditConfig, *, model=None, tokenizer=None, original=None, re
     report["unlearned"], report["original"] = unlearned, orig
     base = {"unlearned": unlearned["compare"]["forget"], "original": orig and orig["compare"]["forget"]}
     attacks = report["attacks"] = {}
+    st = dataclasses.replace(st, el=cfg.el == "all")   # attacked models: EL_n only with --el all
 
     if "quantize" in cfg.attacks:
         attacks["quantize"] = _quantize(cfg, model, sets, st, ref_losses, base, parts, log)

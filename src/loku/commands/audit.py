@@ -30,7 +30,7 @@ def command(
     max_tokens: Optional[int] = _opt("max_tokens"),
     n: Optional[int] = _opt("n"),
     k: Optional[float] = _opt("k"),
-    el: Optional[bool] = _opt("el", "--el/--no-el"),
+    el: Optional[str] = _opt("el"),
     attacks: Optional[str] = _opt("attacks"),
     quantizers: Optional[str] = _opt("quantizers"),
     quantize_modes: Optional[str] = _opt("quantize_modes"),
