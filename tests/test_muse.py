@@ -289,6 +289,29 @@ def test_corpus_folder_or_data_folder_and_limit(muse_dir):
     assert len(a["privleak/forget"]) == 2 and len(a["privleak/holdout"]) == 2
 
 
+def test_hub_path_reads_muse_bench_configs_and_splits(monkeypatch):
+    """Without a folder the data comes from muse-bench/MUSE-<Corpus> (muse_bench load_data.py's configs,
+    splits and columns); the hub itself is not reached here."""
+    import datasets
+
+    calls = []
+    tables = {"verbmem": [{"prompt": "p", "gt": "g", "extra": 1}], "knowmem": [{"question": "q", "answer": "a"}],
+              "privleak": [{"text": "t1"}, {"text": "t2"}]}
+
+    def fake(path, name, split):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_list(tables[name])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    monkeypatch.delenv("LOKU_DATA", raising=False)
+    data = load_muse(None, "books")
+    assert data.source == "muse-bench/MUSE-Books" and data["verbmem/forget"] == [{"prompt": "p", "gt": "g"}]
+    assert data["privleak/holdout"] == ["t1", "t2"]
+    assert sorted(calls) == sorted([("muse-bench/MUSE-Books", "verbmem", "forget")] + [
+        ("muse-bench/MUSE-Books", "knowmem", s) for s in ("forget_qa", "forget_qa_icl", "retain_qa", "retain_qa_icl")]
+        + [("muse-bench/MUSE-Books", "privleak", s) for s in ("forget", "holdout")])
+
+
 def test_eval_aggregate_and_resume_cli(tiny_model_dir, muse_dir, tmp_path, capsys):
     out = tmp_path / "ev"
     args = ["muse", "eval", "--model", tiny_model_dir, "--data", muse_dir, "--out", out, "--limit", "3",
@@ -323,18 +346,27 @@ def test_eval_aggregate_and_resume_cli(tiny_model_dir, muse_dir, tmp_path, capsy
 
 
 def test_unlearn_cli_end_to_end(tiny_model_dir, muse_dir, tmp_path, capsys):
+    scoring = ["--data", muse_dir, "--limit", "2", "--metrics", "verbmem_f,privleak"]
+    retrain = tmp_path / "retrain"   # the target itself plays the retrained model: its PrivLeak must be 0
+    code, _, err = run_cli(["muse", "eval", "--model", tiny_model_dir, "--out", retrain, *scoring], capsys)
+    assert code == 0, err
     out = tmp_path / "un"
-    code, stdout, err = run_cli(["muse", "unlearn", "--target", tiny_model_dir, "--data", muse_dir, "--out", out,
+    code, stdout, err = run_cli(["muse", "unlearn", "--target", tiny_model_dir, "--out", out, *scoring,
                                  "--methods", "ga,ihl+default", "--epochs", "2", "--max-length", "48",
-                                 "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-3", "--limit", "2",
-                                 "--metrics", "verbmem_f,privleak", "--eval-every-epoch"], capsys)
+                                 "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-3", "--eval-every-epoch",
+                                 "--retrain-eval", retrain], capsys)
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"ga", "ihl+default"}
-    for m in results["methods"].values():
+    assert results["target"]["privleak"] == 0.0 and results["retrain"]["privleak"] == 0.0
+    auc_retrain = read_summary(retrain)["auc"]
+    for label, m in results["methods"].items():
         assert [e["epoch"] for e in m["epochs"]] == [1, 2]
-        assert all(np.isfinite(e["verbmem_f"]) and np.isfinite(e["privleak"]) for e in m["epochs"])
         assert m["train_examples"]["forget"] >= 2
+        for e in m["epochs"]:
+            own = read_summary(out / "runs" / label / "muse" / f"epoch-{e['epoch']}")
+            assert e["privleak"] == pytest.approx((own["auc"] - auc_retrain) / auc_retrain * 100)
+            assert e["verbmem_f"] == own["metrics"]["verbmem_f"] and np.isfinite(e["verbmem_f"])
     assert (out / "runs" / "ga" / "adapter" / "adapter_model.safetensors").is_file()
     assert "target (before)" in (out / "report.md").read_text()
 
