@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from loku.data.records import make_records, record_text
 from loku.errors import LokuError
-from loku.muse import CONVENTIONS, MuseScoring, aggregate, evaluate_muse, load_data, load_muse, read_summary
+from loku.muse import CONVENTIONS, MuseScoring, aggregate, evaluate_muse, load_muse, read_summary
 from loku.muse.memorization import cut_at_stopwords, knowmem, knowmem_prompt, verbmem
 from loku.muse.privleak import auc, min_k_score, privleak, privleak_eval
 from loku.muse.run import chunk_corpus

@@ -19,7 +19,7 @@ from typing import Callable
 from .. import io
 from ..errors import LokuError
 from .conventions import get_convention
-from .data import METRICS, MuseData, check_corpus, check_metrics, load_muse
+from .data import METRIC_FILES, METRICS, MuseData, check_corpus, check_metrics, load_muse
 from .memorization import knowmem, verbmem
 from .privleak import privleak, privleak_eval
 
@@ -112,11 +112,9 @@ def score_metric(metric: str, model, tokenizer, data: MuseData, scoring: MuseSco
 
 
 def _n_items(metric: str, data: MuseData) -> int:
-    return {"verbmem_f": len(data.files.get("verbmem/forget", [])),
-            "knowmem_f": len(data.files.get("knowmem/forget_qa", [])),
-            "knowmem_r": len(data.files.get("knowmem/retain_qa", [])),
-            "privleak": len(data.files.get("privleak/forget", [])) + len(data.files.get("privleak/holdout", []))
-            }[metric]
+    """Items a metric scores: its files' rows, not counting the few-shot examples."""
+    return sum(len(data.files.get(f"{part}/{split}", [])) for part, split in METRIC_FILES[metric]
+               if not split.endswith("_icl"))
 
 
 def evaluate_muse(model, tokenizer, data: MuseData, scoring: MuseScoring, out: str | Path | None = None,
