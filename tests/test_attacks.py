@@ -36,7 +36,7 @@ def test_relearning_leaves_the_input_untouched_and_relearns(tok):
         assert torch.equal(v, before[k]), k   # bit-identical
     assert attacked is not model and not any(p.requires_grad for p in attacked.parameters())
     loss8 = -sum(feature_scores(attacked, feats, tok.pad_token_id, attacks=["loss"])["loss"])
-    assert loss8 < 0.8 * loss0   # 8 steps of fine-tuning lowered the loss on what it trained on
+    assert loss8 < 0.9 * loss0   # 8 steps of fine-tuning lowered the loss on what it trained on
     again = relearn(model, feats, tok.pad_token_id, 8, settings)
     assert all(torch.equal(a, b) for a, b in zip(attacked.state_dict().values(), again.state_dict().values()))
     zero = relearn(model, feats, tok.pad_token_id, 0, settings)

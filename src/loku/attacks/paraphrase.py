@@ -105,12 +105,13 @@ def prefix_probes(tokenizer, sequences: list[list[int]], kind: str, *, prefix_fr
     return out
 
 
-def question_probes(tokenizer, rows: list[dict], *, max_length: int, paraphrased: list[str | None]) -> list[dict]:
+def question_probes(tokenizer, rows: list[dict], *, max_length: int, paraphrased: list[str | None],
+                    prompt_format: str = "auto") -> list[dict]:
     """QA features with each row's paraphrased question where it has one (else its own question); the answer is
-    scored as in training (loku.data.qa.format_qa)."""
+    scored as in training (loku.data.qa.format_qa in `prompt_format`)."""
     from ..data.qa import format_qa
 
-    return [format_qa(tokenizer, p if p else r["question"], r["answer"], max_length)
+    return [format_qa(tokenizer, p if p else r["question"], r["answer"], max_length, prompt_format)
             for r, p in zip(rows, paraphrased)]
 
 

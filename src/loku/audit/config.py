@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from ..data.qa import DEFAULT_PROMPT_FORMAT, PROMPT_FORMAT_HELP
 from ..errors import LokuError
 
 ATTACK_NAMES = ("quantize", "relearn", "paraphrase")
@@ -37,6 +38,8 @@ class AuditConfig:
     retain: str | None = _f(None, "Data the model should keep: measured beside the forget set (no verdict).",
                             "Data")
     text_column: str = _f("text", "CSV/JSONL column holding the text.", "Data")
+    prompt_format: str = _f(DEFAULT_PROMPT_FORMAT, PROMPT_FORMAT_HELP + " QA data only; use the one the model "
+                                                                    "was trained with.", "Data")
     rows: int | None = _f(None, "Use the first N examples of each set.", "Data")
     max_tokens: int = _f(200, "Cut each text to this many tokens (TDEC: 200), QA prompt + answer likewise.",
                          "Data")
@@ -102,6 +105,9 @@ class AuditConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value < 1:
                 raise LokuError(f"{name.replace('_', '-')} must be between 0 and 1, got {value!r}")
+        from ..data.qa import check_prompt_format
+
+        check_prompt_format(self.prompt_format)
         if self.el not in EL_MODES:
             from ..registry import unknown_choice
 

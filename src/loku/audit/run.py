@@ -118,12 +118,12 @@ def run_audit(cfg: AuditConfig, *, model=None, tokenizer=None, original=None, re
             check_same_tokenizer(tokenizer, load_tokenizer(name, trust_remote_code=cfg.trust_remote_code), what,
                                  name, cfg.model)
     sets = {"forget": build_set("forget", cfg.forget, forget_ex, tokenizer, max_tokens=cfg.max_tokens, n=cfg.n,
-                                limit=cfg.rows),
+                                limit=cfg.rows, prompt_format=cfg.prompt_format),
             "unseen": build_set("unseen", cfg.unseen, unseen_ex, tokenizer, max_tokens=cfg.max_tokens, n=cfg.n,
-                                limit=cfg.rows)}
+                                limit=cfg.rows, prompt_format=cfg.prompt_format)}
     if retain_ex is not None:
         sets["retain"] = build_set("retain", cfg.retain, retain_ex, tokenizer, max_tokens=cfg.max_tokens, n=cfg.n,
-                                   limit=cfg.rows)
+                                   limit=cfg.rows, prompt_format=cfg.prompt_format)
     if "relearn" in cfg.attacks and len(sets["forget"]) < 2 and related_ex is None:
         raise LokuError("relearning on part of the forget set needs at least 2 forget examples: give more, or "
                         "pass --relearn-data FILE (related text) to relearn on")
@@ -290,7 +290,8 @@ def _paraphrase(cfg, kind, plain, original, reference, tokenizer, sets, st, para
     if kind == "qa":
         exact_u, exact_o = unlearned["compare"]["forget"], orig and orig["compare"]["forget"]
         probes = {name: _probe_set(name, sets[name], question_probes(
-            tokenizer, sets[name].examples, max_length=cfg.max_tokens, paraphrased=paraphrased[name]), tokenizer)
+            tokenizer, sets[name].examples, max_length=cfg.max_tokens, paraphrased=paraphrased[name],
+            prompt_format=cfg.prompt_format), tokenizer)
             for name in ("forget", "unseen")}
         runs = [(QA_KIND, probes)]
     else:
@@ -357,7 +358,8 @@ def _relearn(cfg, plain, tokenizer, sets, st, ref_losses, related_ex, kind, unle
         from ..data.qa import format_qa
 
         feats = text_features(tokenizer, [e["text"] for e in related_ex], cfg.max_tokens) if "text" in related_ex[0] \
-            else [format_qa(tokenizer, e["question"], e["answer"], cfg.max_tokens) for e in related_ex]
+            else [format_qa(tokenizer, e["question"], e["answer"], cfg.max_tokens, cfg.prompt_format)
+                  for e in related_ex]
         out["related"] = curve("related", feats, None)
         out["related_data"] = {"path": cfg.relearn_data, "examples": len(feats)}
     return out

@@ -1,8 +1,8 @@
 """The sets an audit measures, tokenized once with the audited model's tokenizer.
 
 Plain text is tokenized as TDEC does (no special tokens, cut to `max_tokens`; at least n + 1 tokens for EL_n)
-and every token but the first is scored. QA pairs use loku's training format (`loku.data.qa.format_qa`) and
-only the answer is scored; MA and EL_n are defined on plain text only, so QA sets report ES, EM and the
+and every token but the first is scored. QA pairs use loku's training format (`loku.data.qa.format_qa`, in
+the audit's `prompt_format`, which must be the one the model was trained with) and only the answer is scored; MA and EL_n are defined on plain text only, so QA sets report ES, EM and the
 membership scores.
 """
 
@@ -57,7 +57,7 @@ def kind_of(examples: list[dict]) -> str:
 
 
 def build_set(name: str, path: str, examples: list[dict], tokenizer, *, max_tokens: int, n: int,
-              limit: int | None = None) -> EvalSet:
+              limit: int | None = None, prompt_format: str = "auto") -> EvalSet:
     """Tokenize the first `limit` examples (all by default); a text too short for EL_n is a LokuError naming
     its row."""
     from ..data.qa import format_qa
@@ -73,7 +73,7 @@ def build_set(name: str, path: str, examples: list[dict], tokenizer, *, max_toke
         features = [{"input_ids": x, "labels": [-100] + x[1:]} for x in seqs.ids]
         rows = seqs.rows
     else:
-        features = [format_qa(tokenizer, e["question"], e["answer"], max_tokens) for e in examples]
+        features = [format_qa(tokenizer, e["question"], e["answer"], max_tokens, prompt_format) for e in examples]
         rows = list(range(1, len(features) + 1))
         try:
             check_features(features, f"{path} record")

@@ -26,6 +26,7 @@ def command(
     unseen: Optional[str] = _opt("unseen"),
     retain: Optional[str] = _opt("retain"),
     text_column: Optional[str] = _opt("text_column"),
+    prompt_format: Optional[str] = _opt("prompt_format"),
     rows: Optional[int] = _opt("rows"),
     max_tokens: Optional[int] = _opt("max_tokens"),
     n: Optional[int] = _opt("n"),

@@ -154,9 +154,9 @@ def feature_scores(model, features: list[dict], pad_id: int, *, attacks=ATTACKS,
     return {a: out[a] for a in attacks}
 
 
-def tokenize(tokenizer, items: list, max_tokens: int | None = None) -> list[dict]:
+def tokenize(tokenizer, items: list, max_tokens: int | None = None, prompt_format: str = "auto") -> list[dict]:
     """Strings as plain text (no special tokens, every token but the first scored); {"question", "answer"}
-    dicts in loku's QA format (only the answer scored)."""
+    dicts in loku's QA format `prompt_format` (only the answer scored; see loku.data.qa)."""
     from ..data.qa import format_qa
 
     if all(isinstance(x, str) for x in items):
@@ -164,7 +164,8 @@ def tokenize(tokenizer, items: list, max_tokens: int | None = None) -> list[dict
     out = []
     for i, x in enumerate(items):
         if isinstance(x, dict) and "question" in x and "answer" in x:
-            out.append(format_qa(tokenizer, x["question"], x["answer"], max_tokens or tokenizer.model_max_length))
+            out.append(format_qa(tokenizer, x["question"], x["answer"], max_tokens or tokenizer.model_max_length,
+                                 prompt_format))
         elif isinstance(x, dict) and "text" in x:
             out.extend(text_features(tokenizer, [x["text"]], max_tokens))
         elif isinstance(x, str):
@@ -176,14 +177,14 @@ def tokenize(tokenizer, items: list, max_tokens: int | None = None) -> list[dict
 
 
 def attack_scores(model, tokenizer, texts: list, attacks=None, k: float = 0.4, reference=None,
-                  batch_size: int = 8, max_tokens: int | None = None) -> dict[str, list[float]]:
+                  batch_size: int = 8, max_tokens: int | None = None, prompt_format: str = "auto") -> dict[str, list[float]]:
     """Membership scores of each text (or QA pair) under each attack, higher = more likely trained on.
 
     `attacks`: names from ATTACKS (default: all, `reference` only when a reference model is given). One
     forward pass per batch of the model gives every attack; the reference model makes its own pass."""
     if attacks is None:
         attacks = [a for a in ATTACKS if a != "reference" or reference is not None]
-    features = tokenize(tokenizer, list(texts), max_tokens)
+    features = tokenize(tokenizer, list(texts), max_tokens, prompt_format)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ref = mean_losses(reference, features, pad, batch_size) if reference is not None and "reference" in attacks \
         else None
