@@ -205,3 +205,28 @@ def test_auc_of_the_bootstrap_is_sklearns_and_verdicts():
     assert far["verdict"] == ABOVE and far["interval"][0] > 0.8
     assert recovery(0.5, 0.2, 0.8) == pytest.approx(0.5) and recovery(0.5, 0.2, 0.205) is None
     assert recovery(0.5, None, 0.8) is None
+
+
+def test_adapter_audit_quantizes_merged_and_base(audit_files, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from loku.models import load_model
+
+    f = audit_files
+    model, tok = load_model(str(f["dir"] / "fresh"))
+    lora = get_peft_model(load_model(str(f["dir"] / "fresh"))[0], LoraConfig(r=2, lora_alpha=4,
+                                                                              target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    lora.save_pretrained(tmp_path / "adapter")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = _cfg(f, tmp_path / "out", model=str(f["dir"] / "fresh"), adapter=str(tmp_path / "adapter"),
+               attacks=["quantize"], quantizers=["nf4"], el="none")
+    report = run_audit(cfg, model=model, tokenizer=tok, log=lambda s: None)
+    assert [q["mode"] for q in report["attacks"]["quantize"]] == ["merged", "base"]
+    assert set(model.state_dict()) == set(before) and all(torch.equal(v, before[k])
+                                                          for k, v in model.state_dict().items())
+    merged, base = (q["result"]["sets"]["forget"]["per_example"]["loss"] for q in report["attacks"]["quantize"])
+    assert merged != base   # the adapter in full precision on a quantized base is another model

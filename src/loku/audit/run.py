@@ -9,6 +9,7 @@ and manifest.json are written at the end.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -129,18 +130,20 @@ def run_audit(cfg: AuditConfig, *, model=None, tokenizer=None, original=None, re
                         "pass --relearn-data FILE (related text) to relearn on")
 
     # -- models
-    if model is None:
+    given = model is not None
+    if not given:
         from ..models import load_model
 
         log(f"loading {cfg.model}")
         model, _ = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
-    if cfg.adapter:
-        model = apply_adapter(model, cfg.adapter, cfg.model)
+    if cfg.adapter:   # PEFT injects its layers into the model it wraps: never into the caller's
+        model = apply_adapter(copy.deepcopy(model) if given else model, cfg.adapter, cfg.model)
     original = _load_other(original, cfg.original, cfg, log)
     reference = _load_other(reference, cfg.reference, cfg, log)
     from ..attacks.quantize import merged_copy
 
-    plain = merged_copy(model).eval()   # what is measured and relearned; `model` keeps any adapter for "base"
+    # what is measured and relearned (every attack copies it again); `model` keeps any adapter for "base"
+    plain = merged_copy(model).eval() if cfg.adapter or given else model.eval()
 
     barrier()   # every process has checked --out before the main one creates it
     if main and not cfg.resume:
