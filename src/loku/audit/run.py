@@ -45,6 +45,7 @@ class Parts:
         value["seconds_total"] = round(time.time() - t0, 1)
         if self.main:
             io.write_json(path, value)
+        log(f"  {key}: {value['seconds_total']:.0f} s")
         return value
 
 
