@@ -129,41 +129,50 @@ def _label(metric: str, n: int) -> str:
 
 
 def plot_audit(report: dict, path: str | Path) -> None:
-    """Left: recovery (or the forget-side value without --original) over relearning steps. Right: membership
-    AUC per condition and attack, 0.5 = never-seen level."""
+    """Left: over relearning steps, the recovery fraction (without --original: the forget-side value) of ES, EM,
+    EL and the best membership AUC, on the held-out part (solid), the whole forget set (dashed) and after
+    relearning on related data (dotted). Right: membership AUC per condition and attack (0.5 = never-seen)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6))
+    from .verdict import recovery
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     rel = report.get("attacks", {}).get("relearn")
     has_original = report.get("original") is not None
     n = report["config"]["n"]
     if rel:
-        metrics = ["es", "em", "ma", "el"] + [f"auc_{a}" for a in report["settings"]["membership_attacks"]]
-        colors = dict(zip(metrics, plt.cm.tab10.colors))
+        metrics = {"es": "ES", "em": "EM", "el": f"EL{n}", "auc": "best membership AUC"}
+        colors = dict(zip(metrics, ("tab:blue", "tab:orange", "tab:red", "tab:purple")))
+        before = {"forget_part": (report["unlearned"]["compare"]["forget"],
+                                  report["original"] and report["original"]["compare"]["forget"])}
+        before["related"] = before["forget_part"]
+        if rel.get("held_out_before"):
+            before["held_out"] = (rel["held_out_before"]["unlearned"], rel["held_out_before"]["original"])
         for series, style, name in (("held_out", "-", "held-out part"), ("forget_part", "--", "forget set"),
-                                    ("related", ":", "related data")):
+                                    ("related", ":", "after related data")):
             points = rel.get("related" if series == "related" else "forget_part", [])
-            if not points:
+            if not points or series not in before:
                 continue
-            xs = [p["steps"] for p in points]
-            for m in metrics:
+            u, o = before[series]
+            for m, label in metrics.items():
                 ys = []
                 for p in points:
-                    cmp = _point_compare(report, p, series)
-                    value = _summary_value(cmp, m)
-                    rec = (p["held_out"]["recovery"] if series == "held_out" else p["recovery"]) or {}
-                    ys.append(rec.get(m) if has_original else value)
+                    x = _value(_point_compare(report, p, series), m)
+                    ys.append(recovery(x, _value(u, m), o and _value(o, m)) if has_original else x)
                 if any(y is not None for y in ys):
-                    left.plot(xs, [float("nan") if y is None else y for y in ys], style, marker="o", color=colors[m],
-                              label=f"{_label(m[4:] if m.startswith('auc_') else m, n)} ({name})")
+                    left.plot([p["steps"] for p in points], [float("nan") if y is None else y for y in ys], style,
+                              marker="o", color=colors[m], label=f"{label}, {name}")
         left.set_xlabel("relearning steps")
         left.set_ylabel("recovery fraction" if has_original else "forget-set value")
         left.axhline(0, color="grey", linewidth=0.8)
+        if has_original:
+            left.axhline(1, color="grey", linewidth=0.8, linestyle=":")
         left.legend(fontsize=6, ncol=2)
-        left.set_title("Relearning", fontsize=9)
+        left.set_title("Relearning" + (" (1 = all that unlearning removed is back)" if has_original else ""),
+                       fontsize=9)
     else:
         left.text(0.5, 0.5, "no relearning attack run\n(--attacks relearn)", ha="center", va="center")
         left.set_axis_off()
@@ -180,13 +189,21 @@ def plot_audit(report: dict, path: str | Path) -> None:
     right.set_xticks([i + 0.4 - width / 2 for i in range(len(names))])
     right.set_xticklabels(names, rotation=60, ha="right", fontsize=6)
     right.set_ylim(0, 1)
-    right.set_ylabel("membership AUC (forget vs never-seen)")
+    right.set_ylabel("membership AUC")
     right.legend(fontsize=6)
-    right.set_title("Membership AUC per attack", fontsize=9)
+    right.set_title("Forget vs never-seen: membership AUC per condition", fontsize=9)
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+
+
+def _value(cmp: dict, metric: str):
+    """A comparison's forget-side value of ma/el/es/em, or "auc": the best (highest) membership AUC."""
+    if metric == "auc":
+        return max((line["auc"] for line in cmp["auc"].values()), default=None)
+    line = cmp["metrics"].get(metric)
+    return line and line["forget"]
 
 
 def _point_compare(report: dict, point: dict, series: str) -> dict:
@@ -195,11 +212,3 @@ def _point_compare(report: dict, point: dict, series: str) -> dict:
     if point["steps"] == 0:
         return report["unlearned"]["compare"]["forget"]
     return point["result"]["compare"]["forget"]
-
-
-def _summary_value(cmp: dict, metric: str):
-    if metric.startswith("auc_"):
-        line = cmp["auc"].get(metric[4:])
-        return line and line["auc"]
-    line = cmp["metrics"].get(metric)
-    return line and line["forget"]

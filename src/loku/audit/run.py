@@ -357,6 +357,8 @@ def _relearn(cfg, plain, tokenizer, sets, st, ref_losses, related_ex, kind, unle
         out["forget_split"] = {"relearned_rows": [sets["forget"].rows[i] for i in idx_in],
                                "held_out_rows": [sets["forget"].rows[i] for i in idx_out]}
         out["forget_part"] = curve("forget", [sets["forget"].features[i] for i in idx_in], idx_out)
+        out["held_out_before"] = {"unlearned": held_out(unlearned, idx_out),
+                                  "original": orig and held_out(orig, idx_out)}
     if related_ex is not None:
         from ..metrics.forward import text_features
         from ..data.qa import format_qa
