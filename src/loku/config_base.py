@@ -9,7 +9,8 @@ The same fields give the YAML keys (`lora_rank`) and, through `loku.commands.opt
 (`--lora-rank`), so an option is typed once. A field whose type is another config nests it (`TdecConfig.unlearn`
 holds an `UnlearnConfig`): its fields are also reachable by their own names, flat, unless the outer config
 has a field of the same name or lists them in `hide` (values the outer config sets itself).
-Metadata keys: help, group, bound ("positive" | "non-negative"), choices, default_text (shown for a None
+Metadata keys: help, group, bound ("positive" | "non-negative"), choices (and kind: what an unknown
+choice is called in the error), default_text (shown for a None
 default), off_flag (a second "off" spelling of a boolean flag, e.g. --full for lora=False), aliases (extra
 flag spellings), positional (a command argument rather than a --flag), hide (nested configs only).
 """
@@ -280,7 +281,7 @@ def check_value(cls, name: str, value):
         return value
     default = default_of(cls.__dataclass_fields__[name])
     if "choices" in m and value not in m["choices"]:
-        raise unknown_choice(name.replace("_", " "), value, m["choices"])
+        raise unknown_choice(m.get("kind", name.replace("_", " ")), value, m["choices"])
     bound = m.get("bound")
     if bound == "positive" and isinstance(value, int) and not isinstance(value, bool) and value <= 0:
         raise LokuError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}: pass "
