@@ -11,6 +11,7 @@ import typer
 
 from .commands.options import config_command
 from .config import UnlearnConfig
+from .demo import DemoConfig, run_demo
 from .errors import LokuError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -48,27 +49,29 @@ def unlearn(cfg: UnlearnConfig, given: dict,
 
 @list_app.command("methods")
 def list_methods():
-    """Unlearning methods and what each optimises."""
-    from .losses import METHODS
+    """Unlearning methods, what each optimises, and its own settings with their defaults."""
+    import dataclasses
+
+    from .methods import METHODS
 
     for name, m in METHODS.items():
         needs = [w for w, on in (("retain", m.needs_retain), ("reference model", m.needs_reference)) if on]
-        typer.echo(f"{name:8s} {m.summary}" + (f"  [needs {', '.join(needs)}]" if needs else ""))
+        facts = ([f"needs {', '.join(needs)}"] if needs else []) + [f"init auto = {m.default_init}"]
+        if m.forget_weight != 1.0:
+            facts.append(f"forget weight {m.forget_weight:g}")
+        typer.echo(f"{name:8s} {m.summary}  [{'; '.join(facts)}]")
+        for f in dataclasses.fields(m.settings) if m.settings else ():
+            key = f"--{name}-{f.name}".replace("_", "-")
+            typer.echo(f"{'':8s}   {key} (default {f.default}): {f.metadata.get('help', '')}")
+    typer.echo("Every method: --forget-weight (default: the method's) and --retain-weight (default 1) scale its "
+               "two terms.")
 
 
 @app.command()
-def demo(
-    out: Optional[str] = typer.Option(None, help="New directory for the report (default runs/demo-<time>)."),
-    quick: bool = typer.Option(False, help="A smaller demo for a smoke test."),
-    model: str = typer.Option("smollm2-135m", help="Model to run the demo on."),
-):
+@config_command(DemoConfig)
+def demo(cfg: DemoConfig):
     """Unlearn fictitious private records that SmolLM2-135M memorized, end to end on the CPU."""
-    import time
-
-    from .demo import DemoConfig, run_demo
-
-    out = out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_demo(DemoConfig(out=out, model=model, **(DemoConfig.quick_overrides() if quick else {})))
+    run_demo(cfg)
 
 
 def _register_subapps() -> None:

@@ -173,7 +173,7 @@ class SimNPOSettings:
                             "(OpenUnlearning SimNPO.yaml: 0).")
 
 
-@method("simnpo", "reference-free, length-normalised NPO + retain cross-entropy (forget weight 0.125)",
+@method("simnpo", "reference-free, length-normalised NPO + retain cross-entropy",
         settings=SimNPOSettings, needs_retain=True, forget_mean_over="sequences",
         forget_weight=0.125)   # OpenUnlearning SimNPO.yaml: gamma 0.125 multiplies the forget term
 def simnpo(x: LossInputs, s: SimNPOSettings):
