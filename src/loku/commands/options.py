@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -148,7 +149,12 @@ def config_command(cls, *, config_file: str | None = None,
     """Decorator: the typer command's options are generated from `cls` (see the module docstring).
     `config_file`: the name of a nested config that --config fills (default: the whole config)."""
     def wrap(fn):
-        sig, fn_hints = inspect.signature(fn), typing.get_type_hints(fn)
+        sig = inspect.signature(fn)
+        # The annotations of the function's own options, resolved in its module (not `cfg`'s: a config class
+        # defined inside a function, as in a test, is not visible there).
+        own_annotations = {n: a for n, a in fn.__annotations__.items() if n not in ("cfg", "given", "return")}
+        fn_hints = typing.get_type_hints(types.SimpleNamespace(__annotations__=own_annotations),
+                                         globalns=fn.__globals__)
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=fn_hints.get(n, p.annotation))
                for n, p in sig.parameters.items() if n not in ("cfg", "given")]
         taken = {p.name for p in own} | {"config"}
