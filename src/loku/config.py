@@ -43,7 +43,7 @@ class UnlearnConfig(Config):
                          off_flag="--full")
     lora_rank: int = setting(8, "LoRA rank.", group=LORA, bound="positive")
     lora_alpha: float | None = setting(None, "LoRA alpha (scaling alpha / rank).", group=LORA, bound="positive",
-                                       default_text="2 x rank")
+                                       default_text="2 x rank", example=16)
     lora_targets: list[str] | None = setting(None, "Modules that get adapters, comma-separated "
                                              "(e.g. q_proj,v_proj).", group=LORA,
                                              default_text="every linear layer but the output head")
@@ -71,8 +71,8 @@ class UnlearnConfig(Config):
     seed: int = setting(0, "Seed of the batch order and initialisation.", group=TRAINING)
     mixed_precision: str | None = setting(None, "no, bf16 or fp16.", group=TRAINING, choices=("no", "bf16", "fp16"),
                                           default_text="the launch configuration's, else no")
-    forget_weight: float | None = setting(None, "Coefficient of the forget term.", group=METHOD,
-                                          bound="non-negative", default_text="the method's: 0.125 for simnpo, else 1")
+    forget_weight: float | None = setting(None, "Coefficient of the forget term.", group=METHOD, bound="non-negative",
+                                          default_text="the method's: 0.125 for simnpo, else 1", example=1)
     retain_weight: float = setting(1.0, "Coefficient of the retain term.", group=METHOD, bound="non-negative")
     save_merged: bool = setting(False, "Also write the merged model (safetensors).", group=OUTPUT)
     overwrite: bool = setting(False, "Replace a non-empty --out directory.", group=OUTPUT)

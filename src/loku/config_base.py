@@ -10,7 +10,8 @@ The same fields give the YAML keys (`lora_rank`) and, through `loku.commands.opt
 holds an `UnlearnConfig`): its fields are also reachable by their own names, flat, unless the outer config
 has a field of the same name or lists them in `hide` (values the outer config sets itself).
 Metadata keys: help, group, bound ("positive" | "non-negative"), choices (and kind: what an unknown
-choice is called in the error), default_text (shown for a None
+choice is called in the error), example (a valid value
+for error messages), default_text (shown for a None
 default), off_flag (a second "off" spelling of a boolean flag, e.g. --full for lora=False), aliases (extra
 flag spellings), positional (a command argument rather than a --flag), hide (nested configs only).
 """
@@ -283,15 +284,19 @@ def check_value(cls, name: str, value):
     if "choices" in m and value not in m["choices"]:
         raise unknown_choice(m.get("kind", name.replace("_", " ")), value, m["choices"])
     bound = m.get("bound")
+    # A field whose default is None can also be left out: say so, with what it then means.
+    unset = "" if default is not None else ", or leave it out" + (f" (default: {m['default_text']})"
+                                                                   if "default_text" in m else "")
+    example = m.get("example", default if default is not None else 1)
     if bound == "positive" and isinstance(value, int) and not isinstance(value, bool) and value <= 0:
         raise LokuError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}: pass "
-                        f"{flag(name)} 1 or more" + (f" (default {default})" if default is not None else ""))
+                        f"{flag(name)} 1 or more" + (f" (default {default})" if default is not None else unset))
     if bound == "positive" and isinstance(value, float) and not value > 0:
         raise LokuError(f"{name.replace('_', '-')} must be positive, got {value!r}: pass e.g. {flag(name)} "
-                        f"{default if default is not None else 1.0:g}")
+                        f"{example:g}{unset}")
     if bound == "non-negative" and not value >= 0:
         raise LokuError(f"{name.replace('_', '-')} must be 0 or more, got {value!r}: pass e.g. {flag(name)} "
-                        f"{default if default is not None else 0}")
+                        f"{example:g}{unset}")
     return value
 
 
