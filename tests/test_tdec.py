@@ -31,14 +31,15 @@ def write_csv(path, texts, column="text"):
     return path
 
 
-def eval_dir(root):
-    """A two-task utility data folder (LAMBADA-style completion and a perplexity set)."""
+def eval_dir(data):
+    """A data folder whose eval/ holds two utility tasks (LAMBADA-style completion and a perplexity set)."""
+    root = data / "eval"
     (root / "reasoning").mkdir(parents=True)
     (root / "ppl").mkdir()
     (root / "reasoning" / "lambada.csv").write_text("id,text\n0,The quick brown fox jumps over the lazy dog.\n"
                                                      "1,Machine learning models memorize data\n")
     (root / "ppl" / "pile.csv").write_text("doc_id,text,corpus\n0,The quick brown fox.,Pile-CC\n1,def main():,Github\n")
-    return root
+    return data
 
 
 # ------------------------------------------------------------------ the stop rule
@@ -165,7 +166,7 @@ def test_cli_thresholds_run_and_utility(tiny_model_dir, tmp_path, capsys):
     heldout.write_text("\n".join(HELDOUT + ["short"]) + "\n")
     retain = tmp_path / "retain.txt"
     retain.write_text("\n".join(RECORDS[12:]) + "\n")
-    data = eval_dir(tmp_path / "eval")
+    data = eval_dir(tmp_path / "data")
 
     code, out, err = run_cli(["tdec", "thresholds", "--model", tiny_model_dir, "--data", heldout,
                               "--max-tokens", "40", "--out", tmp_path / "th"], capsys)
@@ -177,7 +178,7 @@ def test_cli_thresholds_run_and_utility(tiny_model_dir, tmp_path, capsys):
     code, out, err = run_cli(["tdec", "run", "--model", tiny_model_dir, "--forget", forget, "--retain", retain,
                               "--method", "ihl", "--init", "default", "--lora-rank", "4", "--epochs", "2",
                               "--lr", "1e-3", "--batch-size", "4", "--max-tokens", "40", "--thresholds",
-                              tmp_path / "th", "--tasks", "lambada,pile", "--limit", "2", "--eval-data", data,
+                              tmp_path / "th", "--tasks", "lambada,pile", "--limit", "2", "--data-dir", data,
                               "--utility-before", "--out", run], capsys)
     assert code == 0, err
     report = json.loads((run / "report.json").read_text())
@@ -194,7 +195,7 @@ def test_cli_thresholds_run_and_utility(tiny_model_dir, tmp_path, capsys):
     assert "report.json" in json.loads((run / "manifest.json").read_text())["files"]
 
     code, out, err = run_cli(["tdec", "utility", "--model", tiny_model_dir, "--adapter", run / "unlearned" / "adapter",
-                              "--tasks", "pile", "--limit", "2", "--data", data, "--out", tmp_path / "u"], capsys)
+                              "--tasks", "pile", "--limit", "2", "--data-dir", data, "--out", tmp_path / "u"], capsys)
     assert code == 0, err
     u = json.loads((tmp_path / "u" / "utility.json").read_text())
     assert u["tasks"]["pile"]["n"] == 2 and u["adapter"].endswith("adapter")
@@ -211,13 +212,13 @@ def test_bad_input_one_line_exit_2_nothing_written(case, tiny_model_dir, tmp_pat
     if case == "short":
         texts = [FORGET[0], "Hi there", FORGET[1]]
     forget = write_csv(tmp_path / "forget.csv", texts, column="content" if case == "column" else "text")
-    data = eval_dir(tmp_path / "eval")
+    data = eval_dir(tmp_path / "data")
     if case == "empty_task":
-        (data / "reasoning" / "lambada.csv").write_text("")
+        (data / "eval" / "reasoning" / "lambada.csv").write_text("")
     out = tmp_path / "out"
     thresholds = [] if case == "no_thresholds" else ["--el-threshold", "0.05", "--ma-threshold", "0.3"]
     code, stdout, err = run_cli(["tdec", "run", "--model", tiny_model_dir, "--forget", forget, "--method", "ga",
-                                 "--tasks", "lambada", "--eval-data", data, "--out", out, *thresholds], capsys)
+                                 "--tasks", "lambada", "--data-dir", data, "--out", out, *thresholds], capsys)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")

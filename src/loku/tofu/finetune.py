@@ -5,7 +5,7 @@ succeeds when its forget-set answers look like the retain model's (Forget Qualit
 TOFU's recipe is the default: 5 epochs, effective batch 32 (batch_size x grad_accum), lr 1e-5, weight
 decay 0.01, one epoch of linear warmup, full fine-tuning, loss on the answer tokens only.
 
-    summary = finetune_tofu(TofuFinetuneConfig(out="runs/tofu-models", data="../shared/data/tofu", authors=20))
+    summary = finetune_tofu(TofuFinetuneConfig(out="runs/tofu-models", data_dir="~/loku-data", authors=20))
     # runs/tofu-models/target/, runs/tofu-models/retain/ (safetensors + tokenizer), tofu_finetune.json
 """
 
@@ -15,7 +15,7 @@ import dataclasses
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +35,9 @@ class TofuFinetuneConfig:
 
     out: str = ""
     model: str = "smollm2-135m"     # base model: hub id, local folder, .gguf, or the embedded default
-    data: str | None = None         # folder of TOFU's JSON files; None reads the hub (locuslab/TOFU)
+    data_dir: str | None = field(default=None, metadata={"help": (
+        "Data folder whose tofu/ holds TOFU's JSON files (see README 'Data'); default $LOKU_DATA, then the "
+        "hub dataset locuslab/TOFU.")})
     split: str = "forget10"         # the forget split the retain model leaves out (retain90 for forget10)
     authors: int | None = None      # K-author TOFU (K x 20 QA pairs), keeping the forget share
     qa_per_author: int = QA_PER_AUTHOR  # first Q QA pairs of every author (a further scale-down)
@@ -109,7 +111,7 @@ def training_rows(cfg: TofuFinetuneConfig) -> dict[str, list[dict]]:
     names = {"target": "full", "retain": retain_split(cfg.split)}
     rows = {}
     for model, split in names.items():
-        rows[model] = per_author(load_split(split, cfg.data, authors=cfg.authors, forget=cfg.split),
+        rows[model] = per_author(load_split(split, cfg.data_dir, authors=cfg.authors, forget=cfg.split),
                                  cfg.qa_per_author)
         check_qa_rows(split, rows[model])
     return rows
