@@ -15,8 +15,9 @@ from loku.data.text import tokenize_examples
 from loku.errors import LokuError
 from loku.finetune import finetune
 from loku.metrics.extraction import extraction_likelihood, memorization_accuracy
-from loku.tdec import (PRESETS, ExtractionMeter, StopWhenForgotten, Thresholds, compute_thresholds, load_sequences,
-                       markdown_table, preset_for, resolve_thresholds, table_row, tokenize_sequences)
+from loku.tdec import (PRESETS, ExtractionMeter, StopWhenForgotten, TdecConfig, Thresholds, compute_thresholds,
+                       load_sequences, markdown_table, preset_for, resolve_thresholds, run_tdec, table_row,
+                       tokenize_sequences)
 
 RECORDS = [record_text(r) for r in make_records(16, seed=11)]
 FORGET, HELDOUT = RECORDS[:6], RECORDS[6:12]
@@ -204,6 +205,45 @@ def test_cli_thresholds_run_and_utility(tiny_model_dir, tmp_path, capsys):
     code, _, err = run_cli(["tdec", "run", "--model", tiny_model_dir, "--forget", forget, "--out", run,
                             "--el-threshold", "0.1", "--ma-threshold", "0.1", "--no-utility"], capsys)
     assert code == 2 and "not empty" in err and "--overwrite" in err
+
+
+def test_nothing_to_unlearn_stops_before_training_unless_forced(tiny_model_dir, tmp_path, capsys):
+    """The untrained tiny model never saw the forget records: measured before training, its EL10/MA are below
+    GPT-Neo's published thresholds (EL10 4.99 %, MA 29.94 %), so `tdec run` says there is nothing to unlearn,
+    trains nothing and exits 0; --force trains anyway (and the stop rule ends after one epoch)."""
+    forget = write_csv(tmp_path / "forget.csv", FORGET[:4])
+    args = ["tdec", "run", "--model", tiny_model_dir, "--forget", forget, "--method", "ga", "--epochs", "3",
+            "--lr", "1e-3", "--max-tokens", "40", "--thresholds", "gpt-neo-125m", "--no-utility"]
+    code, out, err = run_cli([*args, "--out", tmp_path / "run"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    before, th = report["initial"], report["thresholds"]
+    assert before["el_mean"] < th["el"] and before["ma_mean"] < th["ma"] == 0.2994   # measured, not assumed
+    assert report["initially_forgotten"] and report["trained"] is False and report["epochs_run"] == 0
+    said = [line for line in out.splitlines() if line.startswith("nothing to unlearn")]
+    assert len(said) == 1 and f"MA {100 * before['ma_mean']:.2f} % vs 29.94 %" in said[0]
+    assert "pass --force to train anyway" in said[0] and said[0] == report["note"]
+    assert out.index("nothing to unlearn") > out.index("before: EL10")
+    assert not (tmp_path / "run" / "unlearned").exists()
+    assert sorted(json.loads((tmp_path / "run" / "manifest.json").read_text())["files"]) == ["report.json"]
+
+    code, out, err = run_cli([*args, "--force", "--out", tmp_path / "forced"], capsys)
+    assert code == 0, err
+    forced = json.loads((tmp_path / "forced" / "report.json").read_text())
+    assert forced["trained"] is True and forced["epochs_run"] == forced["epochs_to_forget"] == 1
+    assert forced["initial"] == {**before, "seconds": forced["initial"]["seconds"]}
+    assert "--force: training anyway" in out and "nothing to unlearn" not in out
+    assert (tmp_path / "forced" / "unlearned" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_nothing_to_unlearn_leaves_the_model_untouched(tokenizer, tmp_path):
+    model = tiny_llama(len(tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TdecConfig(forget=str(write_csv(tmp_path / "forget.csv", FORGET[:3])), max_tokens=40, el_threshold=0.5,
+                     ma_threshold=0.5, utility=False, unlearn=UnlearnConfig(method="ga", epochs=2))
+    report = run_tdec(cfg, model, tokenizer, log=lambda s: None)
+    assert report["trained"] is False and report["initial"]["ma_mean"] < 0.5
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("case", ["short", "column", "empty_task", "no_thresholds"])

@@ -198,7 +198,7 @@ PPL_TASKS = [n for n, t in TASKS.items() if t.kind == "ppl"]
 def task_data(spec: TaskSpec) -> PublicData:
     """The task as a public data set: eval/<path> in a data folder, or its hub copy (loku.data.sources)."""
     return PublicData(f"TDEC utility task {spec.name}", f"eval/{spec.path}", HubCopy(*spec.hub) if spec.hub else None,
-                      "Jang et al. 2023, github joeljang/knowledge-unlearning")
+                      "Jang et al. 2023's validation_data/ files, joeljang/knowledge-unlearning")
 
 
 def _read_rows(path: Path) -> Iterable:

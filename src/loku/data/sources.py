@@ -77,7 +77,8 @@ def tdec_forget_set(name: str) -> PublicData:
 def tofu_split(name: str, filename: str) -> PublicData:
     """A TOFU split: `filename` in tofu/, or the hub config `name` (idontknow has no hub copy)."""
     hub = None if name == "idontknow" else HubCopy(TOFU_HUB, name, "train")
-    return PublicData(f"TOFU split {name}", f"tofu/{filename}", hub, "hub dataset locuslab/TOFU, or github locuslab/tofu")
+    return PublicData(f"TOFU split {name}", f"tofu/{filename}", hub,
+                      "hub dataset locuslab/TOFU, or github locuslab/tofu")
 
 
 def data_folders(data_dir: str | os.PathLike | None = None) -> list[tuple[str, Path]]:
