@@ -89,6 +89,9 @@ def test_a_named_folder_that_is_absent_is_an_error(tmp_path, monkeypatch):
     with pytest.raises(LokuError, match=r"data folder .*nowhere \(--data-dir\) does not exist: pass a folder laid "
                                         r"out as tdec/, eval/, tofu/"):
         find(WIKITEXT2_TEST, tmp_path / "nowhere")
+    (tmp_path / "a.csv").write_text("text\nx\n")
+    with pytest.raises(LokuError, match=r"a.csv \(--data-dir\) is a file, not a folder"):
+        find(WIKITEXT2_TEST, tmp_path / "a.csv")
     monkeypatch.setenv("LOKU_DATA", str(tmp_path / "gone"))
     with pytest.raises(LokuError, match=r"gone \(\$LOKU_DATA\) does not exist"):
         find(WIKITEXT2_TEST)

@@ -91,7 +91,8 @@ def data_folders(data_dir: str | os.PathLike | None = None) -> list[tuple[str, P
         folders.append((f"${ENV_VAR}", Path(os.environ[ENV_VAR]).expanduser()))
     for label, folder in folders:
         if not folder.is_dir():
-            raise LokuError(f"data folder {folder} ({label}) does not exist: pass a folder laid out as {LAYOUT}")
+            what = "is a file, not a folder" if folder.exists() else "does not exist"
+            raise LokuError(f"data folder {folder} ({label}) {what}: pass a folder laid out as {LAYOUT}")
     return folders + [("loku's own files", SHIPPED)]
 
 
