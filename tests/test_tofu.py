@@ -179,7 +179,8 @@ def test_write_logs_is_atomic_and_cli_aggregate(tmp_path):
 # ---------------------------------------------------------------- data
 def test_multi_array_json_and_unknown_split(tmp_path):
     (tmp_path / "tofu").mkdir()
-    (tmp_path / "tofu" / "full.json").write_text('[{"question": "a", "answer": "b"}]\n[{"question": "c", "answer": "d"}]\n')
+    (tmp_path / "tofu" / "full.json").write_text('[{"question": "a", "answer": "b"}]\n'
+                                                 '[{"question": "c", "answer": "d"}]\n')
     assert [r["question"] for r in load_split("full", tmp_path)] == ["a", "c"]
     with pytest.raises(LokuError, match="did you mean 'forget10'.*retain_perturbed"):
         load_split("forget_10", tmp_path)

@@ -1,9 +1,9 @@
 """`loku tdec run`: the TDEC protocol end to end for one model, one forget set and one method.
 
 Initial MA/EL_n of the forget set (already below the thresholds: nothing to unlearn, nothing trained unless
-`force`); unlearning with the stop rule (per-epoch MA/EL_n, stop after the first
-epoch where both means are below the model's thresholds); final utility (reasoning, dialogue, perplexity);
-report.json (per epoch and per item), table.md (the paper's layout), curves.png.
+`force`); unlearning with the stop rule (per-epoch MA/EL_n, stop after the first epoch where both means are
+below the model's thresholds); final utility (reasoning, dialogue, perplexity); report.json (per epoch and per
+item), table.md (the paper's layout), curves.png.
 """
 
 from __future__ import annotations
