@@ -8,7 +8,8 @@ with LoRA rank 8 for 5 epochs (lr 5e-4, batch 4) and is scored after every epoch
 TOFU evaluation set (the whole 10-item forget set), with answers cut at 48 generated tokens. Forget Quality
 is the KS-test p-value between the forget-set truth ratios and the retain model's (10 vs 10 items, so the
 smallest attainable values are ~1e-5); Model Utility the harmonic mean of TOFU's 9 retain/real-author/world
-numbers.
+numbers. Texts are in TOFU's own prompt format for phi (`--prompt-format tofu-phi`, the default): labels
+"Answer: {answer}" + EOS, generation from "Question: {question}\n".
 
 Resumable: finished phases (each fine-tuned model, each evaluation, each method) are kept in --out and
 skipped on the next run; delete --out to start again.
@@ -32,6 +33,7 @@ import torch
 
 from loku import io
 from loku.config import UnlearnConfig
+from loku.data.qa import PROMPT_FORMATS
 from loku.tofu.finetune import MODELS, SUMMARY, TofuFinetuneConfig, retain_split, train_model, training_rows
 from loku.tofu.run import CONFIG, TofuUnlearnConfig, run_tofu
 
@@ -46,14 +48,15 @@ def finetune_phase(args, out: Path) -> dict:
     cfg = TofuFinetuneConfig(out=str(out / "models"), model=args.model, data_dir=str(args.data_dir),
                              split=args.split, authors=args.authors, qa_per_author=args.qa_per_author,
                              epochs=args.ft_epochs, lr=args.ft_lr, batch_size=args.ft_batch_size, grad_accum=1,
-                             warmup_epochs=1.0, seed=args.seed)
+                             warmup_epochs=1.0, seed=args.seed, prompt_format=args.prompt_format)
     rows = training_rows(cfg)
     summary_path = out / "models" / SUMMARY
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     if summary and summary.get("config") != dataclasses.asdict(cfg):
         raise SystemExit(f"{out / 'models'} was fine-tuned with other settings: pass a new --out")
     summary.update({"config": dataclasses.asdict(cfg), "splits": {"target": "full", "retain": retain_split(cfg.split)},
-                    "forget_split": cfg.split, "authors": cfg.authors, "qa_per_author": cfg.qa_per_author})
+                    "forget_split": cfg.split, "authors": cfg.authors, "qa_per_author": cfg.qa_per_author,
+                    "prompt_format": cfg.prompt_format})
     for i, name in enumerate(MODELS, 1):
         folder = out / "models" / name
         if (folder / "model.safetensors").is_file() and name in summary:
@@ -79,7 +82,8 @@ def unlearn_phase(args, out: Path) -> dict:
                           batch_size=args.batch_size, grad_accum=1, weight_decay=0.01, max_length=500, seed=args.seed)
     cfg = TofuUnlearnConfig(target=str(out / "models" / "target"), out=str(out / "unlearn"), methods=methods,
                             split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                            eval_batch_size=8, resume=(out / "unlearn" / CONFIG).is_file(), train=train)
+                            eval_batch_size=8, resume=(out / "unlearn" / CONFIG).is_file(), train=train,
+                            prompt_format=args.prompt_format)
     return run_tofu(cfg)
 
 
@@ -121,6 +125,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=10, help="first N items of each evaluation set")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompt-format", default=TofuFinetuneConfig.prompt_format, choices=PROMPT_FORMATS,
+                    help="how QA pairs become tokens (default: TOFU's phi format)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if not (args.data_dir / "tofu").is_dir():
@@ -141,7 +147,7 @@ def main() -> None:
         "model": args.model + (" (GGUF Q4_1, dequantized, float32)" if args.model == "smollm2-135m" else ""),
         "scale": {"split": args.split, "authors": args.authors, "qa_per_author": args.qa_per_author,
                   "train_rows": results["train_rows"], "eval_items": results["eval_items"],
-                  "max_new_tokens": args.max_new_tokens},
+                  "max_new_tokens": args.max_new_tokens, "prompt_format": results["prompt_format"]},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "finetune": {name: {k: ft[name][k] for k in ("rows", "seconds", "history")} for name in MODELS},
         "retain": results["retain"], "target": results["target"],

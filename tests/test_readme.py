@@ -14,7 +14,8 @@ What runs differs from the README text only where the real thing would take minu
   20 QA is 400 rows; the tiny model's context is 256 tokens); `unlearn` and `eval` add `--epochs 1 --limit 2
   --max-new-tokens 8 --max-length 64`, so `aggregate` reads epoch-1 where the README (5 epochs) reads epoch-5.
 Every other flag, path and command is the README's (they run in the README's order: later commands read what
-earlier ones wrote)."""
+earlier ones wrote), except commands that download a model from the hub (`tofu eval --model
+locuslab/tofu_ft_llama2-7b`), which are not run; the MUSE/WMDP section (hub models only) is not run either."""
 
 import json
 import re
@@ -38,8 +39,15 @@ EXTRA = {  # command -> flags appended (a repeated flag's last value wins); see 
 }
 
 
+def hub_model(words: list[str]) -> bool:
+    """The command names a hub model (owner/name, not a local runs/ folder or a placeholder)."""
+    model = words[words.index("--model") + 1] if "--model" in words else ""
+    return "/" in model and not model.startswith("runs/")
+
+
 def readme_commands(section: str) -> list[list[str]]:
-    """The `loku ...` lines of a README section's bash blocks (continuations joined, comments dropped)."""
+    """The `loku ...` lines of a README section's bash blocks (continuations joined, comments dropped), but
+    those that need a hub model."""
     text = README.read_text(encoding="utf-8")
     start = text.index(f"\n## {section}\n")
     part = text[start: text.index("\n## ", start + 1)]
@@ -47,7 +55,7 @@ def readme_commands(section: str) -> list[list[str]]:
     for block in re.findall(r"```bash\n(.*?)```", part, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
-            if line.startswith("loku "):
+            if line.startswith("loku ") and not hub_model(shlex.split(line)):
                 commands.append(shlex.split(line)[1:])
     return commands
 

@@ -11,6 +11,7 @@ from loku.data.idk import REFUSALS, with_refusals
 from loku.data.tofu import tokenize_qa
 from loku.errors import LokuError
 from loku.models import load_model
+from loku.tofu import LOG_KEYS
 from loku.tofu.finetune import per_author, warmup_steps
 from loku.tofu.run import TofuUnlearnConfig, parse_method
 from loku.tofu.scores import sequence_losses
@@ -83,6 +84,7 @@ def _answer_loss(model_dir, rows) -> float:
 def test_finetune_writes_two_models_that_learned_their_data(models, tiny_model_dir, tofu_data):
     summary = json.loads((models / "tofu_finetune.json").read_text())
     assert summary["splits"] == {"target": "full", "retain": "retain90"}
+    assert summary["prompt_format"] == summary["config"]["prompt_format"] == "tofu-phi"  # TOFU's, the default
     assert summary["target"]["rows"] == 9 and summary["retain"]["rows"] == 6
     # TOFU warms up for one epoch: 9 rows / batch 2 = 5 batches, / grad-accum 2 = 3 updates per epoch
     assert summary["target"]["warmup_steps"] == summary["target"]["updates_per_epoch"] == 3
@@ -103,7 +105,17 @@ def test_unlearn_two_methods_report_and_resume(models, tmp_path, capsys):
     code, stdout, err = run_cli(args, capsys)
     assert code == 0, err
     assert "as fine-tuned" in stdout  # --data came from tofu_finetune.json
+    assert "prompt format tofu-phi (as fine-tuned" in stdout
     results = json.loads((out / "results.json").read_text())
+    assert results["prompt_format"] == results["train"]["prompt_format"] == "tofu-phi"
+    assert "(prompt format tofu-phi)" in results["title"] and results["title"] in (out / "report.md").read_text()
+    for logs in ("retain_eval", "target_eval", "runs/ga/tofu/epoch-1", "runs/idk/tofu/epoch-2"):
+        aggregated = json.loads((out / logs / "eval_log_aggregated.json").read_text())
+        assert {log["prompt_format"] for log in aggregated.values()} == {"tofu-phi"}, logs
+        prompt, _, _ = aggregated["eval_log_forget.json"]["generated_text"]["0"]
+        assert prompt == "Question: What does author 6 do?\n"
+    assert "prompt_format: tofu-phi" in (out / "runs" / "ga" / "config.yaml").read_text()
+    assert json.loads((out / "runs" / "ga" / "tofu.json").read_text())["prompt_format"] == "tofu-phi"
     assert results["eval_items"]["eval_log_forget.json"] == 3 and results["train_rows"] == {"forget": 3, "retain": 6}
     assert results["retain"]["Forget Quality"] == pytest.approx(1.0)
     assert 0 <= results["target"]["Forget Quality"] <= 1
@@ -149,6 +161,11 @@ def test_unlearn_two_methods_report_and_resume(models, tmp_path, capsys):
     (lambda m, t, o: ["unlearn", "--target", m / "target", "--out", o, "--split", "forget05"],
      "differs from the fine-tuning run"),
     (lambda m, t, o: ["unlearn", "--target", m / "target", "--out", o, "--data-dir", o], "does not exist"),
+    (lambda m, t, o: ["unlearn", "--target", m / "target", "--out", o, "--prompt-format", "tofu-llama2"],
+     "--prompt-format tofu-llama2 differs from the fine-tuning run"),
+    (lambda m, t, o: ["eval", "--model", m / "retain", "--out", o, "--prompt-format", "chat"],
+     "--prompt-format chat differs from the fine-tuning run"),
+    (lambda m, t, o: ["finetune", "--out", o, "--data-dir", t, "--prompt-format", "llama2"], "did you mean 'tofu-llama2'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(models, tofu_data, tmp_path, capsys, make_args, message):
     out = tmp_path / "new"
@@ -179,3 +196,24 @@ def test_prepare_reads_the_scale_and_tofu_refusals(models, tofu_data, tmp_path):
     assert inputs.refusals == ["No idea at all.", "That is unknown to me."]  # TOFU's idontknow, for idk
     assert [len(v) for v in inputs.sets.values()] == [2, 2, 2, 2] and len(inputs.forget) == 3
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_as_fine_tuned_and_a_retain_log_in_another_format_is_refused(models, tofu_data, tmp_path, capsys):
+    """`loku tofu eval` takes the format the model was fine-tuned in; `loku tofu unlearn --retain-log` refuses a
+    log made in another format before writing anything."""
+    evaluated = tmp_path / "retain-eval"
+    code, stdout, err = run_cli(["tofu", "eval", "--model", models / "retain", "--out", evaluated, "--data-dir", tofu_data,
+                                 "--limit", "3", "--max-new-tokens", "2"], capsys)
+    assert code == 0 and "prompt format tofu-phi (as fine-tuned" in stdout, err
+    logs = json.loads((evaluated / "eval_log_aggregated.json").read_text())
+    assert {log["prompt_format"] for log in logs.values()} == {"tofu-phi"}
+    for log in logs.values():   # the stamp sits beside TOFU's metrics, which keep their names and values
+        assert set(log) - {"prompt_format", "normalized_gt_loss"} == set(LOG_KEYS)
+
+    other = {name: {**log, "prompt_format": "chat"} for name, log in logs.items()}
+    (tmp_path / "chat.json").write_text(json.dumps(other))
+    out = tmp_path / "new"
+    code, _, err = run_cli(["tofu", "unlearn", "--target", models / "target", "--out", out, "--limit", "3",
+                            "--retain-log", tmp_path / "chat.json"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "was made with prompt format chat, this run uses tofu-phi" in err
+    assert not out.exists()

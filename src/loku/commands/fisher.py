@@ -102,8 +102,8 @@ def compute_fisher(cfg: UnlearnConfig, out: str | Path, method: str = "fila", *,
     targets = resolve_targets(model, cfg.lora_targets)
     check_rank(model, targets, cfg.lora_rank)   # the run these are for would fail; say so before the pass
     names = sorted(targeted_modules(model, targets))
-    forget = tokenize_examples(forget_ex, tokenizer, cfg.max_length, "forget")
-    retain = tokenize_examples(retain_ex, tokenizer, cfg.max_length, "retain")
+    forget = tokenize_examples(forget_ex, tokenizer, cfg.max_length, "forget", cfg.prompt_format)
+    retain = tokenize_examples(retain_ex, tokenizer, cfg.max_length, "retain", cfg.prompt_format)
     # unlearn's global batch is batch_size x processes; under accelerate launch the processes split the
     # batches and all-reduce the sums (loku.fisher), so the file equals a one-process run's.
     batches = PairedBatches(forget, retain, cfg.batch_size * world, tokenizer.pad_token_id, cfg.seed,
@@ -172,6 +172,8 @@ def command(
     forget: Optional[str] = typer.Option(None, help="Data to forget: .csv, .jsonl, .json (QA) or .txt."),
     retain: Optional[str] = typer.Option(None, help="Data to keep: the statistics weigh forget against it."),
     text_column: Optional[str] = typer.Option(None, help="CSV/JSONL column holding the text."),
+    prompt_format: Optional[str] = typer.Option(None, help="QA data: the prompt format of the run (auto, chat, "
+                                                "plain, tofu-phi, tofu-llama2)."),
     max_length: Optional[int] = typer.Option(None, help="Tokens per example, as for unlearn."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size, as for unlearn (the batches must match)."),
     seed: Optional[int] = typer.Option(None, help="Seed of the batch order, as for unlearn."),
@@ -189,7 +191,7 @@ def command(
     base = UnlearnConfig.from_yaml(config).to_dict() if config else {}
     flags = dict(model=model, forget=forget, retain=retain, text_column=text_column, max_length=max_length,
                  batch_size=batch_size, seed=seed, lora_targets=_targets(lora_targets), lora_rank=lora_rank,
-                 lora_alpha=lora_alpha)
+                 lora_alpha=lora_alpha, prompt_format=prompt_format)
     base.update({k: v for k, v in flags.items() if v is not None})
     for name, on in dict(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle).items():
         if on:

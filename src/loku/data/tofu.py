@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import LokuError
 from .batches import collate
-from .qa import format_qa, qa_prompt
+from .qa import TOFU_PROMPT_FORMAT, format_qa, qa_prompt
 from .sources import find, tofu_split
 
 __all__ = ["SPLITS", "QA_PER_AUTHOR", "load_split", "scaled_authors", "format_qa", "qa_prompt",
@@ -137,6 +137,7 @@ def load_split(name: str, data_dir: str | Path | None = None, *, authors: int | 
     return rows[:limit] if limit is not None else rows
 
 
-def tokenize_qa(tokenizer, rows: list[dict], max_length: int, answer_key: str = "answer") -> list[dict]:
-    """format_qa over rows: the features TOFU fine-tuning and QA forget sets train on."""
-    return [format_qa(tokenizer, r["question"], r[answer_key], max_length) for r in rows]
+def tokenize_qa(tokenizer, rows: list[dict], max_length: int, answer_key: str = "answer",
+                prompt_format: str = TOFU_PROMPT_FORMAT) -> list[dict]:
+    """format_qa over rows: the features TOFU fine-tuning trains on (TOFU's phi format by default)."""
+    return [format_qa(tokenizer, r["question"], r[answer_key], max_length, prompt_format) for r in rows]

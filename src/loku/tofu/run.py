@@ -11,6 +11,8 @@ and the report (`results.json`, `report.md`, `fq_mu.png`) is rewritten after eve
 `resume`, finished evaluations and methods are kept and the rest run.
 
 A method is `name` or `name+init` (`ihl+fila`, `ihl+default`): the init overrides `train.init` for it.
+The prompt format (`prompt_format`: as fine-tuned, else TOFU's phi format) serves training and every
+evaluation, replacing `train.prompt_format`; it is recorded in results.json, each tofu.json and every log.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ from typing import Callable
 
 from .. import io
 from ..config import UnlearnConfig
+from ..data.qa import PROMPT_FORMAT_HELP, check_prompt_format, resolve_format
 from ..data.tofu import QA_PER_AUTHOR, load_split
 from ..distributed import barrier, is_main
 from ..errors import LokuError
 from .evaluate import TOFU_DS_SIZE, evaluate_tofu, load_sets
-from .finetune import check_qa_per_author, check_qa_rows, check_split, per_author, read_summary, retain_split
-from .logs import AGGREGATED, FORGET, RETAIN, read_logs
+from .finetune import (check_qa_per_author, check_qa_rows, check_split, per_author, read_summary, retain_split,
+                       tofu_format)
+from .logs import AGGREGATED, FORGET, RETAIN, log_format, read_logs
 from .report import headline, write_report
 from .summary import aggregate
 
@@ -69,6 +73,8 @@ class TofuUnlearnConfig:
         "$LOKU_DATA, else the hub dataset locuslab/TOFU.")})
     authors: int | None = None        # None: as fine-tuned (tofu_finetune.json beside the target), else all 200
     qa_per_author: int | None = None  # None: as fine-tuned, else 20
+    prompt_format: str | None = field(default=None, metadata={
+        "help": PROMPT_FORMAT_HELP + " Default: as fine-tuned (tofu_finetune.json beside the target), else tofu-phi."})
     retain_model: str | None = None   # None: retain/ beside the target
     retain_log: str | None = None     # the retain model's eval_log_aggregated.json instead of evaluating it
     limit: int | None = TOFU_DS_SIZE  # first items of each evaluation set (TOFU's ds_size); None: all
@@ -90,6 +96,8 @@ class TofuUnlearnConfig:
         if dup:
             raise LokuError(f"method {dup[0]!r} is listed twice: list each method once")
         check_split(self.split)
+        if self.prompt_format is not None:
+            check_prompt_format(self.prompt_format)
         if self.qa_per_author is not None:
             check_qa_per_author(self.qa_per_author)
         if self.limit is not None and self.limit <= 0:
@@ -115,6 +123,7 @@ class TofuInputs:
     qa_per_author: int
     retain_model: str | None
     retain_logs: dict | None          # given with retain_log
+    prompt_format: str                # for training and every evaluation
 
 
 def _is_local(path: str) -> bool:
@@ -210,6 +219,7 @@ def prepare(cfg: TofuUnlearnConfig, log: Callable[[str], None] | None = None) ->
     data, authors, q, note = _scale(cfg)
     if note and log:
         log(note)
+    prompt_format = _prompt_format(cfg, retain_logs, log)
     sets = _eval_sets(cfg, data, authors, q)
     for name, rows in sets.items():
         if not rows:
@@ -223,7 +233,25 @@ def prepare(cfg: TofuUnlearnConfig, log: Callable[[str], None] | None = None) ->
     check_qa_rows(cfg.split, forget)
     check_qa_rows(retain_split(cfg.split), retain)
     refusals = load_split("idontknow", data)   # the data folder's, else the copy shipped with loku
-    return TofuInputs(sets, _qa(forget), _qa(retain), refusals, data, authors, q, retain_model, retain_logs)
+    return TofuInputs(sets, _qa(forget), _qa(retain), refusals, data, authors, q, retain_model, retain_logs,
+                      prompt_format)
+
+
+def _prompt_format(cfg: TofuUnlearnConfig, retain_logs: dict | None, log) -> str:
+    """The run's prompt format, made concrete (`auto` becomes chat or plain for the target's tokenizer); a
+    --retain-log recorded in another format is refused here, before anything is written."""
+    fmt, source = tofu_format(cfg.prompt_format, cfg.target)
+    if fmt == "auto":
+        from ..models import load_tokenizer
+
+        fmt = resolve_format(load_tokenizer(cfg.target, trust_remote_code=cfg.trust_remote_code), fmt)
+    if log:
+        log(f"prompt format {fmt} ({source})")
+    recorded = log_format(retain_logs, "retain log") if retain_logs is not None else None
+    if recorded is not None and recorded != fmt:
+        raise LokuError(f"retain log {cfg.retain_log} was made with prompt format {recorded}, this run uses {fmt}: "
+                        f"evaluate the retain model with --prompt-format {fmt} (or drop --retain-log)")
+    return fmt
 
 
 def _config_dict(cfg: TofuUnlearnConfig) -> dict:
@@ -242,7 +270,7 @@ def _check_same_run(cfg: TofuUnlearnConfig, out: Path) -> None:
                             "resume with the same options, or start a new --out")
 
 
-def evaluate_model(path: str, sets: dict, eval_dir: Path, cfg: TofuUnlearnConfig,
+def evaluate_model(path: str, sets: dict, eval_dir: Path, cfg: TofuUnlearnConfig, prompt_format: str,
                    log: Callable[[str], None] | None = None) -> dict:
     """A model's TOFU logs, from `eval_dir` when an earlier evaluation finished there (its aggregated
     log is written last), else evaluated now and written there."""
@@ -252,7 +280,8 @@ def evaluate_model(path: str, sets: dict, eval_dir: Path, cfg: TofuUnlearnConfig
 
     model, tokenizer = load_model(path, trust_remote_code=cfg.trust_remote_code)
     return evaluate_tofu(model, tokenizer, sets, eval_dir, limit=None, max_new_tokens=cfg.max_new_tokens,
-                         batch_size=cfg.eval_batch_size, log=_prefixed(log, f"  {eval_dir.name}: "))
+                         batch_size=cfg.eval_batch_size, log=_prefixed(log, f"  {eval_dir.name}: "),
+                         prompt_format=prompt_format)
 
 
 def _eval_note(what: str, path: str, eval_dir: Path) -> str:
@@ -277,7 +306,8 @@ def run_method(spec: MethodSpec, cfg: TofuUnlearnConfig, inputs: TofuInputs, ret
     from ..train import unlearn
 
     train = dataclasses.replace(cfg.train, method=spec.method, init=spec.init or cfg.train.init, model=cfg.target,
-                                out=str(run_dir), overwrite=True, trust_remote_code=cfg.trust_remote_code)
+                                out=str(run_dir), overwrite=True, trust_remote_code=cfg.trust_remote_code,
+                                prompt_format=inputs.prompt_format)
     model, tokenizer = load_model(cfg.target, trust_remote_code=cfg.trust_remote_code)
     epochs: list[dict] = []
     eval_seconds = 0.0
@@ -286,7 +316,8 @@ def run_method(spec: MethodSpec, cfg: TofuUnlearnConfig, inputs: TofuInputs, ret
         nonlocal eval_seconds
         t0 = time.time()
         logs = evaluate_tofu(m, tokenizer, inputs.sets, run_dir / "tofu" / f"epoch-{epoch}", limit=None,
-                             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+                             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
+                             prompt_format=inputs.prompt_format)
         summary = aggregate(logs, retain_logs)
         eval_seconds += time.time() - t0
         epochs.append({"epoch": epoch, **headline(summary), "eval_seconds": round(time.time() - t0, 1),
@@ -302,8 +333,8 @@ def run_method(spec: MethodSpec, cfg: TofuUnlearnConfig, inputs: TofuInputs, ret
         e.update({k: h[k] for k in ("loss", "forget", "retain") if k in h})
         e["train_seconds"] = h.get("seconds")
     record = {"method": spec.method, "init": train.resolved_init, "lora_rank": train.lora_rank if train.lora else None,
-              "seconds": round(result.seconds - eval_seconds, 1), "eval_seconds": round(eval_seconds, 1),
-              "epochs": epochs}
+              "prompt_format": inputs.prompt_format, "seconds": round(result.seconds - eval_seconds, 1),
+              "eval_seconds": round(eval_seconds, 1), "epochs": epochs}
     if is_main():
         io.write_json(done, record)
     return record
@@ -327,22 +358,24 @@ def run_tofu(cfg: TofuUnlearnConfig, progress: bool = True, log: Callable[[str],
     else:
         if log:
             log(_eval_note("retain model", inputs.retain_model, out / "retain_eval"))
-        retain_logs = evaluate_model(inputs.retain_model, inputs.sets, out / "retain_eval", cfg, log)
+        retain_logs = evaluate_model(inputs.retain_model, inputs.sets, out / "retain_eval", cfg, inputs.prompt_format,
+                                     log)
     results = {
         "title": f"TOFU {cfg.split}" + (f", {inputs.authors} authors" if inputs.authors else "")
                  + (f" x {inputs.qa_per_author} QA" if inputs.qa_per_author != QA_PER_AUTHOR else "")
-                 + f": {cfg.target}",
+                 + f": {cfg.target} (prompt format {inputs.prompt_format})",
         "split": cfg.split, "authors": inputs.authors, "qa_per_author": inputs.qa_per_author,
         "eval_items": {k: len(v) for k, v in inputs.sets.items()}, "train_rows": {"forget": len(inputs.forget),
                                                                                    "retain": len(inputs.retain)},
         "limit": cfg.limit, "max_new_tokens": cfg.max_new_tokens, "target_model": cfg.target,
-        "retain_model": inputs.retain_model or cfg.retain_log, "train": dataclasses.asdict(cfg.train),
+        "prompt_format": inputs.prompt_format, "retain_model": inputs.retain_model or cfg.retain_log,
+        "train": dataclasses.asdict(dataclasses.replace(cfg.train, prompt_format=inputs.prompt_format)),
         "retain": aggregate(retain_logs, retain_logs), "target": None, "methods": {},
     }
     if cfg.eval_target:
         if log:
             log(_eval_note("target model (epoch 0)", cfg.target, out / "target_eval"))
-        target_logs = evaluate_model(cfg.target, inputs.sets, out / "target_eval", cfg, log)
+        target_logs = evaluate_model(cfg.target, inputs.sets, out / "target_eval", cfg, inputs.prompt_format, log)
         results["target"] = aggregate(target_logs, retain_logs)
     for spec in cfg.specs:
         run_dir = out / "runs" / spec.label
