@@ -36,7 +36,8 @@ def eval_(
     out: str = typer.Option(..., help="Folder for the TOFU logs (eval_log*.json, eval_log_aggregated.json)."),
     split: str = typer.Option("forget10", help="Forget split: forget01, forget05 or forget10."),
     limit: int = typer.Option(300, help="First N items of each set (TOFU's ds_size is 300); 0 = all."),
-    data: Optional[str] = typer.Option(None, help="Folder of TOFU's JSON files (default: hub locuslab/TOFU)."),
+    data_dir: Optional[str] = typer.Option(None, help="Data folder whose tofu/ holds TOFU's JSON files (default "
+                                                      "$LOKU_DATA, then the hub dataset locuslab/TOFU)."),
     authors: Optional[int] = typer.Option(None, help="Evaluate a K-author TOFU (as fine-tuned with --authors K)."),
     batch_size: int = typer.Option(8, help="Sequences per forward pass / generation batch."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Cap on generated tokens (default: TOFU's 200 "
@@ -53,7 +54,7 @@ def eval_(
 
     check_out_dir(out, overwrite)
     fmt, source = tofu_format(prompt_format, model)
-    sets = load_sets(data, forget=split, limit=limit or None, authors=authors)  # bad data fails before loading
+    sets = load_sets(data_dir, forget=split, limit=limit or None, authors=authors)  # bad data fails before loading
     lm, tokenizer = load_model(model, trust_remote_code=trust_remote_code)
     typer.echo(f"prompt format {fmt} ({source})")
     logs = evaluate_tofu(lm, tokenizer, sets, out, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -83,6 +84,15 @@ def aggregate_(
         _table(summary, f"TOFU: {ckpt} vs retain {retain}" + (f" (prompt format {fmt})" if fmt else ""))
 
 
+def _field_help(command: str, name: str) -> str:
+    """A config field's help text (one source for the flag and the config key)."""
+    from ..tofu.finetune import TofuFinetuneConfig
+    from ..tofu.run import TofuUnlearnConfig
+
+    cls = {"finetune": TofuFinetuneConfig, "unlearn": TofuUnlearnConfig}[command]
+    return cls.__dataclass_fields__[name].metadata["help"]
+
+
 def _ft_default(name: str):
     from ..tofu.finetune import TofuFinetuneConfig
 
@@ -93,7 +103,7 @@ def _ft_default(name: str):
 def finetune_(
     out: str = typer.Option(..., help="New folder for target/, retain/ and tofu_finetune.json."),
     model: str = typer.Option(_ft_default("model"), help="Base model: hub id, local folder, .gguf, or 'smollm2-135m'."),
-    data: Optional[str] = typer.Option(None, help="Folder of TOFU's JSON files (default: hub locuslab/TOFU)."),
+    data_dir: Optional[str] = typer.Option(None, help=_field_help("finetune", "data_dir")),
     split: str = typer.Option(_ft_default("split"), help="Forget split the retain model leaves out "
                                                          "(forget10 -> retain90)."),
     authors: Optional[int] = typer.Option(None, help="Keep K authors (20 QA each) with TOFU's forget share, "
@@ -118,7 +128,7 @@ def finetune_(
     """Fine-tune the TOFU target model (on full) and the retain model (on retainYY) from a base model."""
     from ..tofu.finetune import TofuFinetuneConfig, finetune_tofu
 
-    cfg = TofuFinetuneConfig(out=out, model=model, data=data, split=split, authors=authors,
+    cfg = TofuFinetuneConfig(out=out, model=model, data_dir=data_dir, split=split, authors=authors,
                              qa_per_author=qa_per_author, epochs=epochs, lr=lr, batch_size=batch_size,
                              grad_accum=grad_accum, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                              max_length=max_length, seed=seed, mixed_precision=mixed_precision, overwrite=overwrite,
@@ -144,8 +154,7 @@ def unlearn_(
     methods: Optional[str] = typer.Option(None, help="Several, comma-separated; NAME+INIT picks an init for "
                                                      "one of them, e.g. ga,gd,npo,idk,ihl,ihl+fila."),
     split: str = typer.Option("forget10", help="Forget split: forget01, forget05 or forget10."),
-    data: Optional[str] = typer.Option(None, help="Folder of TOFU's JSON files (default: as fine-tuned, else "
-                                                  "the hub)."),
+    data_dir: Optional[str] = typer.Option(None, help=_field_help("unlearn", "data_dir")),
     authors: Optional[int] = typer.Option(None, help="K-author TOFU (default: as fine-tuned, else all 200)."),
     qa_per_author: Optional[int] = typer.Option(None, help="First Q QA pairs per author (default: as fine-tuned)."),
     retain_model: Optional[str] = typer.Option(None, help="Retain model folder (default: retain/ beside "
@@ -190,7 +199,7 @@ def unlearn_(
                           batch_size=batch_size, grad_accum=grad_accum, weight_decay=weight_decay,
                           warmup_steps=warmup_steps, max_length=max_length, retain_weight=retain_weight, seed=seed,
                           mixed_precision=mixed_precision, trust_remote_code=trust_remote_code)
-    cfg = TofuUnlearnConfig(target=target, out=out, methods=methods or method or "ihl", split=split, data=data,
+    cfg = TofuUnlearnConfig(target=target, out=out, methods=methods or method or "ihl", split=split, data_dir=data_dir,
                             authors=authors, qa_per_author=qa_per_author, retain_model=retain_model,
                             retain_log=retain_log, limit=limit or None, max_new_tokens=max_new_tokens,
                             eval_batch_size=eval_batch_size, eval_target=eval_target, resume=resume,

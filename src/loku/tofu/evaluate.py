@@ -137,7 +137,8 @@ def _log1p_sum_exp(xs: list[float]) -> float:
 
 def load_sets(data: str | Path | None, *, forget: str = "forget10", limit: int | None = TOFU_DS_SIZE,
               authors: int | None = None) -> dict[str, list[dict]]:
-    """The four evaluation sets keyed by log file name, from a TOFU data folder (None: the hub)."""
+    """The four evaluation sets keyed by log file name, from the data folder `data` (its tofu/; None:
+    $LOKU_DATA), else the hub (loku.data.sources)."""
     if forget not in ("forget01", "forget05", "forget10"):
         raise LokuError(f"forget split {forget!r} is not one of forget01, forget05, forget10: pass one of those")
     return {t.log: load_split(t.split.format(forget=forget), data, authors=authors, forget=forget, limit=limit)
@@ -153,9 +154,9 @@ def evaluate_tofu(model, tokenizer, data: str | Path | dict[str, list[dict]] | N
     write the official files there (eval_log.json, ..., eval_log_aggregated.json). Every set's log records
     the prompt format (`auto` made concrete for the tokenizer) under `prompt_format`.
 
-    `data` is a folder of TOFU's JSON files, None for the hub, or ready rows keyed by log file name
-    (any of the four; e.g. a shortened set for a quick check). `limit` keeps the first items of each set
-    like TOFU's ds_size (300 by default, as TOFU); None keeps all.
+    `data` is a data folder (TOFU's JSON files in its tofu/; None: $LOKU_DATA, else the hub), or ready rows
+    keyed by log file name (any of the four; e.g. a shortened set for a quick check). `limit` keeps the
+    first items of each set like TOFU's ds_size (300 by default, as TOFU); None keeps all.
     """
     if isinstance(data, dict):
         unknown = [k for k in data if k not in TASK_BY_LOG]

@@ -6,7 +6,7 @@ TOFU's recipe is the default: 5 epochs, effective batch 32 (batch_size x grad_ac
 decay 0.01, one epoch of linear warmup, full fine-tuning, loss on the answer tokens only, in TOFU's own
 prompt format for phi (`prompt_format`, recorded in tofu_finetune.json and used again by unlearn and eval).
 
-    summary = finetune_tofu(TofuFinetuneConfig(out="runs/tofu-models", data="../shared/data/tofu", authors=20))
+    summary = finetune_tofu(TofuFinetuneConfig(out="runs/tofu-models", data_dir="~/loku-data", authors=20))
     # runs/tofu-models/target/, runs/tofu-models/retain/ (safetensors + tokenizer), tofu_finetune.json
 """
 
@@ -37,7 +37,9 @@ class TofuFinetuneConfig:
 
     out: str = ""
     model: str = "smollm2-135m"     # base model: hub id, local folder, .gguf, or the embedded default
-    data: str | None = None         # folder of TOFU's JSON files; None reads the hub (locuslab/TOFU)
+    data_dir: str | None = field(default=None, metadata={"help": (
+        "Data folder whose tofu/ holds TOFU's JSON files (see README 'Data'); default $LOKU_DATA, then the "
+        "hub dataset locuslab/TOFU.")})
     split: str = "forget10"         # the forget split the retain model leaves out (retain90 for forget10)
     authors: int | None = None      # K-author TOFU (K x 20 QA pairs), keeping the forget share
     qa_per_author: int = QA_PER_AUTHOR  # first Q QA pairs of every author (a further scale-down)
@@ -114,7 +116,7 @@ def training_rows(cfg: TofuFinetuneConfig) -> dict[str, list[dict]]:
     names = {"target": "full", "retain": retain_split(cfg.split)}
     rows = {}
     for model, split in names.items():
-        rows[model] = per_author(load_split(split, cfg.data, authors=cfg.authors, forget=cfg.split),
+        rows[model] = per_author(load_split(split, cfg.data_dir, authors=cfg.authors, forget=cfg.split),
                                  cfg.qa_per_author)
         check_qa_rows(split, rows[model])
     return rows

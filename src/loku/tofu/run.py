@@ -68,7 +68,9 @@ class TofuUnlearnConfig:
     out: str = ""
     methods: list[str] = field(default_factory=lambda: ["ihl"])
     split: str = "forget10"
-    data: str | None = None           # TOFU JSON folder (None: as fine-tuned, else the hub)
+    data_dir: str | None = field(default=None, metadata={"help": (
+        "Data folder whose tofu/ holds TOFU's JSON files (see README 'Data'); default: as fine-tuned, else "
+        "$LOKU_DATA, else the hub dataset locuslab/TOFU.")})
     authors: int | None = None        # None: as fine-tuned (tofu_finetune.json beside the target), else all 200
     qa_per_author: int | None = None  # None: as fine-tuned, else 20
     prompt_format: str | None = field(default=None, metadata={
@@ -115,8 +117,8 @@ class TofuInputs:
     sets: dict[str, list[dict]]       # evaluation sets keyed by log file name
     forget: list[dict]                # training rows (question, answer)
     retain: list[dict]
-    refusals: list[str] | None        # TOFU's idontknow answers for idk (None: loku's built-in ones)
-    data: str | None
+    refusals: list[str]               # TOFU's idontknow answers for idk
+    data_dir: str | None
     authors: int | None
     qa_per_author: int
     retain_model: str | None
@@ -144,9 +146,9 @@ def check_model(path: str, role: str) -> None:
 
 
 def _scale(cfg: TofuUnlearnConfig) -> tuple[str | None, int | None, int, str]:
-    """(data, authors, qa_per_author, note): the fine-tuning run's scale where not given, and an error if a
-    given one contradicts it (a 20-author target knows nothing of the other 180 authors)."""
-    data, authors, q = cfg.data, cfg.authors, cfg.qa_per_author
+    """(data_dir, authors, qa_per_author, note): the fine-tuning run's scale where not given, and an error if
+    a given one contradicts it (a 20-author target knows nothing of the other 180 authors)."""
+    data, authors, q = cfg.data_dir, cfg.authors, cfg.qa_per_author
     summary = read_summary(cfg.target) if _is_local(cfg.target) else None
     if summary is None:
         return data, authors, q or QA_PER_AUTHOR, ""
@@ -163,9 +165,9 @@ def _scale(cfg: TofuUnlearnConfig) -> tuple[str | None, int | None, int, str]:
         raise LokuError(f"--split {cfg.split} differs from the fine-tuning run ({where}: {ft.get('split')}, its "
                         f"retain model never saw {ft.get('split')}'s authors): pass --split {ft.get('split')}")
     note = []
-    if data is None and ft.get("data") is not None:
-        data = ft["data"]
-        note.append(f"--data {data}")
+    if data is None and ft.get("data_dir") is not None:
+        data = ft["data_dir"]
+        note.append(f"--data-dir {data}")
     if authors is None and ft.get("authors") is not None:
         authors = ft["authors"]
         note.append(f"--authors {authors}")
@@ -230,9 +232,7 @@ def prepare(cfg: TofuUnlearnConfig, log: Callable[[str], None] | None = None) ->
     retain = per_author(load_split(retain_split(cfg.split), data, authors=authors), q)
     check_qa_rows(cfg.split, forget)
     check_qa_rows(retain_split(cfg.split), retain)
-    refusals = None
-    if data is not None and (Path(data).expanduser() / "idontknow.jsonl").is_file():
-        refusals = load_split("idontknow", data) or None
+    refusals = load_split("idontknow", data)   # the data folder's, else the copy shipped with loku
     return TofuInputs(sets, _qa(forget), _qa(retain), refusals, data, authors, q, retain_model, retain_logs,
                       prompt_format)
 
