@@ -44,7 +44,7 @@ def eval_(cfg: TofuEvalConfig):
 
     check_out_dir(cfg.out, cfg.overwrite)
     fmt, source = tofu_format(cfg.prompt_format, cfg.model)
-    sets = load_sets(cfg.data, forget=cfg.split, limit=cfg.limit or None,
+    sets = load_sets(cfg.data_dir, forget=cfg.split, limit=cfg.limit or None,
                      authors=cfg.authors)  # bad data fails before loading
     lm, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     typer.echo(f"prompt format {fmt} ({source})")

@@ -6,7 +6,7 @@ TOFU's recipe is the default: 5 epochs, effective batch 32 (batch_size x grad_ac
 decay 0.01, one epoch of linear warmup, full fine-tuning, loss on the answer tokens only, in TOFU's own
 prompt format for phi (`prompt_format`, recorded in tofu_finetune.json and used again by unlearn and eval).
 
-    summary = finetune_tofu(TofuFinetuneConfig(out="runs/tofu-models", data="../shared/data/tofu", authors=20))
+    summary = finetune_tofu(TofuFinetuneConfig(out="runs/tofu-models", data_dir="~/loku-data", authors=20))
     # runs/tofu-models/target/, runs/tofu-models/retain/ (safetensors + tokenizer), tofu_finetune.json
 """
 
@@ -38,7 +38,8 @@ class TofuFinetuneConfig(Config):
 
     out: str = setting("", "New folder for target/, retain/ and tofu_finetune.json.", group="Output")
     model: str = setting("smollm2-135m", "Base model: hub id, local folder, .gguf, or 'smollm2-135m'.", group="Model")
-    data: str | None = setting(None, "Folder of TOFU's JSON files.", group="Data", default_text="hub locuslab/TOFU")
+    data_dir: str | None = setting(None, "Data folder whose tofu/ holds TOFU's JSON files (see README 'Data').", group="Data",
+                                   default_text="$LOKU_DATA, then the hub dataset locuslab/TOFU")
     split: str = setting("forget10", "Forget split the retain model leaves out (forget10 -> retain90).",
                          group="Data")
     authors: int | None = setting(None, "Keep K authors (20 QA each) with TOFU's forget share, e.g. 20 for "
@@ -113,7 +114,7 @@ def training_rows(cfg: TofuFinetuneConfig) -> dict[str, list[dict]]:
     names = {"target": "full", "retain": retain_split(cfg.split)}
     rows = {}
     for model, split in names.items():
-        rows[model] = per_author(load_split(split, cfg.data, authors=cfg.authors, forget=cfg.split),
+        rows[model] = per_author(load_split(split, cfg.data_dir, authors=cfg.authors, forget=cfg.split),
                                  cfg.qa_per_author)
         check_qa_rows(split, rows[model])
     return rows

@@ -71,8 +71,8 @@ class TofuUnlearnConfig(Config):
                                  "ga,gd,npo,idk,ihl,ihl+fila (see `loku list methods`).", group="Method settings",
                                  factory=lambda: ["ihl"], aliases=("--method",))
     split: str = setting("forget10", "Forget split: forget01, forget05 or forget10.", group="Data")
-    data: str | None = setting(None, "Folder of TOFU's JSON files.", group="Data",
-                               default_text="as fine-tuned, else the hub")
+    data_dir: str | None = setting(None, "Data folder whose tofu/ holds TOFU's JSON files (see README 'Data').", group="Data",
+                                   default_text="as fine-tuned, else $LOKU_DATA, else the hub dataset locuslab/TOFU")
     authors: int | None = setting(None, "K-author TOFU.", group="Data", default_text="as fine-tuned, else all 200")
     qa_per_author: int | None = setting(None, "First Q QA pairs per author.", group="Data",
                                         default_text="as fine-tuned, else 20")
@@ -130,8 +130,8 @@ class TofuInputs:
     sets: dict[str, list[dict]]       # evaluation sets keyed by log file name
     forget: list[dict]                # training rows (question, answer)
     retain: list[dict]
-    refusals: list[str] | None        # TOFU's idontknow answers for idk (None: loku's built-in ones)
-    data: str | None
+    refusals: list[str]               # TOFU's idontknow answers for idk
+    data_dir: str | None
     authors: int | None
     qa_per_author: int
     retain_model: str | None
@@ -159,9 +159,9 @@ def check_model(path: str, role: str) -> None:
 
 
 def _scale(cfg: TofuUnlearnConfig) -> tuple[str | None, int | None, int, str]:
-    """(data, authors, qa_per_author, note): the fine-tuning run's scale where not given, and an error if a
-    given one contradicts it (a 20-author target knows nothing of the other 180 authors)."""
-    data, authors, q = cfg.data, cfg.authors, cfg.qa_per_author
+    """(data_dir, authors, qa_per_author, note): the fine-tuning run's scale where not given, and an error if
+    a given one contradicts it (a 20-author target knows nothing of the other 180 authors)."""
+    data, authors, q = cfg.data_dir, cfg.authors, cfg.qa_per_author
     summary = read_summary(cfg.target) if _is_local(cfg.target) else None
     if summary is None:
         return data, authors, q or QA_PER_AUTHOR, ""
@@ -178,9 +178,9 @@ def _scale(cfg: TofuUnlearnConfig) -> tuple[str | None, int | None, int, str]:
         raise LokuError(f"--split {cfg.split} differs from the fine-tuning run ({where}: {ft.get('split')}, its "
                         f"retain model never saw {ft.get('split')}'s authors): pass --split {ft.get('split')}")
     note = []
-    if data is None and ft.get("data") is not None:
-        data = ft["data"]
-        note.append(f"--data {data}")
+    if data is None and ft.get("data_dir") is not None:
+        data = ft["data_dir"]
+        note.append(f"--data-dir {data}")
     if authors is None and ft.get("authors") is not None:
         authors = ft["authors"]
         note.append(f"--authors {authors}")
@@ -245,9 +245,7 @@ def prepare(cfg: TofuUnlearnConfig, log: Callable[[str], None] | None = None) ->
     retain = per_author(load_split(retain_split(cfg.split), data, authors=authors), q)
     check_qa_rows(cfg.split, forget)
     check_qa_rows(retain_split(cfg.split), retain)
-    refusals = None
-    if data is not None and (Path(data).expanduser() / "idontknow.jsonl").is_file():
-        refusals = load_split("idontknow", data) or None
+    refusals = load_split("idontknow", data)   # the data folder's, else the copy shipped with loku
     return TofuInputs(sets, _qa(forget), _qa(retain), refusals, data, authors, q, retain_model, retain_logs,
                       prompt_format)
 
