@@ -38,17 +38,17 @@ from loku.tofu.finetune import MODELS, SUMMARY, TofuFinetuneConfig, retain_split
 from loku.tofu.run import CONFIG, TofuUnlearnConfig, run_tofu
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "tofu"
+DATA = ROOT.parent / "shared" / "data"  # the development data folder (a dev tool); TOFU in its tofu/
 RESULTS = ROOT / "benchmarks" / "results" / "tofu_smollm2.json"
 BASELINES = ("ga", "gd", "npo", "idk", "ihl")
 
 
 def finetune_phase(args, out: Path) -> dict:
     """Target and retain models in out/models/, each skipped when its folder is already complete."""
-    cfg = TofuFinetuneConfig(out=str(out / "models"), model=args.model, data=str(args.data), split=args.split,
-                             authors=args.authors, qa_per_author=args.qa_per_author, epochs=args.ft_epochs,
-                             lr=args.ft_lr, batch_size=args.ft_batch_size, grad_accum=1, warmup_epochs=1.0,
-                             seed=args.seed, prompt_format=args.prompt_format)
+    cfg = TofuFinetuneConfig(out=str(out / "models"), model=args.model, data_dir=str(args.data_dir),
+                             split=args.split, authors=args.authors, qa_per_author=args.qa_per_author,
+                             epochs=args.ft_epochs, lr=args.ft_lr, batch_size=args.ft_batch_size, grad_accum=1,
+                             warmup_epochs=1.0, seed=args.seed, prompt_format=args.prompt_format)
     rows = training_rows(cfg)
     summary_path = out / "models" / SUMMARY
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
@@ -110,7 +110,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "tofu_smollm2", help="work folder (resumable)")
     ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--data-dir", type=Path, default=DATA, help="data folder (TOFU in its tofu/)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--split", default="forget10")
     ap.add_argument("--authors", type=int, default=10)
@@ -129,8 +129,8 @@ def main() -> None:
                     help="how QA pairs become tokens (default: TOFU's phi format)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    if not args.data.is_dir():
-        raise SystemExit(f"TOFU data folder {args.data} is missing: pass --data (../shared/data/tofu)")
+    if not (args.data_dir / "tofu").is_dir():
+        raise SystemExit(f"TOFU data folder {args.data_dir / 'tofu'} is missing: pass --data-dir (../shared/data)")
     torch.set_num_threads(args.threads)
     t0 = time.time()
     print(f"[1/2] fine-tune target and retain models ({args.authors} authors x {args.qa_per_author} QA, "

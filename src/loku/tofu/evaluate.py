@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..data.qa import TOFU_PROMPT_FORMAT, answer_text, prompt_ids, resolve_format
+from ..config_base import Config, setting
+from ..data.qa import PROMPT_FORMAT_HELP, PROMPT_FORMATS, TOFU_PROMPT_FORMAT, answer_text, prompt_ids, resolve_format
 from ..data.tofu import format_qa, load_split
 from ..distributed import is_main, map_items
 from ..errors import LokuError
@@ -29,6 +30,36 @@ from .scores import sequence_losses
 
 TOFU_MAX_LENGTH = 200  # TOFU's generation.max_length: tokenization cap and prompt + generated tokens
 TOFU_DS_SIZE = 300     # TOFU's ds_size: only the first 300 items of each set are evaluated
+
+
+@dataclass
+class TofuEvalConfig(Config):
+    """Options of `loku tofu eval`."""
+
+    model: str = setting("", "Hub id, local model directory, .gguf file, or 'smollm2-135m'.", group="Model")
+    out: str = setting("", "Folder for the TOFU logs (eval_log*.json, eval_log_aggregated.json).", group="Output")
+    split: str = setting("forget10", "Forget split: forget01, forget05 or forget10.", group="Data")
+    limit: int = setting(TOFU_DS_SIZE, "First N items of each set (TOFU's ds_size); 0 = all.", group="Data",
+                         bound="non-negative")
+    data_dir: str | None = setting(None, "Data folder whose tofu/ holds TOFU's JSON files (see README 'Data').", group="Data",
+                                   default_text="$LOKU_DATA, then the hub dataset locuslab/TOFU")
+    authors: int | None = setting(None, "Evaluate a K-author TOFU (as fine-tuned with --authors K).", group="Data")
+    batch_size: int = setting(8, "Sequences per forward pass / generation batch.", group="Evaluation",
+                              bound="positive")
+    max_new_tokens: int | None = setting(None, "Cap on generated tokens.", group="Evaluation", bound="positive",
+                                         default_text="TOFU's 200 tokens of prompt + answer")
+    prompt_format: str | None = setting(None, PROMPT_FORMAT_HELP, group="Data", choices=PROMPT_FORMATS,
+                                        kind="prompt format",
+                                        default_text="as fine-tuned (tofu_finetune.json beside the model), else "
+                                                     "tofu-phi")
+    overwrite: bool = setting(False, "Replace a non-empty --out folder.", group="Output")
+    trust_remote_code: bool = setting(False, "Run the model repository's own code.", group="Model")
+
+    def check(self):
+        if not self.model:
+            raise LokuError("no model given: pass --model DIR (e.g. loku tofu finetune's OUT/target)")
+        if not self.out:
+            raise LokuError("no output folder given: pass --out DIR")
 
 
 @dataclass(frozen=True)
@@ -137,7 +168,8 @@ def _log1p_sum_exp(xs: list[float]) -> float:
 
 def load_sets(data: str | Path | None, *, forget: str = "forget10", limit: int | None = TOFU_DS_SIZE,
               authors: int | None = None) -> dict[str, list[dict]]:
-    """The four evaluation sets keyed by log file name, from a TOFU data folder (None: the hub)."""
+    """The four evaluation sets keyed by log file name, from the data folder `data` (its tofu/; None:
+    $LOKU_DATA), else the hub (loku.data.sources)."""
     if forget not in ("forget01", "forget05", "forget10"):
         raise LokuError(f"forget split {forget!r} is not one of forget01, forget05, forget10: pass one of those")
     return {t.log: load_split(t.split.format(forget=forget), data, authors=authors, forget=forget, limit=limit)
@@ -153,9 +185,9 @@ def evaluate_tofu(model, tokenizer, data: str | Path | dict[str, list[dict]] | N
     write the official files there (eval_log.json, ..., eval_log_aggregated.json). Every set's log records
     the prompt format (`auto` made concrete for the tokenizer) under `prompt_format`.
 
-    `data` is a folder of TOFU's JSON files, None for the hub, or ready rows keyed by log file name
-    (any of the four; e.g. a shortened set for a quick check). `limit` keeps the first items of each set
-    like TOFU's ds_size (300 by default, as TOFU); None keeps all.
+    `data` is a data folder (TOFU's JSON files in its tofu/; None: $LOKU_DATA, else the hub), or ready rows
+    keyed by log file name (any of the four; e.g. a shortened set for a quick check). `limit` keeps the
+    first items of each set like TOFU's ds_size (300 by default, as TOFU); None keeps all.
     """
     if isinstance(data, dict):
         unknown = [k for k in data if k not in TASK_BY_LOG]

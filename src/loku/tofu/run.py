@@ -20,13 +20,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from .. import io
 from ..config import UnlearnConfig
-from ..data.qa import PROMPT_FORMAT_HELP, check_prompt_format, resolve_format
+from ..config_base import Config, setting
+from ..data.qa import PROMPT_FORMAT_HELP, PROMPT_FORMATS, resolve_format
 from ..data.tofu import QA_PER_AUTHOR, load_split
 from ..distributed import barrier, is_main
 from ..errors import LokuError
@@ -61,32 +62,48 @@ def parse_method(spec: str) -> MethodSpec:
 
 
 @dataclass
-class TofuUnlearnConfig:
+class TofuUnlearnConfig(Config):
     """Options of `loku tofu unlearn`; `train` holds the unlearning settings every method shares."""
 
-    target: str = ""                  # the target model folder (loku tofu finetune's OUT/target) or a hub id
-    out: str = ""
-    methods: list[str] = field(default_factory=lambda: ["ihl"])
-    split: str = "forget10"
-    data: str | None = None           # TOFU JSON folder (None: as fine-tuned, else the hub)
-    authors: int | None = None        # None: as fine-tuned (tofu_finetune.json beside the target), else all 200
-    qa_per_author: int | None = None  # None: as fine-tuned, else 20
-    prompt_format: str | None = field(default=None, metadata={
-        "help": PROMPT_FORMAT_HELP + " Default: as fine-tuned (tofu_finetune.json beside the target), else tofu-phi."})
-    retain_model: str | None = None   # None: retain/ beside the target
-    retain_log: str | None = None     # the retain model's eval_log_aggregated.json instead of evaluating it
-    limit: int | None = TOFU_DS_SIZE  # first items of each evaluation set (TOFU's ds_size); None: all
-    max_new_tokens: int | None = None
-    eval_batch_size: int = 8
-    eval_target: bool = True          # evaluate the target too (epoch 0 of every line)
-    resume: bool = False
-    overwrite: bool = False
-    trust_remote_code: bool = False
-    train: UnlearnConfig = field(default_factory=lambda: UnlearnConfig(**TRAIN_DEFAULTS))
+    target: str = setting("", "Target model folder (loku tofu finetune's OUT/target) or a hub id.", group="Model")
+    out: str = setting("", "New folder for the runs and the report.", group="Output")
+    methods: list[str] = setting(help="Methods, comma-separated; NAME+INIT picks an init for one of them, e.g. "
+                                 "ga,gd,npo,idk,ihl,ihl+fila (see `loku list methods`).", group="Method settings",
+                                 factory=lambda: ["ihl"], aliases=("--method",))
+    split: str = setting("forget10", "Forget split: forget01, forget05 or forget10.", group="Data")
+    data_dir: str | None = setting(None, "Data folder whose tofu/ holds TOFU's JSON files (see README 'Data').", group="Data",
+                                   default_text="as fine-tuned, else $LOKU_DATA, else the hub dataset locuslab/TOFU")
+    authors: int | None = setting(None, "K-author TOFU.", group="Data", default_text="as fine-tuned, else all 200")
+    qa_per_author: int | None = setting(None, "First Q QA pairs per author.", group="Data",
+                                        default_text="as fine-tuned, else 20")
+    prompt_format: str | None = setting(None, PROMPT_FORMAT_HELP, group="Data", choices=PROMPT_FORMATS,
+                                        kind="prompt format",
+                                        default_text="as fine-tuned (tofu_finetune.json beside --target), else "
+                                                     "tofu-phi")
+    retain_model: str | None = setting(None, "Retain model folder.", group="Evaluation",
+                                       default_text="retain/ beside --target")
+    retain_log: str | None = setting(None, "The retain model's eval_log_aggregated.json, instead of evaluating it.",
+                                     group="Evaluation")
+    limit: int | None = setting(TOFU_DS_SIZE, "First N items of each evaluation set (TOFU's ds_size); 0 = all.",
+                                group="Evaluation", bound="non-negative")
+    max_new_tokens: int | None = setting(None, "Cap on generated tokens per answer.", group="Evaluation",
+                                         bound="positive", default_text="TOFU's 200 tokens of prompt + answer")
+    eval_batch_size: int = setting(8, "Sequences per forward pass / generation batch.", group="Evaluation",
+                                   bound="positive")
+    eval_target: bool = setting(True, "Evaluate the target as epoch 0 of every line.", group="Evaluation")
+    resume: bool = setting(False, "Continue a TOFU run in --out: keep what finished.", group="Output")
+    overwrite: bool = setting(False, "Replace a non-empty --out folder.", group="Output")
+    trust_remote_code: bool = setting(False, "Run the model repository's own code.", group="Model")
+    train: UnlearnConfig = setting(help="The unlearning settings every method shares.",
+                                   factory=lambda: UnlearnConfig(**TRAIN_DEFAULTS),
+                                   hide=("model", "forget", "retain", "method", "text_column"))
 
     def __post_init__(self):
-        if isinstance(self.methods, str):
-            self.methods = [m for m in self.methods.split(",") if m.strip()]
+        if isinstance(self.methods, str):   # the Python API takes "ga,gd" as the flag does
+            self.methods = [m.strip() for m in self.methods.split(",") if m.strip()]
+        super().__post_init__()
+
+    def check(self):
         if not self.methods:
             raise LokuError("no method given: pass --method NAME or --methods ga,gd,ihl")
         labels = [parse_method(m).label for m in self.methods]
@@ -94,12 +111,10 @@ class TofuUnlearnConfig:
         if dup:
             raise LokuError(f"method {dup[0]!r} is listed twice: list each method once")
         check_split(self.split)
-        if self.prompt_format is not None:
-            check_prompt_format(self.prompt_format)
         if self.qa_per_author is not None:
             check_qa_per_author(self.qa_per_author)
-        if self.limit is not None and self.limit <= 0:
-            raise LokuError(f"--limit must be positive (or 0 for all items), got {self.limit!r}")
+        if self.limit == 0:   # 0 = every item
+            self.limit = None
         if self.resume and self.overwrite:
             raise LokuError("--resume keeps a run and --overwrite deletes it: pass one of them")
 
@@ -115,8 +130,8 @@ class TofuInputs:
     sets: dict[str, list[dict]]       # evaluation sets keyed by log file name
     forget: list[dict]                # training rows (question, answer)
     retain: list[dict]
-    refusals: list[str] | None        # TOFU's idontknow answers for idk (None: loku's built-in ones)
-    data: str | None
+    refusals: list[str]               # TOFU's idontknow answers for idk
+    data_dir: str | None
     authors: int | None
     qa_per_author: int
     retain_model: str | None
@@ -144,9 +159,9 @@ def check_model(path: str, role: str) -> None:
 
 
 def _scale(cfg: TofuUnlearnConfig) -> tuple[str | None, int | None, int, str]:
-    """(data, authors, qa_per_author, note): the fine-tuning run's scale where not given, and an error if a
-    given one contradicts it (a 20-author target knows nothing of the other 180 authors)."""
-    data, authors, q = cfg.data, cfg.authors, cfg.qa_per_author
+    """(data_dir, authors, qa_per_author, note): the fine-tuning run's scale where not given, and an error if
+    a given one contradicts it (a 20-author target knows nothing of the other 180 authors)."""
+    data, authors, q = cfg.data_dir, cfg.authors, cfg.qa_per_author
     summary = read_summary(cfg.target) if _is_local(cfg.target) else None
     if summary is None:
         return data, authors, q or QA_PER_AUTHOR, ""
@@ -163,9 +178,9 @@ def _scale(cfg: TofuUnlearnConfig) -> tuple[str | None, int | None, int, str]:
         raise LokuError(f"--split {cfg.split} differs from the fine-tuning run ({where}: {ft.get('split')}, its "
                         f"retain model never saw {ft.get('split')}'s authors): pass --split {ft.get('split')}")
     note = []
-    if data is None and ft.get("data") is not None:
-        data = ft["data"]
-        note.append(f"--data {data}")
+    if data is None and ft.get("data_dir") is not None:
+        data = ft["data_dir"]
+        note.append(f"--data-dir {data}")
     if authors is None and ft.get("authors") is not None:
         authors = ft["authors"]
         note.append(f"--authors {authors}")
@@ -230,9 +245,7 @@ def prepare(cfg: TofuUnlearnConfig, log: Callable[[str], None] | None = None) ->
     retain = per_author(load_split(retain_split(cfg.split), data, authors=authors), q)
     check_qa_rows(cfg.split, forget)
     check_qa_rows(retain_split(cfg.split), retain)
-    refusals = None
-    if data is not None and (Path(data).expanduser() / "idontknow.jsonl").is_file():
-        refusals = load_split("idontknow", data) or None
+    refusals = load_split("idontknow", data)   # the data folder's, else the copy shipped with loku
     return TofuInputs(sets, _qa(forget), _qa(retain), refusals, data, authors, q, retain_model, retain_logs,
                       prompt_format)
 
@@ -308,7 +321,8 @@ def run_method(spec: MethodSpec, cfg: TofuUnlearnConfig, inputs: TofuInputs, ret
     train = dataclasses.replace(cfg.train, method=spec.method, init=spec.init or cfg.train.init, model=cfg.target,
                                 out=str(run_dir), overwrite=True, trust_remote_code=cfg.trust_remote_code,
                                 prompt_format=inputs.prompt_format)
-    model, tokenizer = load_model(cfg.target, trust_remote_code=cfg.trust_remote_code)
+    model, tokenizer = load_model(cfg.target, trust_remote_code=cfg.trust_remote_code,
+                                  allow_pickle=cfg.train.allow_pickle)
     epochs: list[dict] = []
     eval_seconds = 0.0
 
