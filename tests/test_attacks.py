@@ -1,7 +1,6 @@
 """Relearning and paraphrased-probe attacks: the input model stays bit-identical, relearning really relearns,
 probes are deterministic and keep the scored part."""
 
-import copy
 
 import pytest
 import torch

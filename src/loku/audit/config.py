@@ -1,27 +1,28 @@
-"""What `loku audit` measures and how: one dataclass, its fields' help text in their metadata (the CLI flags and
-YAML keys are generated from them)."""
+"""What `loku audit` measures and how: one config dataclass, its fields' help text in their metadata (the CLI
+flags and YAML keys are generated from them, `loku.commands.options`)."""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..data.qa import DEFAULT_PROMPT_FORMAT, PROMPT_FORMAT_HELP
+from ..config_base import Config, setting
+from ..data.qa import DEFAULT_PROMPT_FORMAT, PROMPT_FORMAT_HELP, PROMPT_FORMATS
 from ..errors import LokuError
 
 ATTACK_NAMES = ("quantize", "relearn", "paraphrase")
 EL_MODES = ("all", "before", "none")
 
 
-def _f(default, help: str, group: str | None = None, **kw):
-    meta = {"help": help} | ({"group": group} if group else {})
-    if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
+def _f(default, help: str, group: str | None = None, **meta):
+    """`setting` with list defaults copied per instance."""
+    meta = meta | ({"group": group} if group else {})
+    if isinstance(default, list):
+        return setting(help=help, factory=lambda d=default: list(d), **meta)
+    return setting(default, help, **meta)
 
 
 @dataclass
-class AuditConfig:
+class AuditConfig(Config):
     """One audit: an unlearned model, its forget set and never-seen text of the same kind, the attacks to run."""
 
     model: str = _f("", "The unlearned model: hub id, local folder, .gguf file or 'smollm2-135m' (with --adapter: "
@@ -39,7 +40,8 @@ class AuditConfig:
                             "Data")
     text_column: str = _f("text", "CSV/JSONL column holding the text.", "Data")
     prompt_format: str = _f(DEFAULT_PROMPT_FORMAT, PROMPT_FORMAT_HELP + " QA data only; use the one the model "
-                                                                    "was trained with.", "Data")
+                                                                    "was trained with.", "Data",
+                            choices=PROMPT_FORMATS, kind="prompt format")
     rows: int | None = _f(None, "Use the first N examples of each set.", "Data")
     max_tokens: int = _f(200, "Cut each text to this many tokens (TDEC: 200), QA prompt + answer likewise.",
                          "Data")
@@ -48,7 +50,7 @@ class AuditConfig:
     el: str = _f("before", "Where EL_n is computed: all (also after every attack), before (the models before "
                            "attacks: unlearned, original), none. EL_n decodes every prefix's greedy continuation: "
                            "on text the model does not know, ~T^2/2 tokens a sequence, by far the slowest metric.",
-                  "Metrics")
+                  "Metrics", choices=EL_MODES, kind="--el mode")
     attacks: list[str] = _f([], "Attacks to run, comma-separated: quantize, relearn, paraphrase.", "Attacks")
     quantizers: list[str] = _f(["int8", "int4", "int4-g128", "int4-g64", "nf4"],
                                "Quantizers: intB (per channel), intB-gG (groups of G), nf4 (bitsandbytes, block 64), "
@@ -77,16 +79,16 @@ class AuditConfig:
     confidence: float = _f(0.95, "Confidence level of the intervals.", "Verdict")
     tolerance: float = _f(0.0, "A metric is indistinguishable when its interval reaches within this distance of "
                                "the never-seen level (0: the interval must contain it).", "Verdict")
-    seed: int = _f(0, "Seed of the bootstrap, the forget-set split, probe perturbations and relearning.")
-    batch_size: int = _f(8, "Sequences per forward pass.")
-    decode_batch_size: int = _f(64, "Greedy branches decoded together for EL_n.")
-    out: str = _f("", "New directory for audit.json, audit.md and audit.png.")
-    overwrite: bool = _f(False, "Replace a non-empty --out directory.")
-    resume: bool = _f(False, "Reuse the finished parts of an interrupted audit in --out (same settings).")
-    trust_remote_code: bool = _f(False, "Allow model code from the hub.")
-    allow_pickle: bool = _f(False, "Allow pickle (.bin) weights.")
+    seed: int = _f(0, "Seed of the bootstrap, the forget-set split, probe perturbations and relearning.", "Verdict")
+    batch_size: int = _f(8, "Sequences per forward pass.", "Metrics")
+    decode_batch_size: int = _f(64, "Greedy branches decoded together for EL_n.", "Metrics")
+    out: str = _f("", "New directory for audit.json, audit.md and audit.png.", "Output")
+    overwrite: bool = _f(False, "Replace a non-empty --out directory.", "Output")
+    resume: bool = _f(False, "Reuse the finished parts of an interrupted audit in --out (same settings).", "Output")
+    trust_remote_code: bool = _f(False, "Allow model code from the hub.", "Models")
+    allow_pickle: bool = _f(False, "Allow pickle (.bin) weights.", "Models")
 
-    def __post_init__(self):
+    def check(self):
         for name in ("model", "forget", "unseen"):
             if not getattr(self, name):
                 raise LokuError(f"no --{name} given: pass --{name} "
@@ -105,13 +107,6 @@ class AuditConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value < 1:
                 raise LokuError(f"{name.replace('_', '-')} must be between 0 and 1, got {value!r}")
-        from ..data.qa import check_prompt_format
-
-        check_prompt_format(self.prompt_format)
-        if self.el not in EL_MODES:
-            from ..registry import unknown_choice
-
-            raise unknown_choice("--el mode", str(self.el), EL_MODES)
         if not self.tolerance >= 0:
             raise LokuError(f"tolerance must be >= 0, got {self.tolerance!r}")
         self.attacks = _names(self.attacks)
@@ -157,9 +152,6 @@ class AuditConfig:
     @property
     def modes(self) -> list[str]:
         return self.quantize_modes or (["merged", "base"] if self.adapter else ["merged"])
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
     def fingerprint(self) -> dict:
         """The settings the stored parts of an audit depend on (not where it is written or how it resumes)."""

@@ -80,9 +80,10 @@ def same_tokenizer(a, b) -> bool:
 
 def check_same_tokenizer(tokenizer, other, what: str, name: str, model_name: str) -> None:
     if not same_tokenizer(tokenizer, other):
+        article = "an" if what[0] in "aeiou" else "a"
         raise LokuError(f"--{what} {name} uses a different tokenizer from --model {model_name} (their vocabularies "
-                        f"differ), but the audit compares them token by token: pass {'an' if what[0] in 'aeiou' else 'a'} "
-                        f"{what} model of the same family (same tokenizer)")
+                        f"differ), but the audit compares them token by token: pass {article} {what} model of the "
+                        "same family (same tokenizer)")
 
 
 def describe_model(name: str, adapter: str | None = None) -> str:

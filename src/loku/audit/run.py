@@ -20,7 +20,7 @@ from .. import io
 from ..errors import LokuError
 from .config import AuditConfig
 from .inputs import apply_adapter, check_adapter_folder, check_same_tokenizer
-from .measure import Settings, compare, measure_model, measure_set
+from .measure import Settings, compare, measure_model
 from .sets import EvalSet, build_set, kind_of, read_examples
 from .verdict import recovery
 
@@ -371,4 +371,4 @@ def _relearn(cfg, plain, tokenizer, sets, st, ref_losses, related_ex, kind, unle
     return out
 
 
-__all__ = ["run_audit", "measure_set", "measure_model", "summary", "recoveries"]
+__all__ = ["run_audit", "summary", "recoveries"]

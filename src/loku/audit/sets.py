@@ -2,8 +2,8 @@
 
 Plain text is tokenized as TDEC does (no special tokens, cut to `max_tokens`; at least n + 1 tokens for EL_n)
 and every token but the first is scored. QA pairs use loku's training format (`loku.data.qa.format_qa`, in
-the audit's `prompt_format`, which must be the one the model was trained with) and only the answer is scored; MA and EL_n are defined on plain text only, so QA sets report ES, EM and the
-membership scores.
+the audit's `prompt_format`, which must be the one the model was trained with) and only the answer is
+scored; MA and EL_n are defined on plain text only, so QA sets report ES, EM and the membership scores.
 """
 
 from __future__ import annotations

@@ -177,7 +177,8 @@ def tokenize(tokenizer, items: list, max_tokens: int | None = None, prompt_forma
 
 
 def attack_scores(model, tokenizer, texts: list, attacks=None, k: float = 0.4, reference=None,
-                  batch_size: int = 8, max_tokens: int | None = None, prompt_format: str = "auto") -> dict[str, list[float]]:
+                  batch_size: int = 8, max_tokens: int | None = None,
+                  prompt_format: str = "auto") -> dict[str, list[float]]:
     """Membership scores of each text (or QA pair) under each attack, higher = more likely trained on.
 
     `attacks`: names from ATTACKS (default: all, `reference` only when a reference model is given). One
