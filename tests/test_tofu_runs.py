@@ -12,6 +12,7 @@ from loku.data.tofu import tokenize_qa
 from loku.errors import LokuError
 from loku.models import load_model
 from loku.tofu import LOG_KEYS
+from loku.tofu.logs import EM_KEY, ES_KEY
 from loku.tofu.finetune import per_author, warmup_steps
 from loku.tofu.run import TofuUnlearnConfig, parse_method
 from loku.data.qa import format_qa
@@ -229,7 +230,7 @@ def test_eval_as_fine_tuned_and_a_retain_log_in_another_format_is_refused(models
     logs = json.loads((evaluated / "eval_log_aggregated.json").read_text())
     assert {log["prompt_format"] for log in logs.values()} == {"tofu-phi"}
     for log in logs.values():   # the stamp sits beside TOFU's metrics, which keep their names and values
-        assert set(log) - {"prompt_format", "normalized_gt_loss"} == set(LOG_KEYS)
+        assert set(log) - {"prompt_format", "normalized_gt_loss", ES_KEY, EM_KEY} == set(LOG_KEYS)
 
     other = {name: {**log, "prompt_format": "chat"} for name, log in logs.items()}
     (tmp_path / "chat.json").write_text(json.dumps(other))
