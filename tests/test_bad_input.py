@@ -330,6 +330,16 @@ def public_data_hub_unreachable(b):
     return ["tofu", "eval", "--model", b.model, "--out", b.out, "--limit", "2"]
 
 
+def muse_data_hub_unreachable(b):
+    b.monkeypatch.delenv("LOKU_DATA", raising=False)   # no data folder: MUSE from the hub, unreachable offline
+    return ["muse", "eval", "--model", b.model, "--out", b.out, "--corpus", "books"]
+
+
+def wmdp_data_hub_unreachable(b):
+    (b.root / "data" / "wmdp").mkdir(parents=True)   # a data folder without wmdp/wmdp-bio/: the hub, offline
+    return ["wmdp", "eval", "--model", b.model, "--out", b.out, "--data-dir", b.root / "data", "--tasks", "wmdp_bio"]
+
+
 CASES = {
     "missing_file": (missing_file, "does not exist: check the path"),
     "forget_is_a_directory": (forget_is_a_directory, "is a directory: pass a .csv"),
@@ -380,6 +390,11 @@ CASES = {
     "public_data_not_found": (public_data_not_found, "TDEC utility task pile not found: tried "),
     "public_data_hub_unreachable": (public_data_hub_unreachable, "TOFU split retain_perturbed not found: tried "
                                                                  "--data-dir and $LOKU_DATA (neither given)"),
+    "muse_data_hub_unreachable": (muse_data_hub_unreachable, "MUSE Books not found: tried --data-dir and $LOKU_DATA "
+                                                             "(neither given); loku's own files; hub dataset "
+                                                             "muse-bench/MUSE-Books (verbmem, forget)"),
+    "wmdp_data_hub_unreachable": (wmdp_data_hub_unreachable, "/data/wmdp/wmdp-bio (--data-dir); loku's own files; "
+                                                             "hub dataset cais/wmdp (wmdp-bio, test)"),
 }
 
 
