@@ -115,7 +115,7 @@ def magnitude_masks(named_params, sparsity: float, seed: int = 0) -> dict[str, t
 def conjugate_gradient(hvp, b: torch.Tensor, iters: int, tol: float) -> torch.Tensor:
     """Solve H x = b with scipy's conjugate gradient (maxiter `iters`, atol `tol`, rtol 0), H given by `hvp`,
     as OpenUnlearning's `SIBL.conjugate_gradient_scipy`."""
-    from scipy.sparse.linalg import LinearOperator, cg
+    from scipy.sparse.linalg import LinearOperator, cg   # here: its import takes ~2 s, and `loku` imports methods at start
 
     device, dtype = b.device, b.dtype
 

@@ -26,8 +26,10 @@ from safetensors.torch import save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config_base import setting
+from ..data.batches import collate
+from ..data.text import tokenize_example
 from ..errors import LokuError
-from ..losses import upcast
+from ..losses import cross_entropy, upcast
 from .base import LossInputs, MethodState, method, retain_ce
 
 FORMAT = "loku-trajectory"
@@ -214,10 +216,6 @@ def _lmcleaner_check(s: LMCleanerSettings, cfg) -> None:
 def _lmcleaner_setup(s: LMCleanerSettings, ctx, state: MethodState) -> None:
     """Applies every correction to the model's weights, in order of the forget steps (OpenUnlearning
     `LMCleanerBatchLevel._apply_unlearning`)."""
-    from ..data.batches import collate
-    from ..data.text import tokenize_example
-    from ..losses import cross_entropy
-
     traj = Trajectory(s.trajectory)
     named = dict(ctx.model.named_parameters())
     missing = [n for n in traj.names if n not in named]

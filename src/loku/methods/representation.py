@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 
 from ..config_base import setting
+from ..data.text import load_examples
 from ..errors import LokuError
 from ..losses import IGNORE, upcast
 from .base import LossInputs, MethodState, method, retain_ce
-from .hooks import capture, decoder_layers, layer_name
+from .hooks import capture, decoder_layers, find_module, layer_name
 
 
 # ------------------------------------------------------------------------------------------- rmu
@@ -103,8 +104,6 @@ def lunar_direction(model, tokenizer, harmful: list[str], forget: list[str], lay
 
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a .txt (one a line), or .json/.jsonl/.csv records with an instruction, question or text."""
-    from ..data.text import load_examples
-
     path = Path(path)
     rows = load_examples(path, "instruction") if path.suffix.lower() != ".txt" else load_examples(path)
     return [r.get("text") or r["question"] for r in rows]
@@ -140,8 +139,6 @@ def _lunar_tap(s: LunarSettings, model) -> str:
 
 
 def _lunar_setup(s: LunarSettings, ctx, state: MethodState) -> None:
-    from .hooks import find_module
-
     tap = _lunar_tap(s, ctx.model)
     find_module(ctx.model, tap)   # fails now, naming the setting, if the layer has no such module
     state.cache["tap"] = tap

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .. import io
 from ..errors import LokuError
 from .base import Method, MethodState
 from .hooks import capture, find_module
@@ -110,8 +111,6 @@ class MethodRun:
     def save(self, model, out: Path) -> None:
         """What the method adds to a finished run, in `out/<method>/` (t3: its head)."""
         if self.method.save is not None:
-            from .. import io
-
             with io.atomic_dir(Path(out) / self.method.name) as tmp:
                 self.method.save(self.settings, model, self.state, Path(tmp))
 
