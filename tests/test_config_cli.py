@@ -31,10 +31,17 @@ COMMANDS = {
     ("tofu", "finetune"): [],
     ("tofu", "unlearn"): [],
     ("demo",): [],
+    ("muse", "eval"): [],
+    ("muse", "aggregate"): ["model.json", "retrain.json"],
+    ("muse", "unlearn"): [],
+    ("wmdp", "eval"): [],
 }
 # Values a field's own checks accept (the generic choice below would not): field -> (flag text, value)
 SPECIAL = {"method": ("npo", "npo"), "methods": ("ga,npo", ["ga", "npo"]), "init": ("vila", "vila"),
-           "split": ("forget05", "forget05"), "qa_per_author": ("7", 7), "authors": ("20", 20)}
+           "split": ("forget05", "forget05"), "qa_per_author": ("7", 7), "authors": ("20", 20),
+           "corpus": ("books", "books"), "convention": ("open-unlearning", "open-unlearning"),
+           "metrics": ("verbmem_f,privleak", ["verbmem_f", "privleak"]), "min_k": ("0.2", 0.2),
+           "tasks": ("wmdp_bio,mmlu", ["wmdp_bio", "mmlu"])}
 # Options another field needs to be valid alongside: field -> extra flags
 COMPANIONS = {("tdec", "run"): {"grad_accum": ["--no-full-batch"]}}
 
@@ -83,7 +90,7 @@ def value_for(cls, path: tuple[str, ...]):
     if "choices" in m:
         choice = next(c for c in m["choices"] if c != default)
         return choice, choice
-    if name in SPECIAL:
+    if name in SPECIAL and (origin is list) == isinstance(SPECIAL[name][1], list):
         return SPECIAL[name]
     if origin is bool:
         return None, not default
@@ -117,9 +124,10 @@ def test_every_field_from_its_flag(command, name, capture):
     cls = command_class(command)
     path = flat_fields(cls)[name]
     text, expected = value_for(cls, path)
-    owner_meta = meta(cls if len(path) == 1 else nested_type(cls, path[0]), name)
+    owner_meta = meta(cls if len(path) == 1 else nested_type(cls, path[0]), path[-1])
     if owner_meta.get("positional"):
-        args = [*command, *([text] + COMMANDS[command][1:] if name == "ckpt" else [COMMANDS[command][0], text])]
+        first = list(flat_fields(cls))[0] == name   # the first positional argument
+        args = [*command, *([text] + COMMANDS[command][1:] if first else [COMMANDS[command][0], text])]
     elif text is None:   # a boolean: --x or --no-x
         args = [*command, *COMMANDS[command], f"--{'' if expected else 'no-'}{name.replace('_', '-')}"]
     else:
@@ -140,8 +148,8 @@ def test_every_field_from_its_yaml_key(command, name, capture, tmp_path):
     _, expected = value_for(cls, path)
     required = dict(zip(COMMANDS[command][::2], COMMANDS[command][1::2]))
     data = {k.lstrip("-").replace("-", "_"): v for k, v in required.items() if k.startswith("--")}
-    if command == ("tofu", "aggregate"):
-        data = {"ckpt": "ckpt.json", "retain": "retain.json"}
+    positional = [f.name for f in dataclasses.fields(cls) if f.metadata.get("positional")]
+    data.update(zip(positional, COMMANDS[command]))
     data[name] = expected
     if COMPANIONS.get(command, {}).get(name):
         data["full_batch"] = False

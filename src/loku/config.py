@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config_base import Config, setting
+from .data.qa import DEFAULT_PROMPT_FORMAT, PROMPT_FORMAT_HELP, PROMPT_FORMATS
 from .errors import LokuError
 from .methods import METHODS, setting_fields
 
@@ -36,6 +37,8 @@ class UnlearnConfig(Config):
     out: str = setting("", "New directory for the adapter, config and metrics.", group=OUTPUT)
     method: str = setting("ihl", "Unlearning method (see `loku list methods`).", group=METHOD)
     text_column: str = setting("text", "CSV/JSONL column holding the text.", group=DATA)
+    prompt_format: str = setting(DEFAULT_PROMPT_FORMAT, PROMPT_FORMAT_HELP, group=DATA, choices=PROMPT_FORMATS,
+                                 kind="prompt format")
     refusals: str | None = setting(None, "idk: file of refusal answers, one a line (default: built-in ones).",
                                    group=DATA)
     max_length: int = setting(256, "Tokens per example; longer ones are cut.", group=DATA, bound="positive")

@@ -13,7 +13,8 @@ Metadata keys: help, group, bound ("positive" | "non-negative"), choices (and ki
 choice is called in the error), example (a valid value
 for error messages), default_text (shown for a None
 default), off_flag (a second "off" spelling of a boolean flag, e.g. --full for lora=False), aliases (extra
-flag spellings), positional (a command argument rather than a --flag), hide (nested configs only).
+flag spellings), positional (a command argument rather than a --flag); for a nested config: hide (inner
+fields the outer config sets itself) and rename (inner name -> flat name, where two nested configs share one).
 """
 
 from __future__ import annotations
@@ -149,16 +150,19 @@ def default_of(f: dataclasses.Field):
 
 def flat_fields(cls) -> dict[str, tuple[str, ...]]:
     """Every name a flag or flat YAML key may use -> its path: ("lr",) or ("unlearn", "lr").
-    An outer field shadows a nested one of the same name; `hide` keeps a nested field out."""
+    An outer field shadows a nested one of the same name; `hide` keeps a nested field out, `rename` gives
+    it another flat name (`muse unlearn`: scoring.batch_size is --eval-batch-size, train's is --batch-size)."""
     names = {f.name: (f.name,) for f in dataclasses.fields(cls) if nested_type(cls, f.name) is None}
     for f in dataclasses.fields(cls):
         inner = nested_type(cls, f.name)
         if inner is None:
             continue
         hidden = set(meta(cls, f.name).get("hide", ()))
+        rename = meta(cls, f.name).get("rename", {})
         for sub, path in flat_fields(inner).items():
-            if sub not in names and sub not in hidden and sub != f.name:
-                names[sub] = (f.name, *path)
+            flat = rename.get(sub, sub)
+            if flat not in names and sub not in hidden and flat != f.name:
+                names[flat] = (f.name, *path)
     return names
 
 

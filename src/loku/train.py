@@ -154,8 +154,9 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     check_tokenizer_fits(model, tokenizer)
     check_max_length(model, cfg.max_length)
     set_seed(cfg.seed)
-    forget = tokenize_examples(forget_ex, tokenizer, cfg.max_length, "forget")
-    retain = tokenize_examples(retain_ex, tokenizer, cfg.max_length, "retain") if retain_ex else None
+    forget = tokenize_examples(forget_ex, tokenizer, cfg.max_length, "forget", cfg.prompt_format)
+    retain = (tokenize_examples(retain_ex, tokenizer, cfg.max_length, "retain", cfg.prompt_format)
+              if retain_ex else None)
     # engine "FSDP" / "DeepSpeed": they place (and shard) the weights themselves
     accelerator, engine = start_accelerator(cfg.grad_accum, cfg.mixed_precision, cfg.batch_size)
     # One global batch of batch_size x processes per step, each process taking its share: N processes

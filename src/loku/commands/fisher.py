@@ -103,8 +103,8 @@ def compute_fisher(cfg: UnlearnConfig, out: str | Path, method: str = "fila", *,
     targets = resolve_targets(model, cfg.lora_targets)
     check_rank(model, targets, cfg.lora_rank)   # the run these are for would fail; say so before the pass
     names = sorted(targeted_modules(model, targets))
-    forget = tokenize_examples(forget_ex, tokenizer, cfg.max_length, "forget")
-    retain = tokenize_examples(retain_ex, tokenizer, cfg.max_length, "retain")
+    forget = tokenize_examples(forget_ex, tokenizer, cfg.max_length, "forget", cfg.prompt_format)
+    retain = tokenize_examples(retain_ex, tokenizer, cfg.max_length, "retain", cfg.prompt_format)
     # unlearn's global batch is batch_size x processes; under accelerate launch the processes split the
     # batches and all-reduce the sums (loku.fisher), so the file equals a one-process run's.
     batches = PairedBatches(forget, retain, cfg.batch_size * world, tokenizer.pad_token_id, cfg.seed,

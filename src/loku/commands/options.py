@@ -103,7 +103,7 @@ def options_for(cls) -> list[Opt]:
         m = meta(owner, path[-1])
         default = field_default(cls, path)
         helptext = m.get("help", "")
-        if "choices" in m and "choices" not in helptext.lower():
+        if "choices" in m and not all(str(c) in helptext for c in m["choices"]):
             helptext += f" One of: {', '.join(map(str, m['choices']))}."
         common = dict(help=helptext, rich_help_panel=m.get("group"), show_default=_shown(default, m))
         origin = typing.get_origin(kind) or kind

@@ -37,5 +37,5 @@ def thresholds_(cfg: ThresholdsConfig):
 def utility(cfg: UtilityConfig):
     """Score any model on the TDEC utility tasks (reasoning accuracy, dialogue F1, Pile/WikiText perplexity)."""
     utility_report(cfg.model, cfg.out, adapter=cfg.adapter, tasks=cfg.tasks, limit=cfg.limit,
-                   batch_size=cfg.batch_size, data_dir=cfg.data, max_length=cfg.max_length,
+                   batch_size=cfg.batch_size, data_dir=cfg.data_dir, max_length=cfg.max_length,
                    overwrite=cfg.overwrite, trust_remote_code=cfg.trust_remote_code, log=typer.echo)

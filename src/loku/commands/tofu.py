@@ -40,13 +40,16 @@ def eval_(cfg: TofuEvalConfig):
     from ..io import check_out_dir
     from ..models import load_model
     from ..tofu import evaluate_tofu, load_sets, model_utility
+    from ..tofu.finetune import tofu_format
 
     check_out_dir(cfg.out, cfg.overwrite)
-    sets = load_sets(cfg.data, forget=cfg.split, limit=cfg.limit or None,
+    fmt, source = tofu_format(cfg.prompt_format, cfg.model)
+    sets = load_sets(cfg.data_dir, forget=cfg.split, limit=cfg.limit or None,
                      authors=cfg.authors)  # bad data fails before loading
     lm, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    typer.echo(f"prompt format {fmt} ({source})")
     logs = evaluate_tofu(lm, tokenizer, sets, cfg.out, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                         limit=None, log=typer.echo)
+                         limit=None, log=typer.echo, prompt_format=fmt)
     _table(model_utility(logs), f"TOFU {cfg.split}: {cfg.model}")
     out = Path(cfg.out)
     typer.echo(f"wrote {out / 'eval_log_aggregated.json'}; Forget Quality needs a retain model's log: "
@@ -56,14 +59,18 @@ def eval_(cfg: TofuEvalConfig):
 @app.command("aggregate")
 @config_command(AggregateConfig)
 def aggregate_(cfg: AggregateConfig):
-    """Forget Quality, Model Utility and TOFU's 12 set numbers of CKPT against the RETAIN model."""
+    """Forget Quality, Model Utility and TOFU's 12 set numbers of CKPT against the RETAIN model (refused when
+    the two logs record different prompt formats)."""
     from ..tofu import aggregate, read_logs
+    from ..tofu.logs import log_format
 
-    summary = aggregate(read_logs(cfg.ckpt), read_logs(cfg.retain))
+    ckpt_logs, retain_logs = read_logs(cfg.ckpt), read_logs(cfg.retain)
+    summary = aggregate(ckpt_logs, retain_logs)
     if cfg.as_json:
         typer.echo(json.dumps(summary, indent=2))
     else:
-        _table(summary, f"TOFU: {cfg.ckpt} vs retain {cfg.retain}")
+        fmt = log_format(ckpt_logs) or log_format(retain_logs)
+        _table(summary, f"TOFU: {cfg.ckpt} vs retain {cfg.retain}" + (f" (prompt format {fmt})" if fmt else ""))
 
 
 @app.command("finetune")

@@ -231,7 +231,8 @@ def _lmcleaner_setup(s: LMCleanerSettings, ctx, state: MethodState) -> None:
     steps = [t for t in traj.steps_with(ctx.forget) if t <= tau]
 
     def batch_loss(step: int) -> torch.Tensor:
-        feats = [tokenize_example(traj.examples[i], ctx.tokenizer, ctx.max_length) for i in traj.steps[step]["examples"]]
+        feats = [tokenize_example(traj.examples[i], ctx.tokenizer, ctx.max_length, ctx.prompt_format)
+                 for i in traj.steps[step]["examples"]]
         batch = {k: v.to(ctx.device) for k, v in collate(feats, ctx.tokenizer.pad_token_id).items()}
         with sdpa_kernel(SDPBackend.MATH):   # exact Hessian-vector products differentiate the attention's backward
             logits = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

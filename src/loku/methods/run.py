@@ -28,6 +28,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import io
+from ..data.qa import DEFAULT_PROMPT_FORMAT
 from ..errors import LokuError
 from .base import Method, MethodState
 from .hooks import capture, find_module
@@ -45,6 +46,7 @@ class SetupContext:
     seed: int
     max_length: int
     retain_weight: float
+    prompt_format: str          # how QA examples are written (loku.data.qa)
 
 
 class MethodRun:
@@ -61,7 +63,8 @@ class MethodRun:
                             f"OpenUnlearning's): launch it without accelerate's multi-process launch")
         if m.setup is not None:
             ctx = SetupContext(model, tokenizer, forget, retain, device, getattr(self.cfg, "seed", 0),
-                               getattr(self.cfg, "max_length", 256), getattr(self.cfg, "retain_weight", 1.0))
+                               getattr(self.cfg, "max_length", 256), getattr(self.cfg, "retain_weight", 1.0),
+                               getattr(self.cfg, "prompt_format", DEFAULT_PROMPT_FORMAT))
             m.setup(self.settings, ctx, self.state)
         self.taps = list(m.taps(self.settings, self.state)) if m.taps is not None else []
 
