@@ -134,6 +134,11 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     t_start = time.time()
     method = get_method(cfg.method)
     forget_ex, retain_ex = load_data(cfg, method, forget, retain, refusals)
+    if cfg.until:   # loku.audit imports scikit-learn and scipy (~2 s): only when the rule is asked for
+        from .audit.stop import FILE as UNTIL_FILE
+        from .audit.stop import UntilForgotten
+
+        until = UntilForgotten.read(cfg, forget)   # --unseen checked before the model loads
     if resume:
         out = _check_resumable(cfg)
     else:
@@ -169,6 +174,9 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     # one whole copy per GPU until the engine shards it, as under DDP (README: or take the statistics first).
     if engine is None or (cfg.lora and cfg.resolved_init in ("fila", "vila")):
         model.to(accelerator.device)
+    if cfg.until:   # the never-seen level, measured on the model before any training
+        until_rule = until.start(cfg, model, tokenizer, log=print if progress and accelerator.is_main_process else None)
+        callbacks = [*callbacks, until_rule]
     # What the method prepares on the start model (lmcleaner's correction, lunar's direction, t3's head, ...).
     run = MethodRun(method, cfg)
     run.setup(model, tokenizer, forget_ex, retain_ex, next(model.parameters()).device, world)
@@ -338,6 +346,8 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     prepared, model = model, accelerator.unwrap_model(model)
     model.eval()
     result.model = model
+    if cfg.until and out is not None and main:
+        io.write_json(out / UNTIL_FILE, until_rule.summary(result.history))
     if out is not None:
         # Under FSDP / DeepSpeed each process holds shards: gather them (collectively) for the main one to save.
         state = gathered_state(accelerator, prepared, trainable_only=cfg.lora and not cfg.save_merged) \
