@@ -58,6 +58,7 @@ class UnlearnConfig:
     extra: dict = field(default_factory=dict)  # free-form notes carried into the saved config
 
     def __post_init__(self):
+        from .inits import INITS
         from .losses import METHODS
 
         _check_types(self)
@@ -71,11 +72,11 @@ class UnlearnConfig:
                                 f"--{name.replace('_', '-')} 1 or more (default {default})")
         if not self.lr > 0:
             raise LokuError(f"lr must be positive, got {self.lr!r}: pass e.g. --lr 2e-4")
-        if self.init not in ("auto", "default", "fila", "vila"):
-            raise LokuError(f"unknown init {self.init!r}: choose auto, default, fila or vila")
+        if self.init != "auto":
+            INITS[self.init]  # raises with "did you mean"
         if self.fila_svd not in ("exact", "randomized"):
             raise LokuError(f"unknown fila_svd {self.fila_svd!r}: choose exact or randomized")
-        if self.init in ("fila", "vila") and not self.lora:
+        if self.init not in ("auto", "default") and not self.lora:
             raise LokuError(f"--init {self.init} initialises LoRA adapters: drop --full or use --init default")
         if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             raise LokuError(f"unknown mixed precision {self.mixed_precision!r}: choose no, bf16 or fp16")

@@ -21,24 +21,20 @@ import torch
 from torch import nn
 
 from .errors import LokuError
-from .fisher import Pair, cached_statistics, fisher_statistics, relative_importance, vila_statistics, weight_of
+from .fisher import Pair, relative_importance, run_statistics, statistics_function
+from .lora import LoraPlan, conv1d_type, plan_lora, weight_of, wrap_lora
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]   # module name -> (A0 (r, in), B0 (out, r))
 ROW_FLOOR = 1e-6   # rows with weight below ROW_FLOOR * max row weight are lifted to it (no 1/0 in B)
 
 
 def _randomized_svd(M: torch.Tensor, rank: int, oversample: int = 10, n_iter: int = 4, seed: int = 0):
-    """Top-`rank` SVD of M (m, n) by a randomized range finder with power iterations (Halko et al. 2011).
-    A private generator, so it neither depends on nor disturbs the global RNG the training run uses."""
-    k = min(rank + oversample, *M.shape)
-    g = torch.Generator(device=M.device).manual_seed(seed)
-    omega = torch.randn(M.shape[1], k, generator=g, device=M.device, dtype=M.dtype)   # (n, k)
-    Q = torch.linalg.qr(M @ omega).Q                                                  # (m, k)
-    for _ in range(n_iter):   # each round sharpens the spectrum's decay, so the top directions win
-        Q = torch.linalg.qr(M.T @ Q).Q                                                # (n, k)
-        Q = torch.linalg.qr(M @ Q).Q                                                  # (m, k)
-    U_k, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)                     # (k, k), (k,), (k, n)
-    return (Q @ U_k)[:, :rank], S[:rank], Vh[:rank]
+    """Top-`rank` SVD of M (m, n) by torch.svd_lowrank (Halko et al. 2011), on a forked RNG seeded with `seed`:
+    reproducible, and the global RNG the training run uses is left as it was."""
+    with torch.random.fork_rng(devices=[M.device] if M.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        U, S, V = torch.svd_lowrank(M, q=min(rank + oversample, *M.shape), niter=n_iter)   # (m, q), (q,), (n, q)
+    return U[:, :rank], S[:rank], V[:, :rank].T
 
 
 def _top_svd(M: torch.Tensor, rank: int):
@@ -129,10 +125,8 @@ def lora_layers(peft_model: nn.Module, adapter_name: str = "default") -> dict[st
 
 
 def _check_layer(name: str, layer: nn.Module, adapter: str) -> None:
-    from transformers.pytorch_utils import Conv1D
-
     base = layer.get_base_layer()
-    if not isinstance(base, (nn.Linear, Conv1D)):
+    if not isinstance(base, (nn.Linear, conv1d_type())):
         raise LokuError(f"FILA initialises Linear/Conv1D layers, but {name} is a {type(base).__name__}: "
                         f"drop it from the targets")
     if getattr(layer, "use_dora", {}).get(adapter, False):
@@ -144,10 +138,8 @@ def _check_layer(name: str, layer: nn.Module, adapter: str) -> None:
 
 def _set_weight(module: nn.Module, w: torch.Tensor) -> None:
     """Write w (out, in) into a Linear (out, in) or Conv1D (in, out)."""
-    from transformers.pytorch_utils import Conv1D
-
     with torch.no_grad():
-        module.weight.copy_(w.T if isinstance(module, Conv1D) else w)
+        weight_of(module).copy_(w)
 
 
 @torch.no_grad()
@@ -180,40 +172,22 @@ def apply_fila(peft_model: nn.Module, importance: dict[str, torch.Tensor], rank:
     return initial
 
 
-def fila_init(model: nn.Module, batch_pairs: Iterable[Pair], rank: int, alpha: float,
+def fila_init(model: nn.Module, batch_pairs: Iterable[Pair], rank: int | None = None, alpha: float | None = None,
               target_modules: list[str] | None = None, method: str = "fila", eps: float = 1e-5,
               svd: str = "exact", dropout: float = 0.0, cache: str | Path | None = None, progress: bool = True,
-              **stats_kwargs):
+              plan: LoraPlan | None = None, **stats_kwargs):
     """Plain model -> (peft model initialised with FILA or VILA, initial factors for the export).
-    Statistics on the plain model (reused from `cache` when it matches), then peft LoRA (r, alpha,
-    targets) and the factors. Targets are short names ('q_proj') or full names, as for peft."""
-    from .lora import add_lora, check_rank, resolve_targets, targeted_modules
-
-    if method not in ("fila", "vila"):
-        raise LokuError(f"unknown init method {method!r}: choose fila or vila")
-    batch_pairs = list(batch_pairs)
-    if method == "vila" and len(batch_pairs) < 2:  # E[g^2] - E[g]^2 over one batch is 0: the init would explode
-        raise LokuError(f"VILA's statistics are variances over batches, but the forget set makes "
-                        f"{len(batch_pairs)} batch: lower --batch-size so it makes at least 2, or use --init fila")
-    targets = resolve_targets(model, target_modules)
-    check_rank(model, targets, rank)   # before the expensive pass
-    names = sorted(targeted_modules(model, targets))
-    kwargs = dict(progress=progress, **stats_kwargs)
-    if method == "vila":
-        kwargs.setdefault("rank", rank)
-        kwargs.setdefault("scaling", alpha / rank)   # the LoRA scaling the adapter will train with
-    if cache is not None:
-        stats, _ = cached_statistics(cache, model, batch_pairs, names, method, **kwargs)
-    else:
-        compute = fisher_statistics if method == "fila" else vila_statistics
-        stats = compute(model, list(batch_pairs), names, **kwargs)
-    importance = relative_importance(stats, eps)
-    peft_model = add_lora(model, rank, alpha, targets, dropout)
+    Statistics on the plain model (reused from `cache` when it matches), then peft LoRA and the factors.
+    `plan` (loku.lora.plan_lora), else one made from rank, alpha and targets (short or full names)."""
+    statistics_function(method, "init method")
+    plan = plan or plan_lora(model, target_modules, rank, alpha)
+    stats = run_statistics(method, model, list(batch_pairs), plan, cache=cache, progress=progress, **stats_kwargs)
+    peft_model = wrap_lora(model, plan, dropout)
     wrapped = set(lora_layers(peft_model))
-    if wrapped != set(names):
-        raise LokuError(f"peft wrapped other modules than the targets ({sorted(wrapped ^ set(names))[:3]}): "
-                        f"pass full module names as targets")
-    return peft_model, apply_fila(peft_model, importance, rank, svd=svd)
+    if wrapped != set(plan.module_names):
+        raise LokuError(f"peft wrapped other modules than the targets ({sorted(wrapped ^ set(plan.module_names))[:3]}"
+                        "): pass full module names as targets")
+    return peft_model, apply_fila(peft_model, relative_importance(stats, eps), plan.rank, svd=svd)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -276,13 +250,11 @@ def merged_weights(peft_model: nn.Module, adapter_name: str = "default",
                    state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """{name: residual + s B A} (out, in) in the weight's dtype: the trained model's weights, which equal
     original + dW. Reads only; the model is left as it was."""
-    from transformers.pytorch_utils import Conv1D
-
     out = {}
     for name, (full, layer) in lora_layers(peft_model, adapter_name).items():
         W, A, B = (_layer_tensor(state_dict, full, layer, part, adapter_name)
                    for part in ("base_layer", "lora_A", "lora_B"))
-        if state_dict is not None and isinstance(layer.get_base_layer(), Conv1D):
+        if state_dict is not None and isinstance(layer.get_base_layer(), conv1d_type()):
             W = W.T   # weight_of gives (out, in); a Conv1D's saved weight is (in, out)
         out[name] = (W.float() + layer.scaling[adapter_name] * B.float() @ A.float()).to(W.dtype)
     return out
@@ -293,8 +265,6 @@ def save_merged(peft_model: nn.Module, out_dir: str | Path, adapter_name: str = 
     """Write the trained model with the adapter merged in, as a plain transformers model directory,
     without changing `peft_model` (peft's merge_and_unload would rewrite it in place). `state_dict`: the
     peft model's full weights when its own are shards (FSDP, DeepSpeed)."""
-    from transformers.pytorch_utils import Conv1D
-
     base = peft_model.get_base_model()
     layers = lora_layers(peft_model, adapter_name)
     merged = merged_weights(peft_model, adapter_name, state_dict)
@@ -306,7 +276,7 @@ def save_merged(peft_model: nn.Module, out_dir: str | Path, adapter_name: str = 
             continue
         state[key.replace(".base_layer.", ".")] = value
     for name, W in merged.items():
-        state[f"{name}.weight"] = W.T.contiguous() if isinstance(layers[name][1].get_base_layer(), Conv1D) else W
+        state[f"{name}.weight"] = W.T.contiguous() if isinstance(layers[name][1].get_base_layer(), conv1d_type()) else W
     out_dir = Path(out_dir)
     base.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
     if tokenizer is not None:

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LokuError
+from .lora import LoraPlan, targeted_modules, weight_of
+from .registry import unknown_choice
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (logits, labels) -> mean token loss
 Pair = tuple[dict, "dict | None"]                                # (forget_batch, retain_batch)
@@ -170,30 +172,9 @@ class FisherStats:
 
 # ---------------------------------------------------------------------------------------------- modules
 
-def weight_of(module: nn.Module) -> torch.Tensor:
-    """The module's weight as (out, in): GPT-2's Conv1D stores (in, out), so it is transposed (a view)."""
-    from transformers.pytorch_utils import Conv1D
-
-    return module.weight.T if isinstance(module, Conv1D) else module.weight
-
-
 def target_weights(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
-    """Full module name -> Linear/Conv1D module for `names`, each a full name or a suffix such as 'q_proj'
-    (matched as peft matches a list of targets)."""
-    from .lora import linear_modules
-
-    linear = linear_modules(model)
-    out: dict[str, nn.Module] = {}
-    for t in names:
-        hits = {n: m for n, m in linear.items() if n == t or n.endswith("." + t)}
-        if not hits:
-            short = sorted({n.rsplit(".", 1)[-1] for n in linear})
-            example = next(iter(linear), "")
-            raise LokuError(f"module {t!r} is not a linear layer of this model: choose from {', '.join(short)} "
-                            f"(or full names such as {example!r})")
-        out.update(hits)
-    return dict(sorted(out.items()))
-
+    """Full module name -> Linear/Conv1D module for `names` (full names or suffixes, as peft matches them), sorted."""
+    return dict(sorted(targeted_modules(model, list(names)).items()))
 
 def model_identity(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, str]:
     """What makes statistics valid for a model: its config, a fingerprint of the targeted weights (the
@@ -449,11 +430,10 @@ def cached_statistics(path: str | Path, model: nn.Module, batch_pairs: Iterable[
     """Reuse the statistics at `path` when model, modules, data and settings match (returns (stats, True));
     otherwise compute, save there and return (stats, False). A file for another model raises LokuError
     instead of being overwritten: it is more likely a wrong path than a stale cache."""
-    if method not in ("fila", "vila"):
-        raise LokuError(f"unknown Fisher method {method!r}: choose fila or vila")
+    compute = statistics_function(method)
     pairs = list(batch_pairs)
-    names = sorted(target_weights(model, module_names))
-    compute = fisher_statistics if method == "fila" else vila_statistics
+    modules = target_weights(model, module_names)
+    names = sorted(modules)
     path = Path(path)
     if path.exists() and kwargs.get("factors") is None:   # hand-given VILA factors are not part of the key
         old = FisherStats.load(path)
@@ -461,8 +441,7 @@ def cached_statistics(path: str | Path, model: nn.Module, batch_pairs: Iterable[
         args = inspect.signature(compute).bind(model, pairs, names, **kwargs)
         args.apply_defaults()
         args = dict(args.arguments)
-        dtype = next(iter(target_weights(model, names).values())).weight.dtype
-        want = _settings(method, args.pop("loss_fn"), dtype, **args)
+        want = _settings(method, args.pop("loss_fn"), next(iter(modules.values())).weight.dtype, **args)
         if (old.kind == method and sorted(old.forget) == names and old.meta.get("data_sha256") == data_hash(pairs)
                 and json.loads(old.meta.get("settings", "{}")) == want):
             return old, True
@@ -472,3 +451,27 @@ def cached_statistics(path: str | Path, model: nn.Module, batch_pairs: Iterable[
     if is_main():   # every process holds the same reduced statistics; one writes them
         stats.save(path)
     return stats, False
+
+
+STATISTICS = {"fila": fisher_statistics, "vila": vila_statistics}   # kind -> function (the cache's "kind")
+
+
+def statistics_function(kind: str, what: str = "Fisher method") -> Callable[..., FisherStats]:
+    if kind not in STATISTICS:
+        raise unknown_choice(what, kind, STATISTICS)
+    return STATISTICS[kind]
+
+
+def run_statistics(kind: str, model: nn.Module, batch_pairs: list[Pair], plan: LoraPlan, *,
+                   cache: str | Path | None = None, progress: bool = True, **kwargs) -> FisherStats:
+    """The statistics a `kind` ("fila", "vila") initialisation of `plan`'s modules starts from: VILA measures
+    with the plan's rank and scaling (those the adapter trains with). From `cache` when it matches there."""
+    statistics_function(kind)
+    if kind == "vila":
+        if len(batch_pairs) < 2:   # E[g^2] - E[g]^2 over one batch is 0: the init would explode
+            raise LokuError(f"VILA's statistics are variances over batches, but the forget set makes "
+                            f"{len(batch_pairs)} batch: lower --batch-size so it makes at least 2, or use fila")
+        kwargs = {"rank": plan.rank, "scaling": plan.scaling, **kwargs}
+    if cache is not None:
+        return cached_statistics(cache, model, batch_pairs, plan.module_names, kind, progress=progress, **kwargs)[0]
+    return STATISTICS[kind](model, batch_pairs, plan.module_names, progress=progress, **kwargs)

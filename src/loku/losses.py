@@ -194,3 +194,9 @@ def global_mean_scales(forget_mean_over: str, forget_labels: torch.Tensor, retai
 
 def get_method(name: str) -> Method:
     return METHODS[name]
+
+
+def method_loss(method: Method, x: LossInputs, cfg) -> dict[str, torch.Tensor]:
+    """`method`'s weighted loss terms plus "loss" (their sum) on one micro-batch's outputs, its settings taken
+    from `cfg` (an UnlearnConfig). The training loop calls methods only through this."""
+    return method.fn(x, LossSettings(cfg.retain_weight, cfg.npo_beta, cfg.simnpo_beta, cfg.simnpo_gamma))

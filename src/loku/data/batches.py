@@ -6,20 +6,17 @@ import functools
 import math
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; padding is masked out of attention and loss."""
-    width = max(len(f["input_ids"]) for f in features)
-    ids = torch.full((len(features), width), pad_id, dtype=torch.long)      # (B, T)
-    labels = torch.full((len(features), width), -100, dtype=torch.long)     # (B, T)
-    mask = torch.zeros((len(features), width), dtype=torch.long)            # (B, T)
-    for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        ids[i, :n] = torch.tensor(f["input_ids"])
-        labels[i, :n] = torch.tensor(f["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    def pad(key: str, value: int) -> torch.Tensor:                        # (B, T)
+        return pad_sequence([torch.as_tensor(f[key]) for f in features], batch_first=True, padding_value=value)
+
+    ids = pad("input_ids", pad_id)
+    mask = pad_sequence([torch.ones(len(f["input_ids"]), dtype=torch.long) for f in features], batch_first=True)
+    return {"input_ids": ids, "attention_mask": mask, "labels": pad("labels", -100)}
 
 
 class PairedBatches:
@@ -60,3 +57,18 @@ class PairedBatches:
             if self.retain is not None:
                 retain = collate([self.retain[i] for i in self._retain_indices(epoch, step)], self.pad_id)
             yield forget, retain
+
+    def steps_per_epoch(self, accumulation: int) -> int:
+        return math.ceil(len(self) / accumulation)
+
+    def steps(self, epoch: int, accumulation: int, start_step: int = 0):
+        """The epoch's batches from `start_step` on, grouped into optimizer steps of `accumulation` micro-batches;
+        the epoch's last batch ends a step (which may be shorter), as in Hugging Face Trainer."""
+        group = []
+        for pair in self.epoch(epoch, start_step):
+            group.append(pair)
+            if len(group) == accumulation:
+                yield group
+                group = []
+        if group:
+            yield group

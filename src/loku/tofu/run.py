@@ -27,6 +27,7 @@ from ..config import UnlearnConfig
 from ..data.tofu import QA_PER_AUTHOR, load_split
 from ..distributed import barrier, is_main
 from ..errors import LokuError
+from ..inits import INITS
 from .evaluate import TOFU_DS_SIZE, evaluate_tofu, load_sets
 from .finetune import check_qa_per_author, check_qa_rows, check_split, per_author, read_summary, retain_split
 from .logs import AGGREGATED, FORGET, RETAIN, read_logs
@@ -34,7 +35,6 @@ from .report import headline, write_report
 from .summary import aggregate
 
 CONFIG = "config.json"
-INITS = ("auto", "default", "fila", "vila")
 # TOFU's unlearning recipe (5 epochs, effective batch 32, weight decay 0.01) with a LoRA learning rate.
 TRAIN_DEFAULTS = dict(epochs=5, lr=1e-4, batch_size=8, grad_accum=4, weight_decay=0.01, max_length=500)
 
@@ -51,8 +51,9 @@ def parse_method(spec: str) -> MethodSpec:
 
     name, _, init = spec.strip().partition("+")
     get_method(name)  # unknown names fail with "did you mean"
-    if init and init not in INITS:
-        raise LokuError(f"unknown init {init!r} in method {spec!r}: write NAME+INIT with INIT one of {', '.join(INITS)}")
+    if init and init != "auto" and init not in INITS:
+        raise LokuError(f"unknown init {init!r} in method {spec!r}: write NAME+INIT with INIT one of auto, "
+                        f"{', '.join(INITS.names())}")
     return MethodSpec(spec.strip(), name, init or None)
 
 
@@ -296,7 +297,7 @@ def run_method(spec: MethodSpec, cfg: TofuUnlearnConfig, inputs: TofuInputs, ret
                 f"Model Utility {summary['Model Utility']:.4f} ({time.time() - t0:.0f} s to evaluate)")
         return {"forget_quality": summary["Forget Quality"], "model_utility": summary["Model Utility"]}
 
-    result = unlearn(train, model, tokenizer, callbacks=[evaluate], progress=progress,
+    result = unlearn(train, model, tokenizer, callbacks=[evaluate], progress=progress, inplace=True,
                      forget=inputs.forget, retain=inputs.retain, refusals=inputs.refusals)
     for e, h in zip(epochs, result.history):
         e.update({k: h[k] for k in ("loss", "forget", "retain") if k in h})

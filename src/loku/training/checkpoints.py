@@ -5,20 +5,29 @@ A checkpoint is a directory written whole (temporary name, then rename): the tra
 Everything is loaded back with `torch.load(weights_only=True)`: no pickled code is ever executed.
 Under FSDP the weights and optimizer state are gathered whole to the main process (torch.distributed.
 checkpoint's full state dicts), so a checkpoint is the same file whatever the number of processes.
+DeepSpeed runs write none (its optimizer state has its own format), so they do not resume.
+
+Not accelerate's save_state/load_state: for a LoRA run it writes the whole model (the frozen base too, ~50x
+the adapter at rank 8), loads its RNG and registered objects with torch.load(weights_only=False) (pickle), and
+writes one RNG file per process, so a checkpoint only resumes on the same number of processes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import io
-from .errors import LokuError
+from .. import io
+from ..distributed import is_main, requested_engine
+from ..errors import LokuError
 
 NAME = "checkpoint"
 
@@ -38,8 +47,6 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, sha
     this with the prepared model and its torch optimizer; the main process writes."""
     if sharded:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-        from .distributed import is_main
 
         options = _full_options(cpu_offload=True, ignore_frozen_params=True)
         weights = get_model_state_dict(model, options=options)
@@ -112,3 +119,80 @@ def _numpy_rng():
 def _python_rng():
     version, state, _ = random.getstate()
     return [version, torch.tensor(state, dtype=torch.int64)]
+
+
+@dataclass
+class Position:
+    """Where a run stands; a checkpoint saves it, and a resumed run continues from it exactly."""
+
+    epoch: int = 0                 # the epoch under way
+    next_batch: int = 0            # its first micro-batch not yet trained on
+    step: int = 0                  # optimizer steps taken in the run
+    sums: dict = field(default_factory=dict)      # the epoch's step values, summed (its line is their mean)
+    done: bool = False
+    history: list = field(default_factory=list)   # one line per finished epoch
+
+
+class Checkpoints:
+    """A run's checkpoints in `out`/checkpoint: every process calls `save` (FSDP gathers shards collectively);
+    under DeepSpeed none is written."""
+
+    def __init__(self, out: Path, accelerator, engine: str | None, model, optimizer, scheduler):
+        self.out, self.accelerator, self.engine = out, accelerator, engine
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+
+    def save(self, at: Position) -> None:
+        if self.engine == "FSDP":
+            save_checkpoint(self.out, self.model, self.optimizer.optimizer, self.scheduler, asdict(at), sharded=True)
+        elif self.engine is None and is_main():
+            save_checkpoint(self.out, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler,
+                            asdict(at))
+
+    def load(self) -> Position:
+        """Restore weights, optimizer, scheduler and RNG; the metrics lines after the checkpoint are dropped."""
+        if self.engine == "FSDP":
+            state = load_checkpoint(self.out, self.model, self.optimizer.optimizer, self.scheduler, sharded=True)
+        else:
+            state = load_checkpoint(self.out, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler)
+        at = Position(**state)
+        if is_main():
+            _truncate_metrics(self.out / "metrics.jsonl", at.step, len(at.history))
+        return at
+
+
+def check_resumable(cfg) -> Path:
+    out = Path(cfg.out)
+    if requested_engine() == "DeepSpeed":
+        raise LokuError("resuming is not available under DeepSpeed (loku writes no checkpoints there: its "
+                        "optimizer state has its own format): start the run again, or use FSDP "
+                        "(configs/accelerate/fsdp.yaml), whose checkpoints resume")
+    if (out / io.MANIFEST).is_file():
+        raise LokuError(f"run {out} is already complete (it has {io.MANIFEST}): nothing to resume")
+    if not (out / NAME / "state.json").is_file():
+        raise LokuError(f"{out} has no checkpoint to resume from (it was killed before the first one): "
+                        "delete it and start again")
+    return out
+
+
+def _truncate_metrics(path: Path, step: int, epochs_done: int) -> None:
+    """Drop log lines written after the checkpoint; the resumed run writes them again."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+        if (r.get("kind") == "step" and r["step"] <= step) or (r.get("kind") == "epoch" and r["epoch"] <= epochs_done):
+            keep.append(line)
+    io.write_text(path, "".join(k + "\n" for k in keep))
+
+
+_KILL_AT_STEP = int(os.environ.get("LOKU_TEST_KILL_AT_STEP", "0")) or None
+
+
+def kill_switch(step: int) -> None:
+    """Fault injection for the kill-and-resume test: SIGKILL this process after optimizer step N."""
+    if step == _KILL_AT_STEP:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,131 @@
+"""One optimizer step: forward passes over its micro-batches, the loss, backward, clipping, the update."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .. import losses
+from ..errors import LokuError
+from ..losses import IGNORE, LossInputs, cross_entropy
+
+Pair = tuple[dict, "dict | None"]   # (forget or training batch, retain batch)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the loop minimises: loss terms of one micro-batch's outputs (each a mean, plus "loss"), and what
+    they need. Unlearning builds it from a method (`for_method`); fine-tuning is plain cross-entropy."""
+
+    terms: Callable[[LossInputs], dict[str, torch.Tensor]]
+    needs_retain: bool = False
+    needs_reference: bool = False
+    forget_mean_over: str = "tokens"   # what the forget term averages: "tokens" or "sequences"
+    ascent: bool = False               # the forget term is -cross-entropy (unbounded): divergence is watched
+
+    @classmethod
+    def for_method(cls, method, cfg) -> "Objective":
+        return cls(lambda x: losses.method_loss(method, x, cfg), method.needs_retain, method.needs_reference,
+                   method.forget_mean_over, method.ascent)
+
+
+FINE_TUNING = Objective(lambda x: {"loss": cross_entropy(x.forget_logits, x.forget_labels)})
+
+
+def forward(model, batch: dict) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+
+
+def shard(batch: dict[str, torch.Tensor], rank: int, world: int, device) -> dict[str, torch.Tensor]:
+    """This process's rows of a global batch (rows rank, rank + world, ...). A last batch too small to
+    give every process a row repeats its first rows, as accelerate's even_batches does."""
+    n = batch["input_ids"].shape[0]
+    rows = list(range(rank, n, world)) or [rank % n]
+    return {k: v[rows].to(device) for k, v in batch.items()}
+
+
+def _count(labels: torch.Tensor | None, unit: str) -> float:
+    if labels is None:
+        return 0.0
+    return float(labels.shape[0]) if unit == "sequences" else float((labels[:, 1:] != IGNORE).sum())
+
+
+def step_scales(micro: list[Pair], forget_unit: str, sum_over_processes, world: int,
+                accumulation: int) -> list[dict[str, float]]:
+    """Per micro-batch and term, the factor that makes one optimizer step the mean over every token (or
+    sequence) it saw, across its micro-batches and processes, as Hugging Face Trainer's num_items_in_batch:
+    local count x processes x accumulation / the step's count. accelerate's backward divides each loss by the
+    accumulation steps and DDP averages the processes' gradients; these factors undo both, so the mean is exact
+    for any lengths, and a short last step of an epoch averages only its own micro-batches."""
+    local = torch.tensor([[_count(f["labels"], forget_unit), _count(r and r["labels"], "tokens")] for f, r in micro],
+                         dtype=torch.float64, device=micro[0][0]["labels"].device)           # (micro-batches, 2)
+    total = sum_over_processes(local.sum(0)) if world > 1 else local.sum(0)                 # (2,)
+    scale = torch.where(total > 0, local * (world * accumulation) / total, 1.0)
+    return [{"forget": float(f), "retain": float(r)} for f, r in scale.tolist()]
+
+
+class OptimizerStep:
+    """Runs one optimizer step over a list of micro-batches (the last one syncs the gradients and updates)."""
+
+    def __init__(self, accelerator, model, optimizer, scheduler, objective: Objective, reference=None,
+                 max_grad_norm: float = 1.0, kept: str = ""):
+        self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+        self.objective, self.reference, self.max_grad_norm, self.kept = objective, reference, max_grad_norm, kept
+        # FSDP2 replaces the parameters with sharded ones when preparing: clip those.
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def __call__(self, micro: list[Pair], epoch: int, step: int) -> tuple[dict[str, float], int]:
+        """(the step's loss terms, mean over processes, and the tokens this process saw)."""
+        acc = self.accelerator
+        world, rank, device = acc.num_processes, acc.process_index, acc.device
+        micro = [(shard(f, rank, world, device), shard(r, rank, world, device)
+                  if r is not None and self.objective.needs_retain else None) for f, r in micro]
+        scales = step_scales(micro, self.objective.forget_mean_over, lambda t: acc.reduce(t, reduction="sum"),
+                             world, acc.gradient_accumulation_steps)
+        totals, tokens = {}, 0
+        for i, ((forget, retain), scale) in enumerate(zip(micro, scales)):
+            ends_step = i == len(micro) - 1
+            acc.sync_gradients = ends_step   # accelerate counts micro-batches only; an epoch's last one ends a step
+            with contextlib.nullcontext() if ends_step else acc.no_sync(self.model):
+                terms = self._terms(forget, retain, scale)
+                _check_finite(terms, epoch, step, self.kept)
+                acc.backward(terms["loss"])
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0.0) + v.detach() / acc.gradient_accumulation_steps
+            tokens += sum(int(b["attention_mask"].sum()) for b in (forget, retain) if b is not None)
+        if self.max_grad_norm > 0:
+            norm = acc.clip_grad_norm_(self.params, self.max_grad_norm)
+            if norm is not None and not torch.isfinite(torch.as_tensor(norm)):   # None: DeepSpeed clips itself
+                raise LokuError(f"gradient norm became {float(norm)} at epoch {epoch + 1} step {step + 1}: "
+                                f"lower --lr or check the data{self.kept}")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in totals.values()])
+            totals = dict(zip(totals, acc.reduce(stacked, reduction="mean")))
+        return {k: float(v) for k, v in totals.items()}, tokens
+
+    def _terms(self, forget: dict, retain: dict | None, scale: dict[str, float]) -> dict[str, torch.Tensor]:
+        x = LossInputs(forward(self.model, forget), forget["labels"])
+        if retain is not None:
+            x.retain_logits, x.retain_labels = forward(self.model, retain), retain["labels"]
+        if self.reference is not None:
+            x.ref_forget_logits = self.reference(forget)
+            x.ref_retain_logits = self.reference(retain) if retain is not None else None
+        terms = self.objective.terms(x)
+        parts = {k: v for k, v in terms.items() if k != "loss"} or terms   # a one-term objective gives only "loss"
+        parts = {k: v * scale["retain" if k == "retain" else "forget"] for k, v in parts.items()}
+        return {"loss": sum(parts.values()), **parts}
+
+
+def _check_finite(terms: dict[str, torch.Tensor], epoch: int, step: int, kept: str) -> None:
+    """Stop on NaN/inf, naming the step and the loss term, rather than training on garbage."""
+    bad = [k for k, v in terms.items() if not torch.isfinite(v)]
+    if bad:
+        name = next((k for k in bad if k != "loss"), "loss")
+        raise LokuError(f"loss term {name!r} became {float(terms[name])} at epoch {epoch + 1} step {step + 1} "
+                        f"(terms: {({k: float(v) for k, v in terms.items()})}): lower --lr or check the data{kept}")
