@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from .errors import LokuError
@@ -136,19 +137,12 @@ def _check_layer(name: str, layer: nn.Module, adapter: str) -> None:
         raise LokuError(f"FILA's conversion covers weights only, but {name} has a LoRA bias: set lora_bias=False")
 
 
-def _set_weight(module: nn.Module, w: torch.Tensor) -> None:
-    """Write w (out, in) into a Linear (out, in) or Conv1D (in, out)."""
-    with torch.no_grad():
-        weight_of(module).copy_(w)
-
-
 @torch.no_grad()
-def apply_fila(peft_model: nn.Module, importance: dict[str, torch.Tensor], rank: int | None = None,
-               adapter_name: str = "default", svd: str = "exact") -> Factors:
+def apply_fila(peft_model: nn.Module, importance: dict[str, torch.Tensor], adapter_name: str = "default",
+               svd: str = "exact") -> Factors:
     """Write FILA factors into peft's LoRA modules (lora_A, lora_B) and the residual into each base layer,
     Linear or Conv1D. Outputs are unchanged. Returns the starting factors {name: (A0, B0)} of every LoRA
-    layer (on CPU), which `export_original_adapter` needs; layers without importance keep peft's init.
-    `rank`, when given, must equal the adapter's rank (a check, not a setting)."""
+    layer (on CPU), which `export_original_adapter` needs; layers without importance keep peft's init."""
     layers = lora_layers(peft_model, adapter_name)
     unknown = sorted(set(importance) - set(layers))
     if unknown:
@@ -158,16 +152,13 @@ def apply_fila(peft_model: nn.Module, importance: dict[str, torch.Tensor], rank:
     for name, (_, layer) in layers.items():
         _check_layer(name, layer, adapter_name)
         lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
-        r = lora_A.weight.shape[0]
-        if rank is not None and rank != r:
-            raise LokuError(f"rank {rank} differs from the adapter's rank {r} at {name}: pass rank={r} or rewrap")
         if name in importance:
             base = layer.get_base_layer()
-            A, B, residual = fila_factors(weight_of(base), importance[name], r, layer.scaling[adapter_name],
-                                          svd, name=name)
+            A, B, residual = fila_factors(weight_of(base), importance[name], lora_A.weight.shape[0],
+                                          layer.scaling[adapter_name], svd, name=name)
             lora_A.weight.copy_(A)
             lora_B.weight.copy_(B)
-            _set_weight(base, residual)
+            weight_of(base).copy_(residual)   # (out, in) into a Linear (out, in) or a Conv1D (in, out)
         initial[name] = (lora_A.weight.detach().cpu().clone(), lora_B.weight.detach().cpu().clone())
     return initial
 
@@ -187,7 +178,7 @@ def fila_init(model: nn.Module, batch_pairs: Iterable[Pair], rank: int | None = 
     if wrapped != set(plan.module_names):
         raise LokuError(f"peft wrapped other modules than the targets ({sorted(wrapped ^ set(plan.module_names))[:3]}"
                         "): pass full module names as targets")
-    return peft_model, apply_fila(peft_model, relative_importance(stats, eps), plan.rank, svd=svd)
+    return peft_model, apply_fila(peft_model, relative_importance(stats, eps), svd=svd)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -228,8 +219,6 @@ def export_original_adapter(peft_model: nn.Module, initial_factors: Factors, out
     """Write a standard PEFT adapter directory (adapter_config.json + adapter_model.safetensors) for the
     ORIGINAL base model: `PeftModel.from_pretrained(original_model, out_dir)` then reproduces the trained
     FILA model. Rank 2r with alpha rescaled so the LoRA scaling s stays the same."""
-    from safetensors.torch import save_file
-
     tensors = original_adapter_tensors(peft_model, initial_factors, adapter_name, state_dict)
     cfg = copy.deepcopy(peft_model.peft_config[adapter_name])
     # s = alpha / r (or alpha / sqrt(r) with rsLoRA); doubling r must leave s as it was.

@@ -9,10 +9,10 @@ from typing import Callable
 
 import torch
 
+from . import io
 from .data.batches import PairedBatches
-from .training.log import RunLog
-from .training.loop import train_loop
-from .training.save import full_state, save_model_dir
+from .distributed import barrier, gathered_state, is_main
+from .training.loop import RunLog, train_loop
 from .training.setup import TrainSettings, prepare_optimizer, start
 from .training.step import FINE_TUNING, OptimizerStep
 
@@ -40,7 +40,7 @@ def finetune(model, features: list[dict], pad_id: int, *, epochs: int = 5, lr: f
     step = OptimizerStep(accelerator, prepared, optimizer, scheduler, FINE_TUNING, max_grad_norm=max_grad_norm)
     with RunLog(description, steps * epochs, show=progress and accelerator.is_main_process) as log:
         at = train_loop(step, batches, settings, log, [callback] if callback else [])
-    state = full_state(accelerator, prepared, engine) if out_dir is not None else None
+    state = gathered_state(accelerator, prepared) if out_dir is not None and engine else None   # collective
     accelerator.unwrap_model(prepared).eval()
     if out_dir is not None:
         save_model_dir(accelerator.unwrap_model(prepared), tokenizer, out_dir, state)
@@ -52,3 +52,13 @@ def finetuned_copy(model, features: list[dict], pad_id: int, **kwargs):
     unlearned model. Takes `finetune`'s keyword arguments."""
     trained = copy.deepcopy(model)
     return trained, finetune(trained, features, pad_id, **kwargs)
+
+
+def save_model_dir(model, tokenizer, out_dir: str | Path, state=None) -> None:
+    """The whole trained model (and its tokenizer) as one new directory, written by the main process."""
+    if is_main():
+        with io.atomic_dir(Path(out_dir)) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True, **({} if state is None else {"state_dict": state}))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+    barrier()

@@ -25,10 +25,17 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
+from rich.progress import track
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from .distributed import is_main, rank_world, sum_over_ranks
 from .errors import LokuError
-from .lora import LoraPlan, targeted_modules, weight_of
+from .io import atomic_path
+from .losses import cross_entropy
+from .lora import LoraPlan, conv1d_type, targeted_modules, weight_of
+from .models import model_device
 from .registry import unknown_choice
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (logits, labels) -> mean token loss
@@ -40,49 +47,49 @@ _VOLATILE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "u
              "_attn_implementation", "_attn_implementation_autoset", "_attn_implementation_internal"}
 
 
-class LiftedFisher(Mapping):
+class _Computed(Mapping):
+    """A read-only mapping whose values are computed when read; membership and iteration see only the keys."""
+
+    def __init__(self, keys: Mapping):
+        self._keys = keys
+
+    def __contains__(self, name) -> bool:
+        return name in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class LiftedFisher(_Computed):
     """VILA statistics kept factored, name -> (F_B (out, r), F_A (r, in)); reading one module lifts it to
     F_B @ F_A (out, in). The whole model's statistics are never expanded at once, which is VILA's saving."""
 
     def __init__(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        super().__init__(factors)
         self.factors = factors
 
     def __getitem__(self, name: str) -> torch.Tensor:
         FB, FA = self.factors[name]
         return FB @ FA
 
-    def __contains__(self, name) -> bool:
-        return name in self.factors
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.factors)
-
-    def __len__(self) -> int:
-        return len(self.factors)
-
     def shape(self, name: str) -> tuple[int, int]:
         FB, FA = self.factors[name]
         return (FB.shape[0], FA.shape[1])
 
 
-class RelativeImportance(Mapping):
+class RelativeImportance(_Computed):
     """F_forget / (eps + F_retain) computed one module at a time when read (a third full copy of the
     statistics for all modules at once is what made FILA's peak memory)."""
 
     def __init__(self, stats: "FisherStats", eps: float):
+        super().__init__(stats.forget)
         self.stats, self.eps = stats, eps
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.stats.forget[name] / (self.eps + self.stats.retain[name])
-
-    def __contains__(self, name) -> bool:
-        return name in self.stats.forget
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.stats.forget)
-
-    def __len__(self) -> int:
-        return len(self.stats.forget)
 
 
 def _shape(side: Mapping, name: str) -> tuple[int, int]:
@@ -107,10 +114,6 @@ class FisherStats:
         return {n: _shape(self.forget, n) for n in self.forget}
 
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        from .io import atomic_path
-
         tensors = {}
         for side, d in (("forget", self.forget), ("retain", self.retain)):
             if isinstance(d, LiftedFisher):   # kept factored on disk too: side/name/B and side/name/A
@@ -127,8 +130,6 @@ class FisherStats:
 
     @classmethod
     def load(cls, path: str | Path) -> "FisherStats":
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise LokuError(f"Fisher statistics file {path} does not exist: check the path or compute it first")
@@ -176,6 +177,7 @@ def target_weights(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Modul
     """Full module name -> Linear/Conv1D module for `names` (full names or suffixes, as peft matches them), sorted."""
     return dict(sorted(targeted_modules(model, list(names)).items()))
 
+
 def model_identity(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, str]:
     """What makes statistics valid for a model: its config, a fingerprint of the targeted weights (the
     first 64 values of each: two checkpoints of one architecture differ there), names and shapes."""
@@ -210,23 +212,9 @@ def data_hash(batch_pairs: Iterable[Pair]) -> str:
 
 # ---------------------------------------------------------------------------------------------- gradients
 
-def _track(items, enabled: bool, description: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    total = len(items) if hasattr(items, "__len__") else None
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  disable=not enabled) as bar:
-        task = bar.add_task(description, total=total)
-        for item in items:
-            yield item
-            bar.advance(task)
-
-
 def _my_pairs(batch_pairs: Iterable[Pair]) -> tuple[list[Pair], str]:
     """(the pairs this process computes, the hash of all pairs). Under several processes each takes every
     world-th pair and the sums are all-reduced after (`_reduce`): the same statistics as one process."""
-    from .distributed import rank_world
-
     pairs = list(batch_pairs)
     if any(retain is None for _, retain in pairs):
         raise LokuError("Fisher statistics weigh the forget set against the retain set: pass --retain FILE "
@@ -237,8 +225,6 @@ def _my_pairs(batch_pairs: Iterable[Pair]) -> tuple[list[Pair], str]:
 
 def _reduce(sums: list[torch.Tensor], counts: dict[str, int]) -> dict[str, int]:
     """Sum the per-process partial sums (in place) and token counts over all processes."""
-    from .distributed import rank_world, sum_over_ranks
-
     if rank_world()[1] == 1:
         return counts
     n = torch.tensor([counts["forget"], counts["retain"]], dtype=torch.float64, device=sums[0].device)
@@ -250,8 +236,8 @@ def _batch_losses(model: nn.Module, batch_pairs: Iterable[Pair], loss_fn: LossFn
                   description: str):
     """Yields (side, n_tokens, the batch's mean token loss) for every forget and retain batch, ready for a
     backward pass. Eval mode (no dropout, so the numbers are reproducible)."""
-    device = next(model.parameters()).device
-    for forget, retain in _track(batch_pairs, progress, description):
+    device = model_device(model)
+    for forget, retain in track(batch_pairs, description, disable=not progress):
         for side, batch in (("forget", forget), ("retain", retain)):
             batch = {k: v.to(device) for k, v in batch.items()}
             n_tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
@@ -278,14 +264,8 @@ def _grads_only(model: nn.Module, trainable: list[torch.Tensor]):
         model.train(training)
 
 
-def _default_loss() -> LossFn:
-    from .losses import cross_entropy
-
-    return cross_entropy
-
-
 def _loss_name(loss_fn: LossFn | None) -> str:
-    fn = loss_fn or _default_loss()
+    fn = loss_fn or cross_entropy
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
@@ -316,11 +296,9 @@ def fisher_statistics(model: nn.Module, batch_pairs: Iterable[Pair], module_name
     accelerator memory on large models). Only the targeted weights get gradients during the pass.
     Under several processes (accelerate launch) each computes every world-th pair and the sums and token
     counts are all-reduced: every process gets the statistics one process would compute."""
-    from transformers.pytorch_utils import Conv1D
-
-    loss_fn = loss_fn or _default_loss()
+    loss_fn = loss_fn or cross_entropy
     modules = target_weights(model, module_names)
-    conv = {n for n, m in modules.items() if isinstance(m, Conv1D)}
+    conv = {n for n, m in modules.items() if isinstance(m, conv1d_type())}
     params = {n: m.weight for n, m in modules.items()}
     sums = {side: {n: torch.zeros(weight_of(m).shape, dtype=torch.float32, device=device or m.weight.device)
                    for n, m in modules.items()} for side in ("forget", "retain")}   # each (out, in)
@@ -376,7 +354,7 @@ def vila_statistics(model: nn.Module, batch_pairs: Iterable[Pair], module_names:
     measuring, as VILA does), so no full-weight gradient is ever held. Lifted to the weight's shape as
     F_B @ F_A: (out, r) @ (r, in) -> (out, in), so the rest of FILA is shared.
     VILA's code runs 10 passes over the data with fixed factors; pass the pairs repeated for that."""
-    loss_fn = loss_fn or _default_loss()
+    loss_fn = loss_fn or cross_entropy
     modules = target_weights(model, module_names)
     shapes = {n: tuple(weight_of(m).shape) for n, m in modules.items()}
     factors = factors if factors is not None else vila_factors(shapes, rank, std, seed)
@@ -446,8 +424,6 @@ def cached_statistics(path: str | Path, model: nn.Module, batch_pairs: Iterable[
                 and json.loads(old.meta.get("settings", "{}")) == want):
             return old, True
     stats = compute(model, pairs, names, **kwargs)
-    from .distributed import is_main
-
     if is_main():   # every process holds the same reduced statistics; one writes them
         stats.save(path)
     return stats, False

@@ -3,6 +3,8 @@ The pieces live in `loku.training` (setup, step, loop, log, checkpoints, save)."
 
 from __future__ import annotations
 
+import copy
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,13 +14,14 @@ import torch
 from . import io
 from .config import UnlearnConfig
 from .data.text import load_examples
+from .distributed import gathered_state, launch_precision
 from .errors import LokuError
+from .fila import export_original_adapter, save_merged
+from .lora import LoraPlan
 from .losses import Method, get_method
-from .training.checkpoints import Checkpoints, check_resumable
-from .training.log import EpochCallback, RunLog
-from .training.loop import train_loop
-from .training.save import full_state, resolved_config, save_run
-from .training.setup import (TrainSettings, frozen_copy, frozen_reference, model_to_train, prepare_optimizer,
+from .training.checkpoints import NAME as CHECKPOINT, Checkpoints, check_resumable
+from .training.loop import EpochCallback, RunLog, train_loop
+from .training.setup import (FrozenReference, TrainSettings, frozen_copy, model_to_train, prepare_optimizer,
                              prepare_policy, run_batches, start)
 from .training.step import Objective, OptimizerStep
 
@@ -88,7 +91,7 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     model, plan, initial_factors = prepare_policy(cfg, model, batches, accelerator, engine, progress and main)
     frozen = frozen_copy(objective, cfg, model)
     model, optimizer, scheduler = prepare_optimizer(accelerator, model, settings, batches.steps_per_epoch(cfg.grad_accum))
-    reference = frozen_reference(accelerator, objective, frozen, model)
+    reference = FrozenReference(accelerator, model, frozen) if objective.needs_reference else None
     kept = f"; the last good checkpoint is kept in {out}/checkpoint" if out is not None else ""
     step = OptimizerStep(accelerator, model, optimizer, scheduler, objective, reference, cfg.max_grad_norm, kept)
     checkpoints = Checkpoints(out, accelerator, engine, model, optimizer, scheduler) if out is not None else None
@@ -101,8 +104,8 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
                 metrics=out / "metrics.jsonl" if out is not None and main else None,
                 divergence_bound=cfg.divergence_bound if objective.ascent else None) as log:
         at = train_loop(step, batches, settings, log, callbacks, checkpoints, at)
-    state = full_state(accelerator, model, engine, trainable_only=cfg.lora and not cfg.save_merged) \
-        if out is not None else None
+    state = gathered_state(accelerator, model, trainable_only=cfg.lora and not cfg.save_merged) \
+        if out is not None and engine else None   # collective: shards gathered to the main process
     model = accelerator.unwrap_model(model).eval()
     if out is not None and main:
         save_run(cfg, model, tokenizer, out, initial_factors, state)
@@ -118,3 +121,37 @@ def resume_run(run_dir: str | Path, **kwargs) -> UnlearnResult:
     cfg = UnlearnConfig.from_yaml(run_dir / "config.yaml")
     cfg.out = str(run_dir)
     return unlearn(cfg, resume=True, **kwargs)
+
+
+def resolved_config(cfg, plan: LoraPlan | None):
+    """The config with defaults made explicit, so the saved YAML reruns the same thing anywhere."""
+    resolved = copy.deepcopy(cfg)
+    if plan is not None:
+        resolved.lora_alpha, resolved.init, resolved.lora_targets = plan.alpha, cfg.resolved_init, list(plan.targets)
+    resolved.overwrite = False
+    resolved.mixed_precision = launch_precision(cfg.mixed_precision)
+    return resolved
+
+
+def save_run(cfg, model, tokenizer, out: Path, initial_factors=None, state=None) -> None:
+    """Adapter (for the ORIGINAL model), optional merged model, tokenizer; manifest last. `state`: the
+    model's full state dict (gathered from FSDP / DeepSpeed shards), saved in place of its own weights."""
+    given = {} if state is None else {"state_dict": state}
+    if cfg.lora:
+        with io.atomic_dir(out / "adapter") as tmp:
+            if initial_factors is not None:
+                export_original_adapter(model, initial_factors, tmp, state_dict=state)
+            else:
+                model.save_pretrained(tmp, **given)
+    if cfg.save_merged or not cfg.lora:
+        with io.atomic_dir(out / "model") as tmp:
+            if cfg.lora and state is not None:   # merged from the gathered tensors; the shards stay as they are
+                save_merged(model, tmp, state_dict=state)
+            else:
+                merged = model.merge_and_unload() if cfg.lora else model
+                merged.save_pretrained(tmp, safe_serialization=True, **given)
+            tokenizer.save_pretrained(tmp)
+    with io.atomic_dir(out / "tokenizer") as tmp:
+        tokenizer.save_pretrained(tmp)
+    io.write_manifest(out)
+    shutil.rmtree(out / CHECKPOINT, ignore_errors=True)  # the run is complete; nothing left to resume

@@ -9,14 +9,18 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 
+def pad_rows(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows padded to the longest on `side`: (input_ids (B, T), attention_mask (B, T))."""
+    ids = pad_sequence([torch.as_tensor(r, dtype=torch.long) for r in rows], batch_first=True,
+                       padding_value=pad_id, padding_side=side)
+    mask = pad_sequence([torch.ones(len(r), dtype=torch.long) for r in rows], batch_first=True, padding_side=side)
+    return ids, mask
+
+
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; padding is masked out of attention and loss."""
-    def pad(key: str, value: int) -> torch.Tensor:                        # (B, T)
-        return pad_sequence([torch.as_tensor(f[key]) for f in features], batch_first=True, padding_value=value)
-
-    ids = pad("input_ids", pad_id)
-    mask = pad_sequence([torch.ones(len(f["input_ids"]), dtype=torch.long) for f in features], batch_first=True)
-    return {"input_ids": ids, "attention_mask": mask, "labels": pad("labels", -100)}
+    ids, mask = pad_rows([f["input_ids"] for f in features], pad_id)
+    return {"input_ids": ids, "attention_mask": mask, "labels": pad_rows([f["labels"] for f in features], -100)[0]}
 
 
 class PairedBatches:

@@ -14,7 +14,9 @@ from collections import Counter
 import torch
 
 from ..data.eval_tasks import Dialogue
-from .reasoning import model_device, pad_id
+from ..data.batches import pad_rows
+from ..models import model_device
+from .reasoning import pad_id
 
 STOP = "\nUser "
 MAX_NEW_TOKENS = 32  # Jang et al.'s generation length
@@ -59,12 +61,8 @@ def greedy_replies(model, tokenizer, prompts: list[str], batch_size: int = 8, ma
     out: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)      # (B, T), pads on the left
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            input_ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            attention_mask[r, width - len(encoded[i]):] = 1
+        input_ids, attention_mask = pad_rows([encoded[i] for i in rows], pad, "left")   # (B, T), (B, T)
+        width = input_ids.shape[1]
         generated = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=False,
             max_new_tokens=max_new_tokens, pad_token_id=pad, stop_strings=[stop] if stop else None,

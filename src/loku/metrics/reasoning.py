@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.batches import pad_rows
 from ..data.eval_tasks import Completion, MultipleChoice
+from ..models import model_device
 
 
 @dataclass(frozen=True)
@@ -41,10 +43,6 @@ def encode_pair(tokenizer, context: str, continuation: str, max_length: int) -> 
     return ids, min(len(cont), len(ids) - 1)
 
 
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def pad_id(tokenizer) -> int:
     """Any id works as padding here (pads are never attended to nor scored): pad, else EOS, else 0."""
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
@@ -71,13 +69,7 @@ def score_continuations(model, tokenizer, pairs: list[tuple[str, str]], batch_si
     out: list[ContinuationScore | None] = [None] * len(encoded)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        inputs = [encoded[i][0][:-1] for i in rows]
-        width = max(len(x) for x in inputs)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)          # (B, T)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)         # (B, T)
-        for r, x in enumerate(inputs):
-            input_ids[r, :len(x)] = torch.tensor(x)
-            attention_mask[r, :len(x)] = 1
+        input_ids, attention_mask = pad_rows([encoded[i][0][:-1] for i in rows], pad)   # (B, T), (B, T)
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits  # (B,T,V)
         for r, i in enumerate(rows):
             ids, n = encoded[i]

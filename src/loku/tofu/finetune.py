@@ -12,6 +12,7 @@ decay 0.01, one epoch of linear warmup, full fine-tuning, loss on the answer tok
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import time
@@ -23,6 +24,9 @@ from .. import io
 from ..data.tofu import QA_PER_AUTHOR, load_split, scaled_authors, tokenize_qa
 from ..distributed import barrier, is_main, rank_world
 from ..errors import LokuError
+from ..finetune import finetune
+from ..models import load_model, resolve_model_path
+from ..registry import unknown_choice
 
 SUMMARY = "tofu_finetune.json"
 MODELS = ("target", "retain")
@@ -68,8 +72,6 @@ class TofuFinetuneConfig:
 
 def check_split(split: str) -> None:
     if split not in FORGET_SPLITS:
-        from ..registry import unknown_choice
-
         raise unknown_choice("forget split", split, FORGET_SPLITS)
 
 
@@ -125,9 +127,6 @@ def train_model(cfg: TofuFinetuneConfig, name: str, rows: list[dict], out_dir: s
                 progress: bool = True) -> dict:
     """Fine-tune a fresh copy of `cfg.model` on `rows` (QA loss on the answers) and write it, with its
     tokenizer, to `out_dir` as safetensors, all at once (a temporary folder renamed into place)."""
-    from ..finetune import finetune
-    from ..models import load_model
-
     t0 = time.time()
     model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model.requires_grad_(True)
@@ -149,8 +148,6 @@ def finetune_tofu(cfg: TofuFinetuneConfig, progress: bool = True,
     Every input is checked before anything is loaded or written."""
     out = io.check_out_dir(cfg.out, cfg.overwrite)
     rows = training_rows(cfg)
-    from ..models import resolve_model_path
-
     resolve_model_path(cfg.model)  # a bad --model fails here, before the output folder exists
     barrier()   # under accelerate launch: every process has checked --out before the main one creates it
     if is_main():
@@ -173,8 +170,6 @@ def finetune_tofu(cfg: TofuFinetuneConfig, progress: bool = True,
 
 def read_summary(model_dir: str | Path) -> dict | None:
     """The tofu_finetune.json beside a target/retain model folder, if it came from finetune_tofu."""
-    import json
-
     path = Path(model_dir).expanduser().parent / SUMMARY
     if not path.is_file():
         return None

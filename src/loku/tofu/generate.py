@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .scores import model_device
+from ..data.batches import pad_rows
+from ..models import model_device
 
 ROUGE_TYPES = ("rouge1", "rougeL")
 
@@ -41,12 +42,8 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], budgets: list[int
         idx = [i for i in order[start:start + batch_size] if budgets[i] > 0]
         if not idx:
             continue
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)    # (B, W), left-padded
-        mask = torch.zeros((len(idx), width), dtype=torch.long)       # (B, W)
-        for row, i in enumerate(idx):
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]):] = 1
+        ids, mask = pad_rows([prompts[i] for i in idx], pad, "left")   # (B, W), (B, W)
+        width = ids.shape[1]
         config.max_new_tokens = max(budgets[i] for i in idx)
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              generation_config=config)[:, width:].tolist()  # (B, new)

@@ -28,6 +28,9 @@ from ..data.tofu import QA_PER_AUTHOR, load_split
 from ..distributed import barrier, is_main
 from ..errors import LokuError
 from ..inits import INITS
+from ..losses import get_method
+from ..models import load_model, resolve_model_path
+from ..train import unlearn
 from .evaluate import TOFU_DS_SIZE, evaluate_tofu, load_sets
 from .finetune import check_qa_per_author, check_qa_rows, check_split, per_author, read_summary, retain_split
 from .logs import AGGREGATED, FORGET, RETAIN, read_logs
@@ -47,8 +50,6 @@ class MethodSpec:
 
 
 def parse_method(spec: str) -> MethodSpec:
-    from ..losses import get_method
-
     name, _, init = spec.strip().partition("+")
     get_method(name)  # unknown names fail with "did you mean"
     if init and init != "auto" and init not in INITS:
@@ -130,8 +131,6 @@ def check_model(path: str, role: str) -> None:
     if not p.exists():
         raise LokuError(f"{role} model folder {p} does not exist: run `loku tofu finetune --out DIR` and pass "
                         f"DIR/{role}")
-    from ..models import resolve_model_path
-
     resolve_model_path(str(p))  # config.json and weights, or a clear error
 
 
@@ -249,8 +248,6 @@ def evaluate_model(path: str, sets: dict, eval_dir: Path, cfg: TofuUnlearnConfig
     log is written last), else evaluated now and written there."""
     if (eval_dir / AGGREGATED).is_file():
         return read_logs(eval_dir)
-    from ..models import load_model
-
     model, tokenizer = load_model(path, trust_remote_code=cfg.trust_remote_code)
     return evaluate_tofu(model, tokenizer, sets, eval_dir, limit=None, max_new_tokens=cfg.max_new_tokens,
                          batch_size=cfg.eval_batch_size, log=_prefixed(log, f"  {eval_dir.name}: "))
@@ -274,9 +271,6 @@ def run_method(spec: MethodSpec, cfg: TofuUnlearnConfig, inputs: TofuInputs, ret
     done = run_dir / "tofu.json"
     if done.is_file():
         return json.loads(done.read_text(encoding="utf-8"))
-    from ..models import load_model
-    from ..train import unlearn
-
     train = dataclasses.replace(cfg.train, method=spec.method, init=spec.init or cfg.train.init, model=cfg.target,
                                 out=str(run_dir), overwrite=True, trust_remote_code=cfg.trust_remote_code)
     model, tokenizer = load_model(cfg.target, trust_remote_code=cfg.trust_remote_code)

@@ -32,93 +32,10 @@ from ..errors import LokuError
 NAME = "checkpoint"
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def _full_options(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, **kw)
-
-
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, sharded: bool = False) -> None:
-    """`state`: JSON-able position (epoch, step, ...) and history. `sharded` (FSDP): every process calls
-    this with the prepared model and its torch optimizer; the main process writes."""
-    if sharded:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-        options = _full_options(cpu_offload=True, ignore_frozen_params=True)
-        weights = get_model_state_dict(model, options=options)
-        optim = get_optimizer_state_dict(model, optimizer, options=options)
-        if not is_main():
-            return
-    else:
-        weights, optim = trainable_state(model), optimizer.state_dict()
-    with io.atomic_dir(Path(run_dir) / NAME) as tmp:
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(),
-                    "rng_torch": torch.get_rng_state(), "rng_numpy": _numpy_rng(),
-                    "rng_python": _python_rng()}, tmp / "training_state.pt")
-        (tmp / "state.json").write_text(json.dumps(state, default=float))
-
-
-def load_checkpoint(run_dir: Path, model, optimizer, scheduler, sharded: bool = False) -> dict:
-    """Restores weights, optimizer, scheduler and RNG in place; returns the saved position and history.
-    `sharded` (FSDP): every process calls this with the prepared model and its torch optimizer and takes
-    its own shards of the saved whole tensors."""
-    ckpt = Path(run_dir) / NAME
-    if not (ckpt / "state.json").is_file():
-        raise LokuError(f"{run_dir} has no checkpoint to resume from (it was killed before the first one): "
-                        "delete it and start again")
-    try:
-        weights = load_file(str(ckpt / "trainable.safetensors"))
-        training = torch.load(ckpt / "training_state.pt", weights_only=True)
-        state = json.loads((ckpt / "state.json").read_text())
-    except Exception as e:   # SafetensorError, RuntimeError/UnpicklingError from torch, OSError, JSON
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LokuError(f"checkpoint in {ckpt} is damaged ({why}): it cannot be resumed; delete {run_dir} "
-                        "and start the run again") from None
-    if sharded:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-        try:
-            keys = set_model_state_dict(model, weights, options=_full_options(strict=False))
-            unexpected = list(keys.unexpected_keys)
-            if not unexpected:
-                set_optimizer_state_dict(model, optimizer, training["optimizer"], options=_full_options())
-        except (KeyError, RuntimeError, ValueError) as e:
-            unexpected = [str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__]
-        if unexpected:
-            raise LokuError(f"checkpoint in {ckpt} does not match this model's trainable weights "
-                            f"(e.g. {unexpected[0]}): resume with the run's own config.yaml")
-    else:
-        params = dict(model.named_parameters())
-        missing = [n for n in weights if n not in params]
-        if missing or len(weights) != sum(p.requires_grad for p in params.values()):
-            raise LokuError(f"checkpoint in {ckpt} does not match this model's trainable weights "
-                            f"(e.g. {missing[:1] or 'count differs'}): resume with the run's own config.yaml")
-        with torch.no_grad():
-            for n, w in weights.items():
-                params[n].copy_(w)
-        optimizer.load_state_dict(training["optimizer"])
-    scheduler.load_state_dict(training["scheduler"])
-    torch.set_rng_state(training["rng_torch"])
-    keys, (pos, has_gauss, gauss) = training["rng_numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
-    rng = training["rng_python"]
-    random.setstate((int(rng[0]), tuple(int(x) for x in rng[1].tolist()), None))
-    return state
-
-
-def _numpy_rng():
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return [torch.from_numpy(keys.astype(np.int64)), [int(pos), int(has_gauss), float(gauss)]]
-
-
-def _python_rng():
-    version, state, _ = random.getstate()
-    return [version, torch.tensor(state, dtype=torch.int64)]
 
 
 @dataclass
@@ -134,30 +51,92 @@ class Position:
 
 
 class Checkpoints:
-    """A run's checkpoints in `out`/checkpoint: every process calls `save` (FSDP gathers shards collectively);
-    under DeepSpeed none is written."""
+    """A run's checkpoint in `out`/checkpoint. Every process calls `save` and `load`: under FSDP the whole
+    tensors are gathered to (and taken back from) the main process, which alone writes; under DeepSpeed
+    nothing is written."""
 
     def __init__(self, out: Path, accelerator, engine: str | None, model, optimizer, scheduler):
-        self.out, self.accelerator, self.engine = out, accelerator, engine
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.out, self.dir, self.engine, self.scheduler = out, out / NAME, engine, scheduler
+        self.sharded = engine == "FSDP"   # then the prepared model and the torch optimizer it wraps
+        self.model = model if self.sharded else accelerator.unwrap_model(model)
+        self.optimizer = optimizer.optimizer if self.sharded else optimizer
 
     def save(self, at: Position) -> None:
-        if self.engine == "FSDP":
-            save_checkpoint(self.out, self.model, self.optimizer.optimizer, self.scheduler, asdict(at), sharded=True)
-        elif self.engine is None and is_main():
-            save_checkpoint(self.out, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler,
-                            asdict(at))
+        if self.engine == "DeepSpeed" or not (self.sharded or is_main()):
+            return
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+            options = _full_options(cpu_offload=True, ignore_frozen_params=True)
+            weights = get_model_state_dict(self.model, options=options)
+            optim = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        else:
+            weights = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+            optim = self.optimizer.state_dict()
+        if not is_main():
+            return
+        with io.atomic_dir(self.dir) as tmp:
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
+            torch.save({"optimizer": optim, "scheduler": self.scheduler.state_dict(),
+                        "rng_torch": torch.get_rng_state(), "rng_numpy": _numpy_rng(),
+                        "rng_python": _python_rng()}, tmp / "training_state.pt")
+            (tmp / "state.json").write_text(json.dumps(asdict(at), default=float))
 
     def load(self) -> Position:
-        """Restore weights, optimizer, scheduler and RNG; the metrics lines after the checkpoint are dropped."""
-        if self.engine == "FSDP":
-            state = load_checkpoint(self.out, self.model, self.optimizer.optimizer, self.scheduler, sharded=True)
-        else:
-            state = load_checkpoint(self.out, self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler)
-        at = Position(**state)
+        """Restore weights, optimizer, scheduler and RNG in place; drop the metrics lines written after."""
+        try:
+            weights = load_file(str(self.dir / "trainable.safetensors"))
+            training = torch.load(self.dir / "training_state.pt", weights_only=True)
+            at = Position(**json.loads((self.dir / "state.json").read_text()))
+        except Exception as e:   # SafetensorError, RuntimeError/UnpicklingError from torch, OSError, JSON
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LokuError(f"checkpoint in {self.dir} is damaged ({why}): it cannot be resumed; delete "
+                            f"{self.out} and start the run again") from None
+        self._set_weights(weights, training["optimizer"])
+        self.scheduler.load_state_dict(training["scheduler"])
+        torch.set_rng_state(training["rng_torch"])
+        keys, (pos, has_gauss, gauss) = training["rng_numpy"]
+        np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
+        rng = training["rng_python"]
+        random.setstate((int(rng[0]), tuple(int(x) for x in rng[1].tolist()), None))
         if is_main():
             _truncate_metrics(self.out / "metrics.jsonl", at.step, len(at.history))
         return at
+
+    def _set_weights(self, weights: dict, optim: dict) -> None:
+        if self.sharded:   # each process takes its own shards of the saved whole tensors
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+            try:
+                unexpected = list(set_model_state_dict(self.model, weights, options=_full_options(strict=False))
+                                  .unexpected_keys)
+                if not unexpected:
+                    set_optimizer_state_dict(self.model, self.optimizer, optim, options=_full_options())
+            except (KeyError, RuntimeError, ValueError) as e:
+                unexpected = [str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__]
+        else:
+            params = dict(self.model.named_parameters())
+            unexpected = [n for n in weights if n not in params]
+            if not unexpected and len(weights) != sum(p.requires_grad for p in params.values()):
+                unexpected = ["count differs"]
+        if unexpected:
+            raise LokuError(f"checkpoint in {self.dir} does not match this model's trainable weights "
+                            f"(e.g. {unexpected[0]}): resume with the run's own config.yaml")
+        if not self.sharded:
+            with torch.no_grad():
+                for n, w in weights.items():
+                    params[n].copy_(w)
+            self.optimizer.load_state_dict(optim)
+
+
+def _numpy_rng():
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [torch.from_numpy(keys.astype(np.int64)), [int(pos), int(has_gauss), float(gauss)]]
+
+
+def _python_rng():
+    version, state, _ = random.getstate()
+    return [version, torch.tensor(state, dtype=torch.int64)]
 
 
 def check_resumable(cfg) -> Path:

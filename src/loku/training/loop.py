@@ -1,16 +1,23 @@
 """The one training loop: unlearning (`loku.train.unlearn`) and plain fine-tuning (`loku.finetune`) both run
-here, one optimizer step per iteration, from a fresh start or a checkpoint's position."""
+here, one optimizer step per iteration, from a fresh start or a checkpoint's position; and what it shows and
+records while it runs (progress bar, metrics.jsonl, divergence watch, per-epoch callbacks and stop rules)."""
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..data.batches import PairedBatches
 from .checkpoints import Checkpoints, Position, kill_switch
-from .log import EpochCallback, RunLog, epoch_callbacks
 from .setup import TrainSettings
 from .step import OptimizerStep
+
+EpochCallback = Callable[[int, torch.nn.Module], "dict | None"]
 
 
 def train_loop(step: OptimizerStep, batches: PairedBatches, settings: TrainSettings, log: RunLog,
@@ -45,3 +52,57 @@ def train_loop(step: OptimizerStep, batches: PairedBatches, settings: TrainSetti
         if stop:
             break
     return at
+
+
+def epoch_callbacks(callbacks, epoch: int, model) -> tuple[dict, bool]:
+    """Each callback's values for the epoch line (model in eval mode), and whether one returned {"stop": True}."""
+    values, stop = {}, False
+    for cb in callbacks:
+        model.eval()
+        extra = dict(cb(epoch, model) or {})
+        stop = bool(extra.pop("stop", False)) or stop
+        values.update(extra)
+    return values, stop
+
+
+class RunLog(Progress):
+    """A progress bar that also writes one line per optimizer step and one per epoch to `metrics` (the main
+    process's metrics.jsonl). With `divergence_bound` (ascent methods, which have no floor), a forget
+    cross-entropy past it is flagged."""
+
+    def __init__(self, description: str, total: int, done: int = 0, *, show: bool = True,
+                 metrics: Path | None = None, divergence_bound: float | None = None):
+        super().__init__(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                         disable=not show)
+        self.task = self.add_task(description, total=total, completed=done, info="")
+        self.file = metrics.open("a") if metrics is not None else None
+        self.description, self.bound, self.diverged_at_step = description, divergence_bound, None
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        if self.file:
+            self.file.close()
+
+    def _write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record, default=float) + "\n")
+            self.file.flush()
+
+    def step(self, epoch: int, step: int, values: dict[str, float], lr: float, tokens_per_s: float) -> None:
+        record = {"kind": "step", "epoch": epoch + 1, "step": step, **values, "lr": lr,
+                  "tokens_per_s": round(tokens_per_s, 1)}
+        if self.bound is not None and -values["forget"] > self.bound:
+            record["warning"] = "diverged"
+            if self.diverged_at_step is None:
+                self.diverged_at_step = step
+                self.console.print(f"[yellow]warning[/]: {self.description} diverged at epoch {epoch + 1} step "
+                                   f"{step}: forget cross-entropy {-values['forget']:.1f} nats > {self.bound:g}; "
+                                   "lower --lr or --epochs, or use a bounded method (ihl, npo)")
+        self._write(record)
+        self.update(self.task, advance=1, info=f"loss {values['loss']:.4f}  {tokens_per_s:,.0f} tok/s")
+
+    def epoch(self, record: dict, stop: bool) -> None:
+        self._write(record)
+        if stop:
+            self.update(self.task, completed=self.tasks[0].total, info="stopped: done")

@@ -22,7 +22,7 @@ from .step import Objective, forward
 
 @dataclass
 class TrainSettings:
-    """The loop's own settings; UnlearnConfig has the same fields (`of`), fine-tuning passes them directly."""
+    """The loop's settings; UnlearnConfig has the same fields (`of`), fine-tuning passes them directly."""
 
     epochs: int = 5
     lr: float = 1e-5
@@ -52,6 +52,7 @@ def model_to_train(cfg, model=None, tokenizer=None, inplace: bool = False):
     if model is None:
         model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code,
                                       allow_pickle=cfg.allow_pickle)
+        inplace = True   # nobody else holds it
     elif tokenizer is None:
         raise LokuError("a model object was given without its tokenizer: pass tokenizer= too")
     ensure_pad_token(tokenizer)
@@ -98,11 +99,12 @@ def frozen_copy(objective: Objective, cfg, model):
 
 class FrozenReference:
     """Logits of the frozen start model, under the autocast the policy runs under and in eval mode (no dropout):
-    at step 0 they equal the policy's exactly. `copy` (prepared by the engine in use), else `policy` (the
-    unwrapped peft model) with its adapters switched off."""
+    at step 0 they equal the policy's exactly. `frozen` (`frozen_copy`) is laid out by the engine in use
+    (sharded under FSDP and ZeRO-3); without it, the prepared policy with its adapters switched off."""
 
-    def __init__(self, accelerator, copy=None, policy=None):
-        self.accelerator, self.copy, self.policy = accelerator, copy, policy
+    def __init__(self, accelerator, policy, frozen=None):
+        self.accelerator, self.policy = accelerator, accelerator.unwrap_model(policy)
+        self.copy = prepare_reference(accelerator, frozen) if frozen is not None else None
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> torch.Tensor:
@@ -115,15 +117,6 @@ class FrozenReference:
                     return forward(self.policy.eval(), batch)
             finally:
                 self.policy.train(training)
-
-
-def frozen_reference(accelerator, objective: Objective, frozen, policy) -> FrozenReference | None:
-    """The reference the objective needs: the frozen copy laid out by the engine in use (sharded under FSDP and
-    ZeRO-3), else the prepared policy's adapters switched off."""
-    if not objective.needs_reference:
-        return None
-    copy = prepare_reference(accelerator, frozen) if frozen is not None else None
-    return FrozenReference(accelerator, copy, accelerator.unwrap_model(policy))
 
 
 def prepare_optimizer(accelerator, model, settings: TrainSettings, steps_per_epoch: int):

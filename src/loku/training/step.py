@@ -17,8 +17,8 @@ Pair = tuple[dict, "dict | None"]   # (forget or training batch, retain batch)
 
 @dataclass(frozen=True)
 class Objective:
-    """What the loop minimises: loss terms of one micro-batch's outputs (each a mean, plus "loss"), and what
-    they need. Unlearning builds it from a method (`for_method`); fine-tuning is plain cross-entropy."""
+    """What the loop minimises on a micro-batch's outputs: loss terms (each a mean) plus "loss", and what they
+    need. Unlearning builds it from a method (`for_method`); fine-tuning is plain cross-entropy."""
 
     terms: Callable[[LossInputs], dict[str, torch.Tensor]]
     needs_retain: bool = False
@@ -47,38 +47,34 @@ def shard(batch: dict[str, torch.Tensor], rank: int, world: int, device) -> dict
     return {k: v[rows].to(device) for k, v in batch.items()}
 
 
-def _count(labels: torch.Tensor | None, unit: str) -> float:
-    if labels is None:
-        return 0.0
-    return float(labels.shape[0]) if unit == "sequences" else float((labels[:, 1:] != IGNORE).sum())
-
-
 def step_scales(micro: list[Pair], forget_unit: str, sum_over_processes, world: int,
                 accumulation: int) -> list[dict[str, float]]:
-    """Per micro-batch and term, the factor that makes one optimizer step the mean over every token (or
-    sequence) it saw, across its micro-batches and processes, as Hugging Face Trainer's num_items_in_batch:
-    local count x processes x accumulation / the step's count. accelerate's backward divides each loss by the
-    accumulation steps and DDP averages the processes' gradients; these factors undo both, so the mean is exact
-    for any lengths, and a short last step of an epoch averages only its own micro-batches."""
-    local = torch.tensor([[_count(f["labels"], forget_unit), _count(r and r["labels"], "tokens")] for f, r in micro],
-                         dtype=torch.float64, device=micro[0][0]["labels"].device)           # (micro-batches, 2)
-    total = sum_over_processes(local.sum(0)) if world > 1 else local.sum(0)                 # (2,)
+    """Per micro-batch and term, the factor that makes an optimizer step the mean over every token (or
+    sequence) it saw, in all its micro-batches and processes, as Hugging Face Trainer's num_items_in_batch:
+    local count x processes x accumulation / the step's count. (accelerate's backward divides each loss by
+    the accumulation steps, DDP averages the processes' gradients.) A short last step of an epoch averages
+    only its own micro-batches."""
+    def count(labels, unit):
+        return 0.0 if labels is None else float(labels.shape[0]) if unit == "sequences" else \
+            float((labels[:, 1:] != IGNORE).sum())
+    local = torch.tensor([[count(f["labels"], forget_unit), count(r and r["labels"], "tokens")] for f, r in micro],
+                         dtype=torch.float64, device=micro[0][0]["labels"].device)            # (micro-batches, 2)
+    total = sum_over_processes(local.sum(0)) if world > 1 else local.sum(0)                  # (2,)
     scale = torch.where(total > 0, local * (world * accumulation) / total, 1.0)
-    return [{"forget": float(f), "retain": float(r)} for f, r in scale.tolist()]
+    return [{"forget": f, "retain": r} for f, r in scale.tolist()]
 
 
 class OptimizerStep:
-    """Runs one optimizer step over a list of micro-batches (the last one syncs the gradients and updates)."""
+    """Runs one optimizer step over a list of micro-batches; the last one syncs the gradients and updates."""
 
     def __init__(self, accelerator, model, optimizer, scheduler, objective: Objective, reference=None,
                  max_grad_norm: float = 1.0, kept: str = ""):
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
         self.objective, self.reference, self.max_grad_norm, self.kept = objective, reference, max_grad_norm, kept
-        # FSDP2 replaces the parameters with sharded ones when preparing: clip those.
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = [p for p in model.parameters() if p.requires_grad]   # after prepare: FSDP2 replaced them
 
     def __call__(self, micro: list[Pair], epoch: int, step: int) -> tuple[dict[str, float], int]:
-        """(the step's loss terms, mean over processes, and the tokens this process saw)."""
+        """(the step's loss terms, mean over processes; the tokens this process saw)."""
         acc = self.accelerator
         world, rank, device = acc.num_processes, acc.process_index, acc.device
         micro = [(shard(f, rank, world, device), shard(r, rank, world, device)
@@ -88,13 +84,12 @@ class OptimizerStep:
         totals, tokens = {}, 0
         for i, ((forget, retain), scale) in enumerate(zip(micro, scales)):
             ends_step = i == len(micro) - 1
-            acc.sync_gradients = ends_step   # accelerate counts micro-batches only; an epoch's last one ends a step
+            acc.sync_gradients = ends_step   # accelerate counts micro-batches; here an epoch's last one ends a step
             with contextlib.nullcontext() if ends_step else acc.no_sync(self.model):
                 terms = self._terms(forget, retain, scale)
                 _check_finite(terms, epoch, step, self.kept)
                 acc.backward(terms["loss"])
-            for k, v in terms.items():
-                totals[k] = totals.get(k, 0.0) + v.detach() / acc.gradient_accumulation_steps
+            totals = {k: totals.get(k, 0.0) + v.detach() / acc.gradient_accumulation_steps for k, v in terms.items()}
             tokens += sum(int(b["attention_mask"].sum()) for b in (forget, retain) if b is not None)
         if self.max_grad_norm > 0:
             norm = acc.clip_grad_norm_(self.params, self.max_grad_norm)
@@ -105,8 +100,7 @@ class OptimizerStep:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if world > 1:
-            stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in totals.values()])
-            totals = dict(zip(totals, acc.reduce(stacked, reduction="mean")))
+            totals = dict(zip(totals, acc.reduce(torch.stack(list(totals.values())).float(), reduction="mean")))
         return {k: float(v) for k, v in totals.items()}, tokens
 
     def _terms(self, forget: dict, retain: dict | None, scale: dict[str, float]) -> dict[str, torch.Tensor]:
