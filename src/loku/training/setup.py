@@ -8,11 +8,12 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
 from ..data.batches import PairedBatches
 from ..data.text import tokenize_examples
-from ..distributed import prepare_reference, start_accelerator
+from ..distributed import launched, prepare_reference, start_accelerator
 from ..errors import LokuError
 from ..inits import INITS
 from ..lora import plan_lora
@@ -43,6 +44,8 @@ class TrainSettings:
 def start(settings: TrainSettings):
     """(accelerator, engine): seeded, mixed precision as asked else the launch configuration's."""
     set_seed(settings.seed)
+    if not launched():   # one process: accelerate would keep the first run's mixed precision and refuse another
+        AcceleratorState._reset_state()
     return start_accelerator(settings.grad_accum, settings.mixed_precision, settings.batch_size)
 
 
