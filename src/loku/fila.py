@@ -235,40 +235,26 @@ def export_original_adapter(peft_model: nn.Module, initial_factors: Factors, out
 
 
 @torch.no_grad()
-def merged_weights(peft_model: nn.Module, adapter_name: str = "default",
-                   state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """{name: residual + s B A} (out, in) in the weight's dtype: the trained model's weights, which equal
-    original + dW. Reads only; the model is left as it was."""
-    out = {}
+def save_merged(peft_model: nn.Module, out_dir: str | Path, adapter_name: str = "default", tokenizer=None,
+                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the trained model with the adapter merged in (each layer residual + s B A = original + dW), as a
+    plain transformers model directory, without changing `peft_model` (peft's merge_and_unload would rewrite
+    it in place). `state_dict`: the peft model's full weights when its own are shards (FSDP, DeepSpeed)."""
+    base = peft_model.get_base_model()
+    own = base.state_dict().items() if state_dict is None else \
+        ((k.split("base_model.model.", 1)[-1], v) for k, v in state_dict.items())
+    # adapter tensors (lora_A/B, magnitude, ...) are folded into the weight
+    state = {k.replace(".base_layer.", "."): v for k, v in own if ".lora_" not in k}
     for name, (full, layer) in lora_layers(peft_model, adapter_name).items():
         W, A, B = (_layer_tensor(state_dict, full, layer, part, adapter_name)
                    for part in ("base_layer", "lora_A", "lora_B"))
-        if state_dict is not None and isinstance(layer.get_base_layer(), conv1d_type()):
+        conv = isinstance(layer.get_base_layer(), conv1d_type())
+        if state_dict is not None and conv:
             W = W.T   # weight_of gives (out, in); a Conv1D's saved weight is (in, out)
-        out[name] = (W.float() + layer.scaling[adapter_name] * B.float() @ A.float()).to(W.dtype)
-    return out
-
-
-def save_merged(peft_model: nn.Module, out_dir: str | Path, adapter_name: str = "default", tokenizer=None,
-                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the trained model with the adapter merged in, as a plain transformers model directory,
-    without changing `peft_model` (peft's merge_and_unload would rewrite it in place). `state_dict`: the
-    peft model's full weights when its own are shards (FSDP, DeepSpeed)."""
-    base = peft_model.get_base_model()
-    layers = lora_layers(peft_model, adapter_name)
-    merged = merged_weights(peft_model, adapter_name, state_dict)
-    state = {}
-    own = base.state_dict().items() if state_dict is None else \
-        ((k.split("base_model.model.", 1)[-1], v) for k, v in state_dict.items())
-    for key, value in own:
-        if ".lora_" in key:   # adapter tensors (lora_A/B, magnitude, ...) are folded into the weight
-            continue
-        state[key.replace(".base_layer.", ".")] = value
-    for name, W in merged.items():
-        state[f"{name}.weight"] = W.T.contiguous() if isinstance(layers[name][1].get_base_layer(), conv1d_type()) else W
+        merged = (W.float() + layer.scaling[adapter_name] * B.float() @ A.float()).to(W.dtype)   # (out, in)
+        state[f"{name}.weight"] = merged.T.contiguous() if conv else merged
     out_dir = Path(out_dir)
     base.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
     return out_dir
-

@@ -24,13 +24,10 @@ def finetune(model, features: list[dict], pad_id: int, *, epochs: int = 5, lr: f
              progress: bool = True, description: str = "fine-tune", out_dir: str | Path | None = None,
              tokenizer=None) -> list[dict]:
     """Cross-entropy training of every trainable parameter of `model` on `features`, IN PLACE (the demo and
-    TOFU fine-tune a model they loaded for it; `finetuned_copy` leaves the input untouched). Returns one dict
-    per epoch. `callback(epoch, model)` may return {"stop": True} to end early (e.g. once memorized). With
-    `out_dir`, the trained model (and `tokenizer`) is written there whole, by the main process.
-
-    Under `accelerate launch` each step takes a global batch of batch_size x processes and every process
-    trains on its share, its loss scaled to its share of the global token mean: N processes equal one
-    process with an N times larger batch, under DDP, FSDP and DeepSpeed alike."""
+    TOFU train a model they loaded for it; `finetuned_copy` leaves its input as it was). Returns one dict per
+    epoch. `callback(epoch, model)` may return {"stop": True} to end early (e.g. once memorized). With
+    `out_dir`, the trained model (and `tokenizer`) is written there whole. Under `accelerate launch`, N
+    processes equal one with an N times larger batch (DDP, FSDP, DeepSpeed), as for unlearning."""
     settings = TrainSettings(epochs, lr, batch_size, grad_accum, weight_decay, warmup_steps, max_grad_norm, seed,
                              mixed_precision)
     accelerator, engine = start(settings)

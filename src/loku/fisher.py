@@ -80,11 +80,13 @@ class LiftedFisher(_Computed):
         return (FB.shape[0], FA.shape[1])
 
 
-class RelativeImportance(_Computed):
-    """F_forget / (eps + F_retain) computed one module at a time when read (a third full copy of the
-    statistics for all modules at once is what made FILA's peak memory)."""
+class relative_importance(_Computed):   # noqa: N801 (a function to its callers)
+    """FILA's importance of each weight for the forget set relative to the retain set, F_forget / (eps +
+    F_retain) (out, in), computed one module at a time when read (a third full copy of the statistics for all
+    modules at once is what made FILA's peak memory). eps (the paper's 1e-5) keeps weights that the retain
+    set never touches from dividing by zero."""
 
-    def __init__(self, stats: "FisherStats", eps: float):
+    def __init__(self, stats: "FisherStats", eps: float = 1e-5):
         super().__init__(stats.forget)
         self.stats, self.eps = stats, eps
 
@@ -264,14 +266,10 @@ def _grads_only(model: nn.Module, trainable: list[torch.Tensor]):
         model.train(training)
 
 
-def _loss_name(loss_fn: LossFn | None) -> str:
-    fn = loss_fn or cross_entropy
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
-
-
 def _settings(kind: str, loss_fn: LossFn | None, dtype: torch.dtype, **vila) -> dict:
     """What else (besides model and data) the numbers depend on; a cache hit needs all of it equal."""
-    out = {"loss": _loss_name(loss_fn), "dtype": str(dtype)}
+    fn = loss_fn or cross_entropy
+    out = {"loss": f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}", "dtype": str(dtype)}
     if kind == "vila":
         out.update(rank=vila["rank"], scaling=float(vila["scaling"]), std=float(vila["std"]), seed=vila["seed"])
     return out
@@ -394,13 +392,6 @@ def vila_statistics(model: nn.Module, batch_pairs: Iterable[Pair], module_names:
     settings = _settings("vila", loss_fn, next(iter(modules.values())).weight.dtype, rank=rank, scaling=scaling,
                          std=std, seed=seed)
     return _finish("vila", model, modules, lifted, counts, data_sha256, settings)
-
-
-def relative_importance(stats: FisherStats, eps: float = 1e-5) -> RelativeImportance:
-    """FILA's importance of each weight for the forget set relative to the retain set:
-    F_forget / (eps + F_retain), (out, in), a read-only mapping that computes each module when read.
-    eps (the paper's 1e-5) keeps weights that the retain set never touches from dividing by zero."""
-    return RelativeImportance(stats, eps)
 
 
 def cached_statistics(path: str | Path, model: nn.Module, batch_pairs: Iterable[Pair], module_names: Iterable[str],

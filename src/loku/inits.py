@@ -1,10 +1,7 @@
-"""LoRA initialisations by name (`--init`): how the adapters start. Add one with `register_init`.
-
-`start(model, plan, pairs, cfg, progress)` takes the plain model, the resolved `LoraPlan`, the first
-epoch's (forget, retain) batches when the init `needs_batches` (else None) and the run's config; it returns
-the peft model and, when the init `rewrites_base` (the base weights become a residual), the starting
-factors {module: (A0, B0)} that `loku.fila.export_original_adapter` needs for an adapter of the original.
-"""
+"""LoRA initialisations by name (`--init`): how the adapters start. Add one with `register_init`: its
+`start(model, plan, pairs, cfg, progress)` takes the plain model, the `LoraPlan`, the first epoch's (forget,
+retain) batches if it `needs_batches` and the run's config; it returns the peft model and, if it
+`rewrites_base`, the starting factors {module: (A0, B0)} that `loku.fila.export_original_adapter` needs."""
 
 from __future__ import annotations
 

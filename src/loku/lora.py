@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
 from .errors import LokuError
 
 
 def conv1d_type() -> type:
-    """GPT-2's linear layer (weight stored transposed). transformers adds ~2 s to the start of every `loku`
-    command (measured), so it is imported when a model is at hand."""
+    """GPT-2's linear layer (weight stored transposed); imported when a model is at hand: transformers adds
+    ~2 s to the start of every `loku` command (measured)."""
     from transformers.pytorch_utils import Conv1D
 
     return Conv1D
@@ -42,11 +43,12 @@ def targeted_modules(model: nn.Module, targets: list[str]) -> dict[str, nn.Modul
     """Full name -> module for every linear layer that `targets` select, as peft matches them (a full name or
     a suffix such as 'q_proj'), in model order; a target that selects none is an error naming the valid ones."""
     modules = linear_modules(model)
-    for t in targets:
-        if not any(n == t or n.endswith("." + t) for n in modules):
+    selected = {t: {n for n in modules if n == t or n.endswith("." + t)} for t in targets}
+    for t, names in selected.items():
+        if not names:
             raise LokuError(f"target module {t!r} is not a linear layer of this model: "
                             f"choose from {', '.join(default_target_modules(model))}")
-    return {n: m for n, m in modules.items() if any(n == t or n.endswith("." + t) for t in targets)}
+    return {n: m for n, m in modules.items() if any(n in names for names in selected.values())}
 
 
 @dataclass(frozen=True)

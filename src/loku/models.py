@@ -297,6 +297,5 @@ def check_tokenizer_fits(model, tokenizer, name: str = "the model") -> None:
                         f"rows: the tokenizer belongs to another model; save this model's own tokenizer with it")
 
 
-def model_device(model) -> torch.device:
-    """Where the model's (first) weights are: the device its inputs go to."""
+def model_device(model) -> torch.device:   # where its (first) weights are: where its inputs go
     return next(model.parameters()).device

@@ -56,18 +56,16 @@ def check_out_file(path: str | Path, overwrite: bool) -> Path:
 
 
 def fisher_method(cfg: UnlearnConfig, method: str | None) -> str:
-    """The statistics to compute: the flag, else the config's init when it takes statistics, else fila."""
-    if method is not None:
-        statistics_function(method)
-        return method
-    return cfg.init if cfg.init in STATISTICS else "fila"
+    """The statistics to compute: the flag (checked by compute_fisher), else the config's init when it takes
+    statistics, else fila."""
+    return method or (cfg.init if cfg.init in STATISTICS else "fila")
 
 
 def compute_fisher(cfg: UnlearnConfig, out: str | Path, method: str = "fila", *, overwrite: bool = False,
                    model=None, tokenizer=None, progress: bool = True) -> FisherRun:
-    """Fisher statistics of `cfg`'s model on the first-epoch batches `unlearn(cfg)` would train on (built by
-    the run's own set-up), saved (atomically) to `out`. Every input is checked before the model pass;
-    nothing is written on error. A given `model` is read, not changed."""
+    """Fisher statistics of `cfg`'s model on the first-epoch batches `unlearn(cfg)` would train on (the run's
+    own set-up), saved (atomically) to `out`. Inputs are checked before the model pass; nothing is written
+    on error. A given `model` is read, not changed."""
     statistics_function(method)
     if not cfg.lora:
         raise LokuError("Fisher statistics initialise LoRA adapters: drop lora: false (full fine-tuning) "

@@ -1,10 +1,5 @@
-"""Per-sequence answer losses, the quantity every TOFU probability and truth ratio is built from.
-
-TOFU (`get_batch_loss`) sums the token cross-entropies of the labelled tokens (the answer and the EOS
-after it) and divides by their count for the `avg_*` values, so a probability is the per-token geometric
-mean exp(-loss / n), not the probability of the whole answer. `sequence_losses` (loku.metrics.perplexity)
-computes exactly those sums and counts.
-"""
+"""TOFU's per-sequence answer losses (`get_batch_loss`: summed token cross-entropies of the answer and its EOS,
+and their count; a probability is the per-token geometric mean exp(-loss / n)): loku.metrics.perplexity's."""
 
 from ..metrics.perplexity import sequence_losses
 

@@ -15,9 +15,7 @@ writes one RNG file per process, so a checkpoint only resumes on the same number
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -79,7 +77,8 @@ class Checkpoints:
             save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
             torch.save({"optimizer": optim, "scheduler": self.scheduler.state_dict(),
                         "rng_torch": torch.get_rng_state(), "rng_numpy": _numpy_rng(),
-                        "rng_python": _python_rng()}, tmp / "training_state.pt")
+                        "rng_python": [random.getstate()[0], torch.tensor(random.getstate()[1])]},
+                       tmp / "training_state.pt")
             (tmp / "state.json").write_text(json.dumps(asdict(at), default=float))
 
     def load(self) -> Position:
@@ -134,11 +133,6 @@ def _numpy_rng():
     return [torch.from_numpy(keys.astype(np.int64)), [int(pos), int(has_gauss), float(gauss)]]
 
 
-def _python_rng():
-    version, state, _ = random.getstate()
-    return [version, torch.tensor(state, dtype=torch.int64)]
-
-
 def check_resumable(cfg) -> Path:
     out = Path(cfg.out)
     if requested_engine() == "DeepSpeed":
@@ -157,21 +151,10 @@ def _truncate_metrics(path: Path, step: int, epochs_done: int) -> None:
     """Drop log lines written after the checkpoint; the resumed run writes them again."""
     if not path.is_file():
         return
-    keep = []
-    for line in path.read_text().splitlines():
+    def kept(line: str) -> bool:
         try:
             r = json.loads(line)
         except json.JSONDecodeError:  # a line cut by the kill
-            continue
-        if (r.get("kind") == "step" and r["step"] <= step) or (r.get("kind") == "epoch" and r["epoch"] <= epochs_done):
-            keep.append(line)
-    io.write_text(path, "".join(k + "\n" for k in keep))
-
-
-_KILL_AT_STEP = int(os.environ.get("LOKU_TEST_KILL_AT_STEP", "0")) or None
-
-
-def kill_switch(step: int) -> None:
-    """Fault injection for the kill-and-resume test: SIGKILL this process after optimizer step N."""
-    if step == _KILL_AT_STEP:
-        os.kill(os.getpid(), signal.SIGKILL)
+            return False
+        return r["step"] <= step if r.get("kind") == "step" else r.get("kind") == "epoch" and r["epoch"] <= epochs_done
+    io.write_text(path, "".join(line + "\n" for line in path.read_text().splitlines() if kept(line)))

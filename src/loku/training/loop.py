@@ -5,6 +5,8 @@ records while it runs (progress bar, metrics.jsonl, divergence watch, per-epoch 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -13,11 +15,12 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..data.batches import PairedBatches
-from .checkpoints import Checkpoints, Position, kill_switch
+from .checkpoints import Checkpoints, Position
 from .setup import TrainSettings
 from .step import OptimizerStep
 
 EpochCallback = Callable[[int, torch.nn.Module], "dict | None"]
+KILL_AT_STEP = int(os.environ.get("LOKU_TEST_KILL_AT_STEP", "0")) or None   # the kill-and-resume test
 
 
 def train_loop(step: OptimizerStep, batches: PairedBatches, settings: TrainSettings, log: RunLog,
@@ -36,7 +39,8 @@ def train_loop(step: OptimizerStep, batches: PairedBatches, settings: TrainSetti
             at.sums = {k: at.sums.get(k, 0.0) + v for k, v in values.items()}
             log.step(epoch, at.step, values, step.scheduler.get_last_lr()[0],
                      tokens / max(time.time() - started, 1e-9))
-            kill_switch(at.step)
+            if at.step == KILL_AT_STEP:
+                os.kill(os.getpid(), signal.SIGKILL)
             if checkpoints and settings.save_every and at.step % settings.save_every == 0 \
                     and at.next_batch < len(batches):
                 checkpoints.save(at)
@@ -76,18 +80,12 @@ class RunLog(Progress):
                          TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                          disable=not show)
         self.task = self.add_task(description, total=total, completed=done, info="")
-        self.file = metrics.open("a") if metrics is not None else None
-        self.description, self.bound, self.diverged_at_step = description, divergence_bound, None
-
-    def __exit__(self, *exc) -> None:
-        super().__exit__(*exc)
-        if self.file:
-            self.file.close()
+        self.metrics, self.description, self.bound, self.diverged_at_step = metrics, description, divergence_bound, None
 
     def _write(self, record: dict) -> None:
-        if self.file:
-            self.file.write(json.dumps(record, default=float) + "\n")
-            self.file.flush()
+        if self.metrics is not None:   # a line at a time: what a killed run wrote is complete up to its last step
+            with self.metrics.open("a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
 
     def step(self, epoch: int, step: int, values: dict[str, float], lr: float, tokens_per_s: float) -> None:
         record = {"kind": "step", "epoch": epoch + 1, "step": step, **values, "lr": lr,
