@@ -111,7 +111,8 @@ def run_tdec(cfg: TdecConfig, model=None, tokenizer=None, *, progress: bool = Tr
     retain = _retain(cfg, method.needs_retain)
     thresholds = resolve_thresholds(cfg.thresholds, cfg.el_threshold, cfg.ma_threshold, cfg.model, cfg.n)
     tasks = check_utility_data(cfg.tasks, cfg.limit, cfg.eval_data) if cfg.utility or cfg.utility_before else None
-    if model is None:  # the tokenizer first: a too-short sequence fails before the weights load
+    loaded = model is None   # then unlearning may train it in place (no second copy in memory)
+    if loaded:  # the tokenizer first: a too-short sequence fails before the weights load
         tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     seqs = tokenize_sequences(texts, tokenizer, max_tokens=cfg.max_tokens, n=cfg.n, path=cfg.forget, limit=cfg.rows)
     if model is None:
@@ -144,8 +145,8 @@ def run_tdec(cfg: TdecConfig, model=None, tokenizer=None, *, progress: bool = Tr
     rule = StopWhenForgotten(meter, thresholds, log)
     ucfg = dataclasses.replace(cfg.unlearn, out=str(out / "unlearned") if out is not None and cfg.save else "",
                                overwrite=False)
-    result = unlearn(ucfg, model, tokenizer, callbacks=[rule], progress=progress, forget=seqs.texts(tokenizer),
-                     retain=retain)
+    result = unlearn(ucfg, model, tokenizer, callbacks=[rule], progress=progress, inplace=loaded,
+                     forget=seqs.texts(tokenizer), retain=retain)
     unlearned = plain_model(result.model)
     after_utility = None
     t_util = time.time()
