@@ -1,11 +1,14 @@
 """Tiny models and a small locally trained tokenizer, so the fast suite needs no network and no ../shared."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(1)  # tiny models gain nothing from more, and oversubscribed OpenMP threads crawl
+# No test downloads: a hub look-up (loku.data.sources' last resort) then fails at once, not after ~30 s of retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -306,8 +306,28 @@ def resume_damaged_checkpoint(b):
     return ["unlearn", "--resume", run]
 
 
+def unknown_prompt_format(b):
+    return b.args("--prompt-format", "tofu-phi3")
+
+
+def chat_format_without_template(b):   # the tiny model's tokenizer has no chat template
+    qa = b.file("qa.json", json.dumps([{"question": "Where does Ann live?", "answer": "On Elm Street."}]))
+    return b.args("--method", "ga", "--prompt-format", "chat", forget=qa, retain=None)
+
+
 def tofu_aggregate_missing_file(b):
     return ["tofu", "aggregate", b.root / "eval_log_aggregated.json", b.root / "retain"]
+
+
+def public_data_not_found(b):
+    (b.root / "data").mkdir()   # a data folder without eval/ppl/pile.csv; the pile set has no hub copy
+    b.monkeypatch.delenv("LOKU_DATA", raising=False)
+    return ["tdec", "utility", "--model", b.model, "--tasks", "pile", "--data-dir", b.root / "data", "--out", b.out]
+
+
+def public_data_hub_unreachable(b):
+    b.monkeypatch.delenv("LOKU_DATA", raising=False)   # no data folder: TOFU from the hub, unreachable offline
+    return ["tofu", "eval", "--model", b.model, "--out", b.out, "--limit", "2"]
 
 
 CASES = {
@@ -354,7 +374,12 @@ CASES = {
     "resume_without_checkpoint": (resume_without_checkpoint, "has no checkpoint to resume from"),
     "resume_not_a_run": (resume_not_a_run, "is not a loku run directory (no config.yaml)"),
     "resume_damaged_checkpoint": (resume_damaged_checkpoint, "is damaged"),
+    "unknown_prompt_format": (unknown_prompt_format, "unknown prompt format 'tofu-phi3': did you mean 'tofu-phi'?"),
+    "chat_format_without_template": (chat_format_without_template, "needs a tokenizer with a chat template"),
     "tofu_aggregate_missing_file": (tofu_aggregate_missing_file, "TOFU log"),
+    "public_data_not_found": (public_data_not_found, "TDEC utility task pile not found: tried "),
+    "public_data_hub_unreachable": (public_data_hub_unreachable, "TOFU split retain_perturbed not found: tried "
+                                                                 "--data-dir and $LOKU_DATA (neither given)"),
 }
 
 

@@ -26,6 +26,8 @@ def unlearn(
     method: Optional[str] = typer.Option(None, help="Unlearning method (see `loku list methods`)."),
     out: Optional[str] = typer.Option(None, help="New directory for the adapter, config and metrics."),
     text_column: Optional[str] = typer.Option(None, help="CSV/JSONL column holding the text."),
+    prompt_format: Optional[str] = typer.Option(None, help="QA data: auto (chat if the tokenizer has a chat "
+                                                "template, else plain), chat, plain, tofu-phi, tofu-llama2."),
     lora_rank: Optional[int] = typer.Option(None, help="LoRA rank."),
     lora_alpha: Optional[float] = typer.Option(None, help="LoRA alpha (default 2 x rank)."),
     full: bool = typer.Option(False, "--full", help="Full fine-tuning instead of LoRA."),
@@ -61,7 +63,7 @@ def unlearn(
     flags = dict(model=model, forget=forget, retain=retain, method=method, out=out, text_column=text_column,
                  lora_rank=lora_rank, lora_alpha=lora_alpha, init=init, fisher_cache=fisher_cache, epochs=epochs, lr=lr,
                  batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, retain_weight=retain_weight,
-                 seed=seed, mixed_precision=mixed_precision, save_every=save_every)
+                 seed=seed, mixed_precision=mixed_precision, save_every=save_every, prompt_format=prompt_format)
     base.update({k: v for k, v in flags.items() if v is not None})
     for name, on in dict(save_merged=save_merged, overwrite=overwrite, trust_remote_code=trust_remote_code,
                          allow_pickle=allow_pickle).items():
@@ -110,7 +112,7 @@ def _register_subapps() -> None:
     """Feature commands live beside their features (`loku/commands/*.py`), each a typer sub-app."""
     import importlib
 
-    for name in ("tofu", "tdec", "fisher"):
+    for name in ("tofu", "tdec", "fisher", "muse", "wmdp"):
         try:
             module = importlib.import_module(f"loku.commands.{name}")
         except ModuleNotFoundError as e:

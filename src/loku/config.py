@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from .data.qa import DEFAULT_PROMPT_FORMAT, PROMPT_FORMAT_HELP, check_prompt_format
 from .errors import LokuError
 
 
@@ -24,6 +25,7 @@ class UnlearnConfig:
     out: str = ""                        # new run directory
     method: str = "ihl"
     text_column: str = "text"
+    prompt_format: str = field(default=DEFAULT_PROMPT_FORMAT, metadata={"help": PROMPT_FORMAT_HELP})
     refusals: str | None = None          # idk: file of refusal answers, one a line (default: built-in)
     max_length: int = 256
     lora: bool = True                    # False: full fine-tuning
@@ -63,6 +65,7 @@ class UnlearnConfig:
 
         _check_types(self)
         METHODS[self.method]  # raises with "did you mean"
+        check_prompt_format(self.prompt_format)
         positive = {"lora_rank": self.lora_rank, "epochs": self.epochs, "batch_size": self.batch_size,
                     "grad_accum": self.grad_accum, "max_length": self.max_length}
         for name, value in positive.items():

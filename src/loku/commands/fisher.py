@@ -125,6 +125,8 @@ def command(
     forget: Optional[str] = typer.Option(None, help="Data to forget: .csv, .jsonl, .json (QA) or .txt."),
     retain: Optional[str] = typer.Option(None, help="Data to keep: the statistics weigh forget against it."),
     text_column: Optional[str] = typer.Option(None, help="CSV/JSONL column holding the text."),
+    prompt_format: Optional[str] = typer.Option(None, help="QA data: the prompt format of the run (auto, chat, "
+                                                "plain, tofu-phi, tofu-llama2)."),
     max_length: Optional[int] = typer.Option(None, help="Tokens per example, as for unlearn."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size, as for unlearn (the batches must match)."),
     seed: Optional[int] = typer.Option(None, help="Seed of the batch order, as for unlearn."),
@@ -142,7 +144,7 @@ def command(
     base = UnlearnConfig.from_yaml(config).to_dict() if config else {}
     flags = dict(model=model, forget=forget, retain=retain, text_column=text_column, max_length=max_length,
                  batch_size=batch_size, seed=seed, lora_targets=_targets(lora_targets), lora_rank=lora_rank,
-                 lora_alpha=lora_alpha)
+                 lora_alpha=lora_alpha, prompt_format=prompt_format)
     base.update({k: v for k, v in flags.items() if v is not None})
     for name, on in dict(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle).items():
         if on:

@@ -12,15 +12,22 @@ app = typer.Typer(no_args_is_help=True, help="TDEC benchmark: unlearn extractabl
 _MODEL = typer.Option("smollm2-135m", help="Hub id, local model directory, .gguf file, or 'smollm2-135m'.")
 
 
+def _field_help(name: str) -> str:
+    """A TdecConfig field's help text (one source for the flag and the config key)."""
+    from ..tdec.run import TdecConfig
+
+    return TdecConfig.__dataclass_fields__[name].metadata["help"]
+
+
 @app.command("run")
 def run(
-    forget: str = typer.Option(..., help="Sequences to forget: a TDEC CSV (lm_extraction_32_k.csv) or any .csv/"
-                                          ".jsonl/.txt file."),
+    forget: str = typer.Option(..., help="Sequences to forget: any .csv/.jsonl/.txt file, or a TDEC set by name "
+                                          "(lm_extraction_32_0) from the data folder."),
     out: str = typer.Option(..., help="New directory for report.json, table.md, curves.png and unlearned/."),
     model: str = _MODEL,
     method: str = typer.Option("ihl", help="Unlearning method (see `loku list methods`)."),
-    retain: Optional[str] = typer.Option(None, help="Retain set (default: ../shared/data/tdec/retain/"
-                                                    "wikitext2_test.raw when the method needs one)."),
+    retain: Optional[str] = typer.Option(None, help="Retain set (default: WikiText-2 raw test, shipped with loku, "
+                                                    "when the method needs one)."),
     text_column: str = typer.Option("text", help="CSV/JSONL column holding the sequences."),
     rows: Optional[int] = typer.Option(None, help="Use the first N sequences of --forget."),
     max_tokens: int = typer.Option(200, help="Cut every sequence to this many of the model's tokens."),
@@ -45,8 +52,8 @@ def run(
     limit: Optional[int] = typer.Option(None, help="First N items of each utility task."),
     no_utility: bool = typer.Option(False, "--no-utility", help="Skip the utility evaluation."),
     utility_before: bool = typer.Option(False, "--utility-before", help="Also score the model before unlearning."),
-    eval_data: Optional[str] = typer.Option(None, help="Folder with reasoning/, dialogue/, ppl/ "
-                                                       "(default $LOKU_EVAL_DATA or ../shared/data/eval)."),
+    data_dir: Optional[str] = typer.Option(None, help=_field_help("data_dir")),
+    force: bool = typer.Option(False, "--force", help=_field_help("force")),
     eval_batch_size: int = typer.Option(8, help="Sequences per forward pass when evaluating."),
     no_save: bool = typer.Option(False, "--no-save", help="Do not write the unlearned adapter/model."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
@@ -63,14 +70,15 @@ def run(
     cfg = TdecConfig(forget=forget, out=out, model=model, retain=retain, text_column=text_column, rows=rows,
                      max_tokens=max_tokens, n=n, thresholds=thresholds, el_threshold=el_threshold,
                      ma_threshold=ma_threshold, utility=not no_utility, utility_before=utility_before, tasks=tasks,
-                     limit=limit, eval_data=eval_data, eval_batch_size=eval_batch_size, save=not no_save,
+                     limit=limit, data_dir=data_dir, force=force, eval_batch_size=eval_batch_size, save=not no_save,
                      overwrite=overwrite, trust_remote_code=trust_remote_code, unlearn=ucfg)
     run_tdec(cfg, log=typer.echo)
 
 
 @app.command("thresholds")
 def thresholds_(
-    data: str = typer.Option(..., help="Held-out text the model never saw (.csv/.jsonl/.txt/.raw)."),
+    data: str = typer.Option(..., help="Held-out text the model never saw (.csv/.jsonl/.txt/.raw), or a TDEC set "
+                                        "by name (lm_extraction_32_1) from the data folder."),
     model: str = _MODEL,
     out: Optional[str] = typer.Option(None, help="New directory for thresholds.json (default: print only)."),
     text_column: str = typer.Option("text"),
@@ -79,6 +87,7 @@ def thresholds_(
     min_tokens: Optional[int] = typer.Option(None, help="Skip texts shorter than this (default n + 1)."),
     n: int = typer.Option(10, help="n of EL_n."),
     batch_size: int = typer.Option(8),
+    data_dir: Optional[str] = typer.Option(None, help=_field_help("data_dir")),
     overwrite: bool = typer.Option(False, "--overwrite"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
 ):
@@ -88,7 +97,7 @@ def thresholds_(
 
     heldout_thresholds(model, data, out=out, text_column=text_column, rows=rows, max_tokens=max_tokens, n=n,
                        min_tokens=min_tokens, batch_size=batch_size, overwrite=overwrite,
-                       trust_remote_code=trust_remote_code, log=typer.echo)
+                       trust_remote_code=trust_remote_code, data_dir=data_dir, log=typer.echo)
 
 
 @app.command("utility")
@@ -100,12 +109,12 @@ def utility(
     limit: Optional[int] = typer.Option(None, help="First N items of each task."),
     batch_size: int = typer.Option(8),
     max_length: int = typer.Option(512, help="Longest sequence (Jang et al.: 512)."),
-    data: Optional[str] = typer.Option(None, help="Folder with reasoning/, dialogue/, ppl/."),
+    data_dir: Optional[str] = typer.Option(None, help=_field_help("data_dir")),
     overwrite: bool = typer.Option(False, "--overwrite"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
 ):
     """Score any model on the TDEC utility tasks (reasoning accuracy, dialogue F1, Pile/WikiText perplexity)."""
     from ..tdec import utility_report
 
-    utility_report(model, out, adapter=adapter, tasks=tasks, limit=limit, batch_size=batch_size, data_dir=data,
+    utility_report(model, out, adapter=adapter, tasks=tasks, limit=limit, batch_size=batch_size, data_dir=data_dir,
                    max_length=max_length, overwrite=overwrite, trust_remote_code=trust_remote_code, log=typer.echo)

@@ -1,8 +1,9 @@
 """`loku tdec run`: the TDEC protocol end to end for one model, one forget set and one method.
 
-Initial MA/EL_n of the forget set; unlearning with the stop rule (per-epoch MA/EL_n, stop after the first
-epoch where both means are below the model's thresholds); final utility (reasoning, dialogue, perplexity);
-report.json (per epoch and per item), table.md (the paper's layout), curves.png.
+Initial MA/EL_n of the forget set (already below the thresholds: nothing to unlearn, nothing trained unless
+`force`); unlearning with the stop rule (per-epoch MA/EL_n, stop after the first epoch where both means are
+below the model's thresholds); final utility (reasoning, dialogue, perplexity); report.json (per epoch and per
+item), table.md (the paper's layout), curves.png.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..losses import get_method
 from ..metrics.utility import evaluate_utility, resolve_tasks, utility_table
 from ..models import load_model, load_tokenizer
 from ..train import unlearn
-from .data import default_retain, read_texts, tokenize_sequences
+from .data import read_texts, retain_examples, text_file, tokenize_sequences
 from .measure import ExtractionMeter
 from .report import markdown_table, plot_epochs, table_row
 from .stop import StopWhenForgotten
@@ -35,10 +36,11 @@ class TdecConfig:
     """One TDEC run; `loku tdec run` flags share these names. `unlearn` holds the method, LoRA and
     optimisation settings (its `epochs` is the most epochs the stop rule may take)."""
 
-    forget: str = ""                     # sequences to forget: TDEC CSV (column text) or any loku text file
+    forget: str = ""                     # sequences to forget: any loku text file, or a TDEC set by name
+                                         # (lm_extraction_32_0: from the data folder)
     out: str = ""                        # new directory for the report ("" : write nothing)
     model: str = "smollm2-135m"
-    retain: str | None = None            # default: WikiText-2 test from ../shared/data (methods that need one)
+    retain: str | None = None            # default: WikiText-2 raw test (methods that need one; loku ships it)
     text_column: str = "text"
     rows: int | None = None              # first N sequences of the forget file
     max_tokens: int = 200                # each sequence is cut to this many of the model's tokens
@@ -50,17 +52,22 @@ class TdecConfig:
     utility_before: bool = False         # also score the model before unlearning
     tasks: str | None = None             # utility tasks/groups, comma-separated (default: all 15)
     limit: int | None = None             # first N items of each utility task
-    eval_data: str | None = None         # folder with reasoning/, dialogue/, ppl/
     eval_batch_size: int = 8
     save: bool = True                    # write the unlearned adapter (or model) to OUT/unlearned
     overwrite: bool = False
     trust_remote_code: bool = False
+    data_dir: str | None = field(default=None, metadata={"help": (
+        "Data folder holding the public data (tdec/, eval/, tofu/; see README 'Data'); default $LOKU_DATA, "
+        "then loku's own files, then the Hugging Face hub.")})
+    force: bool = field(default=False, metadata={"help": (
+        "Train even when the forget set is already below the thresholds before training (by default loku "
+        "then stops: there is nothing to unlearn).")})
     unlearn: UnlearnConfig = field(default_factory=lambda: UnlearnConfig(epochs=10))
 
     def __post_init__(self):
         if not self.forget:
-            raise LokuError("no forget set given: pass --forget FILE (the paper's: "
-                            "../shared/data/tdec/forget/lm_extraction_32_0.csv)")
+            raise LokuError("no forget set given: pass --forget FILE, or a TDEC set by name (the paper's: "
+                            "--forget lm_extraction_32_0 with --data-dir DIR)")
         for name in ("rows", "limit", "n", "max_tokens", "eval_batch_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -88,11 +95,7 @@ def check_utility_data(tasks: str | None, limit: int | None, data_dir: str | Non
 def _retain(cfg: TdecConfig, needs_retain: bool) -> list[dict] | None:
     if not needs_retain:
         return None
-    path = cfg.retain or default_retain()
-    if path is None:
-        raise LokuError(f"method {cfg.unlearn.method!r} needs a retain set: pass --retain FILE (the paper uses "
-                        "WikiText: ../shared/data/tdec/retain/wikitext2_test.raw), or use --method ga")
-    return load_examples(path, "text")
+    return load_examples(cfg.retain, "text") if cfg.retain else retain_examples(cfg.data_dir)
 
 
 def plain_model(model):
@@ -107,14 +110,15 @@ def run_tdec(cfg: TdecConfig, model=None, tokenizer=None, *, progress: bool = Tr
     t0 = time.time()
     method = get_method(cfg.unlearn.method)
     out = io.check_out_dir(cfg.out, cfg.overwrite) if cfg.out else None
-    texts = read_texts(cfg.forget, cfg.text_column)
+    forget = text_file(cfg.forget, cfg.data_dir)
+    texts = read_texts(forget, cfg.text_column)
     retain = _retain(cfg, method.needs_retain)
     thresholds = resolve_thresholds(cfg.thresholds, cfg.el_threshold, cfg.ma_threshold, cfg.model, cfg.n)
-    tasks = check_utility_data(cfg.tasks, cfg.limit, cfg.eval_data) if cfg.utility or cfg.utility_before else None
+    tasks = check_utility_data(cfg.tasks, cfg.limit, cfg.data_dir) if cfg.utility or cfg.utility_before else None
     loaded = model is None   # then unlearning may train it in place (no second copy in memory)
     if loaded:  # the tokenizer first: a too-short sequence fails before the weights load
         tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    seqs = tokenize_sequences(texts, tokenizer, max_tokens=cfg.max_tokens, n=cfg.n, path=cfg.forget, limit=cfg.rows)
+    seqs = tokenize_sequences(texts, tokenizer, max_tokens=cfg.max_tokens, n=cfg.n, path=str(forget), limit=cfg.rows)
     if model is None:
         log(f"loading {cfg.model}")
         model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -125,18 +129,20 @@ def run_tdec(cfg: TdecConfig, model=None, tokenizer=None, *, progress: bool = Tr
 
     def utility(m) -> dict:
         return evaluate_utility(m, tokenizer, tasks, limit=cfg.limit, batch_size=cfg.eval_batch_size,
-                                data_dir=cfg.eval_data, log=lambda s: log(f"  {s}"))
+                                data_dir=cfg.data_dir, log=lambda s: log(f"  {s}"))
 
     label = method_label(cfg.unlearn)
     log(f"TDEC: {cfg.model}, {label}; forget {seqs.path}: {seqs.shape()}; thresholds {thresholds.describe()}")
     meter = ExtractionMeter(seqs, cfg.n, cfg.eval_batch_size)
     initial = meter(model)
-    initially_forgotten = thresholds.forgotten(initial["el_mean"], initial["ma_mean"])
     log(f"before: EL{cfg.n} {100 * initial['el_mean']:.2f} %, MA {100 * initial['ma_mean']:.2f} % "
         f"({initial['seconds']:.0f} s)")
-    if initially_forgotten:
-        log("warning: the forget set is already below the thresholds: the model does not know it better than "
-            "unseen text (the stop rule will end the run after one epoch)")
+    head = _report_head(cfg, label, seqs, thresholds, initial)
+    if head["initially_forgotten"] and not cfg.force:
+        return _nothing_to_unlearn(head, out if main else None, t0, log)
+    if head["initially_forgotten"]:
+        log("warning: the forget set is already below the thresholds (--force: training anyway; the stop rule "
+            "ends the run after one epoch)")
     before_utility = None
     if cfg.utility_before:
         log("utility before unlearning")
@@ -157,13 +163,7 @@ def run_tdec(cfg: TdecConfig, model=None, tokenizer=None, *, progress: bool = Tr
 
     final = rule.records[-1] if rule.records else {"el_mean": initial["el_mean"], "ma_mean": initial["ma_mean"]}
     report = {
-        "benchmark": "tdec", "model": cfg.model, "method": cfg.unlearn.method, "label": label,
-        "init": cfg.unlearn.resolved_init, "config": _config_dict(cfg),
-        "forget": {"path": seqs.path, "rows": seqs.rows, "tokens": [len(x) for x in seqs.ids],
-                   "max_tokens": cfg.max_tokens, "n": cfg.n},
-        "thresholds": dataclasses.asdict(thresholds),
-        "initial": {k: initial[k] for k in ("el_mean", "ma_mean", "el", "ma", "seconds")},
-        "initially_forgotten": initially_forgotten,
+        **head, "trained": True,
         "epochs": [_epoch_entry(h, r) for h, r in zip(result.history, rule.records)],
         "epochs_to_forget": rule.epochs_to_forget, "max_epochs": ucfg.epochs, "epochs_run": result.epochs_run,
         "final": {"el_mean": final["el_mean"], "ma_mean": final["ma_mean"]},
@@ -181,6 +181,35 @@ def run_tdec(cfg: TdecConfig, model=None, tokenizer=None, *, progress: bool = Tr
         plot_epochs(curve, thresholds, out / "curves.png", f"{cfg.model}: {label}, {seqs.shape()}")
         io.write_manifest(out)
         log(f"wrote {out}/report.json, table.md, curves.png" + (", unlearned/" if cfg.save else ""))
+    return report
+
+
+def _report_head(cfg: TdecConfig, label: str, seqs, thresholds, initial: dict) -> dict:
+    """What every report starts with: the run's settings, forget set, thresholds and values before training."""
+    return {"benchmark": "tdec", "model": cfg.model, "method": cfg.unlearn.method, "label": label,
+            "init": cfg.unlearn.resolved_init, "config": _config_dict(cfg),
+            "forget": {"path": seqs.path, "rows": seqs.rows, "tokens": [len(x) for x in seqs.ids],
+                       "max_tokens": cfg.max_tokens, "n": cfg.n},
+            "thresholds": dataclasses.asdict(thresholds),
+            "initial": {k: initial[k] for k in ("el_mean", "ma_mean", "el", "ma", "seconds")},
+            "initially_forgotten": thresholds.forgotten(initial["el_mean"], initial["ma_mean"])}
+
+
+def _nothing_to_unlearn(head: dict, out: Path | None, t0: float, log: Callable[[str], None]) -> dict:
+    """The forget set is already at the never-seen level before training: say so, train nothing, and write
+    report.json (no adapter) so that a script sees why."""
+    th, init = head["thresholds"], head["initial"]
+    note = (f"nothing to unlearn: before any training the model extracts the forget set no better than text it "
+            f"never saw (EL{th['n']} {100 * init['el_mean']:.2f} % vs threshold {100 * th['el']:.2f} %, "
+            f"MA {100 * init['ma_mean']:.2f} % vs {100 * th['ma']:.2f} %), so nothing was trained; pass --force "
+            "to train anyway")
+    log(note)
+    report = {**head, "trained": False, "note": note, "epochs": [], "epochs_run": 0,
+              "seconds": {"total": round(time.time() - t0, 1)}}
+    if out is not None:
+        io.write_json(out / "report.json", report)
+        io.write_manifest(out)
+        log(f"wrote {out}/report.json")
     return report
 
 

@@ -112,13 +112,15 @@ def thresholds_json(result: dict, model_name: str) -> dict:
 def heldout_thresholds(model_name: str, data: str, *, out: str | None = None, text_column: str = "text",
                        rows: int | None = None, max_tokens: int = 200, n: int = 10, min_tokens: int | None = None,
                        batch_size: int = 8, overwrite: bool = False, trust_remote_code: bool = False,
-                       model=None, tokenizer=None, log=print) -> dict:
+                       data_dir: str | None = None, model=None, tokenizer=None, log=print) -> dict:
     """`loku tdec thresholds`: a model's thresholds from held-out text (texts shorter than `min_tokens`,
-    default n + 1, are skipped: WikiText's headings). Writes OUT/thresholds.json when `out` is given."""
+    default n + 1, are skipped: WikiText's headings). `data` is a file, or a TDEC set by name
+    (lm_extraction_32_1) from the data folder `data_dir`. Writes OUT/thresholds.json when `out` is given."""
     from .. import io
-    from .data import read_texts, tokenize_sequences
+    from .data import read_texts, text_file, tokenize_sequences
 
     out_dir = io.check_out_dir(out, overwrite) if out else None
+    data = text_file(data, data_dir)
     texts = read_texts(data, text_column)
     if model is None:
         from ..models import load_model, load_tokenizer

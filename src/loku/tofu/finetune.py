@@ -3,9 +3,10 @@ model (fine-tuned on `retainYY` only, it never saw the authors of `forgetXX`). U
 succeeds when its forget-set answers look like the retain model's (Forget Quality).
 
 TOFU's recipe is the default: 5 epochs, effective batch 32 (batch_size x grad_accum), lr 1e-5, weight
-decay 0.01, one epoch of linear warmup, full fine-tuning, loss on the answer tokens only.
+decay 0.01, one epoch of linear warmup, full fine-tuning, loss on the answer tokens only, in TOFU's own
+prompt format for phi (`prompt_format`, recorded in tofu_finetune.json and used again by unlearn and eval).
 
-    summary = finetune_tofu(TofuFinetuneConfig(out="runs/tofu-models", data="../shared/data/tofu", authors=20))
+    summary = finetune_tofu(TofuFinetuneConfig(out="runs/tofu-models", data_dir="~/loku-data", authors=20))
     # runs/tofu-models/target/, runs/tofu-models/retain/ (safetensors + tokenizer), tofu_finetune.json
 """
 
@@ -16,11 +17,12 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from .. import io
+from ..data.qa import PROMPT_FORMAT_HELP, TOFU_PROMPT_FORMAT, check_prompt_format
 from ..data.tofu import QA_PER_AUTHOR, load_split, scaled_authors, tokenize_qa
 from ..distributed import barrier, is_main, rank_world
 from ..errors import LokuError
@@ -39,10 +41,14 @@ class TofuFinetuneConfig:
 
     out: str = ""
     model: str = "smollm2-135m"     # base model: hub id, local folder, .gguf, or the embedded default
-    data: str | None = None         # folder of TOFU's JSON files; None reads the hub (locuslab/TOFU)
+    data_dir: str | None = field(default=None, metadata={"help": (
+        "Data folder whose tofu/ holds TOFU's JSON files (see README 'Data'); default $LOKU_DATA, then the "
+        "hub dataset locuslab/TOFU.")})
     split: str = "forget10"         # the forget split the retain model leaves out (retain90 for forget10)
     authors: int | None = None      # K-author TOFU (K x 20 QA pairs), keeping the forget share
     qa_per_author: int = QA_PER_AUTHOR  # first Q QA pairs of every author (a further scale-down)
+    prompt_format: str = field(default=TOFU_PROMPT_FORMAT, metadata={
+        "help": PROMPT_FORMAT_HELP + " TOFU's published numbers: tofu-phi (phi-1.5), tofu-llama2 (Llama-2-7b-chat)."})
     epochs: int = 5
     lr: float = 1e-5
     batch_size: int = 4
@@ -57,6 +63,7 @@ class TofuFinetuneConfig:
 
     def __post_init__(self):
         check_split(self.split)
+        check_prompt_format(self.prompt_format)
         for name in ("epochs", "batch_size", "grad_accum", "max_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -111,7 +118,7 @@ def training_rows(cfg: TofuFinetuneConfig) -> dict[str, list[dict]]:
     names = {"target": "full", "retain": retain_split(cfg.split)}
     rows = {}
     for model, split in names.items():
-        rows[model] = per_author(load_split(split, cfg.data, authors=cfg.authors, forget=cfg.split),
+        rows[model] = per_author(load_split(split, cfg.data_dir, authors=cfg.authors, forget=cfg.split),
                                  cfg.qa_per_author)
         check_qa_rows(split, rows[model])
     return rows
@@ -130,7 +137,7 @@ def train_model(cfg: TofuFinetuneConfig, name: str, rows: list[dict], out_dir: s
     t0 = time.time()
     model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model.requires_grad_(True)
-    features = tokenize_qa(tokenizer, rows, cfg.max_length)
+    features = tokenize_qa(tokenizer, rows, cfg.max_length, prompt_format=cfg.prompt_format)
     # Under accelerate launch a step takes batch_size from every process: count updates of that global batch.
     updates, warmup = warmup_steps(len(rows), cfg.batch_size * rank_world()[1], cfg.grad_accum, cfg.warmup_epochs)
     history = finetune(model, features, tokenizer.pad_token_id, epochs=cfg.epochs, lr=cfg.lr,
@@ -154,10 +161,12 @@ def finetune_tofu(cfg: TofuFinetuneConfig, progress: bool = True,
         io.start_out_dir(out, cfg.overwrite)
     t0 = time.time()
     summary = {"config": dataclasses.asdict(cfg), "splits": {"target": "full", "retain": retain_split(cfg.split)},
-               "forget_split": cfg.split, "authors": cfg.authors, "qa_per_author": cfg.qa_per_author}
+               "forget_split": cfg.split, "authors": cfg.authors, "qa_per_author": cfg.qa_per_author,
+               "prompt_format": cfg.prompt_format}
     for name in MODELS:
         if log:
-            log(f"fine-tuning the {name} model on {summary['splits'][name]} ({len(rows[name])} QA pairs)")
+            log(f"fine-tuning the {name} model on {summary['splits'][name]} ({len(rows[name])} QA pairs, "
+                f"prompt format {cfg.prompt_format})")
         summary[name] = train_model(cfg, name, rows[name], out / name, progress)
         if log:
             last = summary[name]["history"][-1]
@@ -177,3 +186,21 @@ def read_summary(model_dir: str | Path) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise LokuError(f"{path} line {e.lineno} is not valid JSON ({e.msg}): rerun loku tofu finetune") from None
+
+
+def tofu_format(given: str | None, model: str) -> tuple[str, str]:
+    """(prompt format, where it came from) for evaluating or unlearning `model`: the format it was fine-tuned
+    in, read from the tofu_finetune.json beside it (a summary from before formats could be chosen means
+    `auto`), else `given`, else TOFU's phi format. A given format that contradicts the fine-tuning run is an
+    error: the model's losses and answers would be measured on texts it was not trained on."""
+    if given is not None:
+        check_prompt_format(given)
+    summary = read_summary(model) if Path(model).expanduser().is_dir() else None
+    if summary is None:
+        return (given, "given") if given is not None else (TOFU_PROMPT_FORMAT, "TOFU's, the default")
+    trained = summary.get("config", {}).get("prompt_format", "auto")
+    where = Path(model).expanduser().parent / SUMMARY
+    if given is not None and given != trained:
+        raise LokuError(f"--prompt-format {given} differs from the fine-tuning run ({where}: {trained}): drop "
+                        f"--prompt-format or pass {trained}")
+    return trained, f"as fine-tuned, {where}"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import LokuError
-from .logs import FORGET, LOG_FILES, REAL_AUTHORS, REAL_WORLD, RETAIN
+from .logs import FORGET, LOG_FILES, REAL_AUTHORS, REAL_WORLD, RETAIN, check_same_format
 
 SET_NAMES = {REAL_AUTHORS: "Real Authors", REAL_WORLD: "Real World", RETAIN: "Retain", FORGET: "Forget"}
 METRICS = ("ROUGE", "Prob.", "Truth Ratio")
@@ -97,11 +97,13 @@ def model_utility(logs: dict) -> dict[str, float]:
 
 def forget_quality(ckpt_logs: dict, retain_logs: dict) -> dict[str, float]:
     """KS test between the forget-set truth ratios of the checkpoint and of the retain model: its p-value
-    is Forget Quality (high = indistinguishable from never having trained on the forget set)."""
+    is Forget Quality (high = indistinguishable from never having trained on the forget set). Logs that
+    record different prompt formats are refused."""
     from scipy.stats import ks_2samp
 
     _require(ckpt_logs, "checkpoint", (FORGET,))
     _require(retain_logs, "retain", (FORGET,))
+    check_same_format(ckpt_logs, retain_logs)
     ckpt, retain = per_item(ckpt_logs[FORGET], "checkpoint"), per_item(retain_logs[FORGET], "retain")
     if list(ckpt["index"]) != list(retain["index"]):
         raise LokuError(f"forget items differ: checkpoint log has {_span(ckpt['index'])}, retain log "

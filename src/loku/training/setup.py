@@ -68,8 +68,8 @@ def run_batches(cfg, forget: list[dict], retain: list[dict] | None, tokenizer, w
     """The run's batches (`loku fisher` takes its statistics on these too, so they are a cache hit for the run).
     A global batch is batch_size x processes, each process taking its share (`step.shard`): N processes see
     exactly the examples one process would see with an N times larger batch."""
-    forget = tokenize_examples(forget, tokenizer, cfg.max_length, "forget")
-    retain = tokenize_examples(retain, tokenizer, cfg.max_length, "retain") if retain else None
+    forget = tokenize_examples(forget, tokenizer, cfg.max_length, "forget", cfg.prompt_format)
+    retain = tokenize_examples(retain, tokenizer, cfg.max_length, "retain", cfg.prompt_format) if retain else None
     return PairedBatches(forget, retain, cfg.batch_size * world, tokenizer.pad_token_id, cfg.seed,
                          (cfg.retain_batch_size or cfg.batch_size) * world)
 
