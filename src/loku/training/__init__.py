@@ -1,1 +1,1 @@
-"""The training machinery shared by unlearning and fine-tuning: setup, step, loop, log, checkpoints, save."""
+"""The training machinery shared by unlearning and fine-tuning: setup, step, loop, checkpoints."""
