@@ -187,7 +187,8 @@ def run_method(args, name: str, mem: dict, th: dict, forget_path: Path) -> dict:
                          mixed_precision=args.mixed_precision, **overrides)
     cfg = TdecConfig(forget=str(forget_path), out=str(out), model=mem["model_dir"], rows=args.seqs,
                      max_tokens=args.tokens, el_threshold=th["el"], ma_threshold=th["ma"], tasks=args.tasks,
-                     limit=args.limit, data_dir=str(args.data_dir), save=False, overwrite=True, unlearn=ucfg)
+                     limit=args.limit, data_dir=str(args.data_dir), save=False, overwrite=True,
+                     full_batch=args.full_batch, unlearn=ucfg)
     try:
         return run_tdec(cfg, model, tokenizer, log=lambda s: say(f"   {s}"))
     except LokuError as e:  # e.g. GA's loss diverging: a result of the comparison, not a crash
@@ -250,6 +251,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=4, help="4 steps an epoch at 16 sequences: the per-epoch "
                     "EL10 evaluation costs more than a step, so several steps an epoch forget for less")
+    ap.add_argument("--full-batch", action=argparse.BooleanOptionalAction, default=False,
+                    help="one optimizer step per epoch over the whole forget set (Jang et al.; loku tdec run's "
+                         "default); off by default here: the README table steps every --batch-size sequences")
     ap.add_argument("--max-epochs", type=int, default=10)
     ap.add_argument("--mixed-precision", default="bf16", help="training only; no | bf16")
     ap.add_argument("--tasks", default="reasoning,ppl")

@@ -534,3 +534,61 @@ def test_model_checks_for_in_memory_models(tokenizer):
     check_tokenizer_fits(model, tokenizer)
     with pytest.raises(LokuError, match=r"has 512 token ids but the model's embedding has only 128 rows"):
         check_tokenizer_fits(tiny_llama(128), tokenizer)
+
+
+# ------------------------------------------------------------------------------------------- settings
+# Invalid settings are refused when the config is built: before a model loads, before the Fisher pass.
+
+INVALID_SETTINGS = {
+    ("--lora-alpha", "-1"): "lora-alpha must be positive, got -1.0",
+    ("--lora-rank", "0"): "lora-rank must be a positive integer, got 0",
+    ("--retain-weight", "-1"): "retain-weight must be 0 or more, got -1.0",
+    ("--forget-weight", "-0.5"): "forget-weight must be 0 or more, got -0.5",
+    ("--npo-beta", "0"): "npo-beta must be positive, got 0.0",
+    ("--simnpo-beta", "-4.5"): "simnpo-beta must be positive, got -4.5",
+    ("--init", "fisher"): "unknown init 'fisher'",
+    ("--kl-reduction", "sum"): "unknown kl reduction 'sum'",
+    ("--idk-pooling", "joint"): "unknown idk pooling 'joint'",
+    ("--fisher-eps", "0"): "fisher-eps must be positive",
+    ("--lr", "-1e-4"): "lr must be positive",
+    ("--warmup-steps", "-1"): "warmup-steps must be 0 or more",
+    ("--mixed-precision", "fp8"): "unknown mixed precision 'fp8'",
+}
+
+
+@pytest.fixture()
+def heavy_calls(monkeypatch):
+    """Records model loads and Fisher passes (the Fisher pass stops the run once it is reached)."""
+    import loku.fisher
+    import loku.models
+    from loku.errors import LokuError
+
+    calls, real_load = [], loku.models.load_model
+
+    def load_model(*args, **kwargs):
+        calls.append("load_model")
+        return real_load(*args, **kwargs)
+
+    def fisher_statistics(*args, **kwargs):
+        calls.append("fisher")
+        raise LokuError("stopped at the Fisher pass: test")
+
+    monkeypatch.setattr(loku.models, "load_model", load_model)
+    monkeypatch.setattr(loku.fisher, "fisher_statistics", fisher_statistics)   # the one place FILA's pass is chosen
+    return calls
+
+
+@pytest.mark.parametrize("flag,value", list(INVALID_SETTINGS))
+def test_invalid_settings_refused_before_any_model_loads(flag, value, box, heavy_calls, capsys):
+    before = snapshot(box.root)
+    code, _, err = run_cli(box.args(flag, value, init="fila" if flag != "--init" else value), capsys)
+    one_error_line(code, err, INVALID_SETTINGS[(flag, value)], f"{flag} {value}")
+    assert heavy_calls == [], heavy_calls
+    assert snapshot(box.root) == before
+
+
+def test_valid_settings_reach_the_fisher_pass(box, heavy_calls, capsys):
+    """The control: the same run with a valid alpha loads the model and starts the Fisher pass."""
+    code, _, err = run_cli(box.args("--lora-alpha", "16", init="fila"), capsys)
+    assert code == 2 and "stopped at the Fisher pass" in err
+    assert heavy_calls == ["load_model", "fisher"]

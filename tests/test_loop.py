@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import loku.losses
+import loku.methods
 from conftest import tiny_llama
 from loku import UnlearnConfig, unlearn
 from loku.data.records import make_records, record_text
@@ -75,12 +75,12 @@ def test_accumulation_1x4_equals_4x1_for_unequal_lengths(tokenizer, method):
 
 def first_loss_inputs(monkeypatch) -> list:
     """Record what the loop hands the method on its first call (the only place methods are called)."""
-    seen, method_loss = [], loku.losses.method_loss
+    seen, method_loss = [], loku.methods.method_loss
 
     def recording(method, x, cfg):
         seen.append(copy.copy(x))
         return method_loss(method, x, cfg)
-    monkeypatch.setattr(loku.losses, "method_loss", recording)
+    monkeypatch.setattr(loku.methods, "method_loss", recording)
     return seen
 
 

@@ -17,7 +17,7 @@ from loku.finetune import finetune
 from loku.metrics.extraction import extraction_likelihood, memorization_accuracy
 from loku.tdec import (PRESETS, ExtractionMeter, StopWhenForgotten, TdecConfig, Thresholds, compute_thresholds,
                        load_sequences, markdown_table, preset_for, resolve_thresholds, run_tdec, table_row,
-                       tokenize_sequences)
+                       tdec_markdown, tokenize_sequences)
 
 RECORDS = [record_text(r) for r in make_records(16, seed=11)]
 FORGET, HELDOUT = RECORDS[:6], RECORDS[6:12]
@@ -279,3 +279,37 @@ def test_real_forget_file_and_retain(tokenizer):
     wiki = load_sequences(need_shared("tdec", "retain", "wikitext2_test.raw"), tokenizer, limit=5, skip_short=True,
                           min_tokens=50)
     assert len(wiki) == 5 and wiki.skipped and min(map(len, wiki.ids)) >= 50  # headings are skipped
+
+
+# ------------------------------------------------------------------ Jang et al.'s step: the whole forget set
+
+@pytest.mark.parametrize("full_batch,steps", [(True, 2), (False, 6)])
+def test_tdec_run_takes_one_optimizer_step_per_epoch_by_default(full_batch, steps, tokenizer, monkeypatch):
+    """Jang et al. (joeljang/knowledge-unlearning) update once per epoch on the whole forget set (batch 32 = the
+    32 sequences). 5 sequences in micro-batches of 2 (3 per epoch), 2 epochs: 2 optimizer steps; with
+    --no-full-batch a step per micro-batch: 6."""
+    counted = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        counted.append(1)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    monkeypatch.setattr(Thresholds, "forgotten", lambda self, el, ma: False)   # every epoch runs
+    model = tiny_llama(len(tokenizer))
+    cfg = TdecConfig(forget="inline", full_batch=full_batch, max_tokens=30, el_threshold=0.05, ma_threshold=0.3,
+                     utility=False, unlearn=UnlearnConfig(method="ga", init="default", epochs=2, batch_size=2))
+    monkeypatch.setattr("loku.tdec.run.read_texts", lambda path, column: FORGET[:5])
+    report = run_tdec(cfg, model, tokenizer, progress=False, log=lambda s: None)
+    assert report["epochs_run"] == 2 and len(counted) == steps
+    assert report["optimizer"] == {"full_batch": full_batch, "micro_batch": 2, "grad_accum": 3 if full_batch else 1,
+                                   "effective_batch": 5 if full_batch else 2, "steps_per_epoch": steps // 2}
+    note = "one step per epoch over all 5 sequences" if full_batch else "a step every 2 sequences"
+    assert note in tdec_markdown(report)
+
+
+def test_tdec_grad_accum_needs_no_full_batch():
+    with pytest.raises(LokuError, match="--no-full-batch"):
+        TdecConfig(forget="f.csv", unlearn=UnlearnConfig(grad_accum=4))
+    assert TdecConfig(forget="f.csv", full_batch=False, unlearn=UnlearnConfig(grad_accum=4)).unlearn.grad_accum == 4

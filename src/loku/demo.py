@@ -9,7 +9,7 @@ saw, while the other records and general language ability stay.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from rich.table import Table
 
 from . import io
 from .config import UnlearnConfig
+from .config_base import Config, setting
 from .data.records import Record, make_records, record_text
 from .data.text import tokenize_examples
 from .finetune import finetune
@@ -41,26 +42,43 @@ FIELDS = ("address", "phone", "email", "employer", "account")
 
 
 @dataclass
-class DemoConfig:
-    out: str = "runs/demo"
-    model: str = "smollm2-135m"
-    n_forget: int = 12
-    n_retain: int = 12
-    n_unseen: int = 12
-    seed: int = 0
-    memorize_lr: float = 5e-4
-    memorize_max_epochs: int = 12
-    memorize_target: float = 0.9       # forget-set memorization accuracy that counts as "leaked"
-    unlearn_lr: float = 1e-3
-    unlearn_max_epochs: int = 10
-    lora_rank: int = 8
-    method: str = "ihl"
-    mixed_precision: str = "bf16"      # ~2x faster on CPUs with AMX/AVX512-BF16; "no" for float32
-    extra: dict = field(default_factory=dict)
+class DemoConfig(Config):
+    """Options of `loku demo`."""
+
+    out: str = setting("", "New directory for the report.", group="Output", default_text="runs/demo-<time>")
+    model: str = setting("smollm2-135m", "Model to run the demo on.", group="Model")
+    n_forget: int = setting(12, "People who ask to be forgotten.", group="Data", bound="positive")
+    n_retain: int = setting(12, "People who stay.", group="Data", bound="positive")
+    n_unseen: int = setting(12, "People the model never sees (the never-seen level).", group="Data",
+                            bound="positive")
+    seed: int = setting(0, "Seed of the records and training.", group="Training")
+    memorize_lr: float = setting(5e-4, "Learning rate of the leak fine-tune.", group="Training", bound="positive")
+    memorize_max_epochs: int = setting(12, "Most epochs of the leak fine-tune.", group="Training", bound="positive")
+    memorize_target: float = setting(0.9, "Forget-set memorization accuracy that counts as leaked.",
+                                     group="Training", bound="positive")
+    unlearn_lr: float = setting(1e-3, "Learning rate of the unlearning.", group="Training", bound="positive")
+    unlearn_max_epochs: int = setting(10, "Most epochs of the unlearning.", group="Training", bound="positive")
+    lora_rank: int = setting(8, "LoRA rank of the unlearning.", group="LoRA", bound="positive")
+    method: str = setting("ihl", "Unlearning method (see `loku list methods`).", group="Method settings")
+    mixed_precision: str = setting("bf16", "no, bf16 or fp16 (bf16: ~2x faster on CPUs with AMX/AVX512-BF16).",
+                                   group="Training", choices=("no", "bf16", "fp16"))
+    quick: bool = setting(False, "A smaller demo for a smoke test (the sizes and epochs left at their defaults "
+                          "become 4 people a group, 3 + 2 epochs).", group="Output")
+    extra: dict = setting(help="Free-form notes carried into the report (a YAML mapping).", group="Output",
+                          factory=dict)
 
     @staticmethod
     def quick_overrides() -> dict:
         return {"n_forget": 4, "n_retain": 4, "n_unseen": 4, "memorize_max_epochs": 3, "unlearn_max_epochs": 2}
+
+    def check(self):
+        from .methods import METHODS
+
+        METHODS[self.method]  # raises with "did you mean"
+        if self.quick:
+            for name, value in self.quick_overrides().items():
+                if getattr(self, name) == self.__dataclass_fields__[name].default:
+                    setattr(self, name, value)
 
 
 def memorization(model, tokenizer, texts: list[str]) -> list[float]:
@@ -106,7 +124,7 @@ def measure(model, tokenizer, groups: dict[str, list[Record]]) -> dict:
 
 def run_demo(cfg: DemoConfig) -> dict:
     console = Console()
-    out = io.start_out_dir(cfg.out)
+    out = io.start_out_dir(cfg.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     t0 = time.time()
     people = make_records(cfg.n_forget + cfg.n_retain + cfg.n_unseen, seed=cfg.seed)
     groups = {"forget": people[:cfg.n_forget], "retain": people[cfg.n_forget:cfg.n_forget + cfg.n_retain],

@@ -420,13 +420,14 @@ def cached_statistics(path: str | Path, model: nn.Module, batch_pairs: Iterable[
     return stats, False
 
 
-STATISTICS = {"fila": fisher_statistics, "vila": vila_statistics}   # kind -> function (the cache's "kind")
+STATISTICS = ("fila", "vila")   # the kinds of statistics (a cache file's "kind")
 
 
 def statistics_function(kind: str, what: str = "Fisher method") -> Callable[..., FisherStats]:
+    """The function that computes `kind`'s statistics (the one place that chooses it)."""
     if kind not in STATISTICS:
         raise unknown_choice(what, kind, STATISTICS)
-    return STATISTICS[kind]
+    return fisher_statistics if kind == "fila" else vila_statistics
 
 
 def run_statistics(kind: str, model: nn.Module, batch_pairs: list[Pair], plan: LoraPlan, *,
@@ -441,4 +442,4 @@ def run_statistics(kind: str, model: nn.Module, batch_pairs: list[Pair], plan: L
         kwargs = {"rank": plan.rank, "scaling": plan.scaling, **kwargs}
     if cache is not None:
         return cached_statistics(cache, model, batch_pairs, plan.module_names, kind, progress=progress, **kwargs)[0]
-    return STATISTICS[kind](model, batch_pairs, plan.module_names, progress=progress, **kwargs)
+    return statistics_function(kind)(model, batch_pairs, plan.module_names, progress=progress, **kwargs)

@@ -18,7 +18,7 @@ from .distributed import gathered_state, launch_precision
 from .errors import LokuError
 from .fila import export_original_adapter, save_merged
 from .lora import LoraPlan
-from .losses import Method, get_method
+from .methods import Method, get_method
 from .training.checkpoints import NAME as CHECKPOINT, Checkpoints, check_resumable
 from .training.loop import EpochCallback, RunLog, train_loop
 from .training.setup import (FrozenReference, TrainSettings, frozen_copy, model_to_train, prepare_optimizer,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import io
+from ..config_base import Config
 from ..errors import LokuError
 from .conventions import get_convention
 from .data import METRIC_FILES, METRICS, MuseData, check_corpus, check_metrics, load_muse
@@ -33,7 +34,7 @@ def _help(text: str, **kw) -> dict:
 
 
 @dataclass
-class MuseScoring:
+class MuseScoring(Config):
     """What MUSE measures and how; shared by `loku muse eval` and `loku muse unlearn`."""
 
     corpus: str = field(default="news", metadata=_help("MUSE corpus: news or books."))
@@ -45,7 +46,7 @@ class MuseScoring:
     convention: str = field(default="muse_bench", metadata=_help(
         "muse_bench (the MUSE paper's tables) or open-unlearning (OpenUnlearning's MUSE tables): stemmer, "
         "Min-K rounding, AUC_retrain default; see the README."))
-    limit: int | None = field(default=None, metadata=_help("First N items of each evaluation set (None: all)."))
+    limit: int | None = field(default=None, metadata=_help("First N items of each evaluation set (0 or None: all)."))
     batch_size: int = field(default=8, metadata=_help("Prompts or texts per forward pass / generation batch."))
     verbmem_max_new_tokens: int = field(default=128, metadata=_help("Greedy tokens per VerbMem continuation."))
     knowmem_max_new_tokens: int = field(default=32, metadata=_help("Greedy tokens per KnowMem answer."))
@@ -55,6 +56,13 @@ class MuseScoring:
         "from the retrained model's evaluation)."))
 
     def __post_init__(self):
+        if isinstance(self.metrics, str):   # the Python API takes "verbmem_f,privleak" as the flag does
+            self.metrics = [m.strip() for m in self.metrics.split(",") if m.strip()]
+        if self.limit == 0:   # 0 = every item
+            self.limit = None
+        super().__post_init__()
+
+    def check(self):
         check_corpus(self.corpus)
         self.metrics = check_metrics(self.metrics)
         get_convention(self.convention)
@@ -180,7 +188,7 @@ def read_summary(path: str | Path) -> dict:
 
 
 @dataclass
-class MuseEvalConfig:
+class MuseEvalConfig(Config):
     """Options of `loku muse eval`."""
 
     model: str = field(default="", metadata=_help("Hub id, local model folder, .gguf file, or 'smollm2-135m'."))
@@ -191,7 +199,7 @@ class MuseEvalConfig:
     trust_remote_code: bool = field(default=False, metadata=_help("Allow the model's own code from the hub."))
     scoring: MuseScoring = field(default_factory=MuseScoring)
 
-    def __post_init__(self):
+    def check(self):
         if self.resume and self.overwrite:
             raise LokuError("--resume keeps an evaluation and --overwrite deletes it: pass one of them")
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-from rouge_score import rouge_scorer
-
 from ..tofu.generate import greedy_answers
 from .conventions import Convention
 
@@ -35,6 +33,10 @@ def cut_at_stopwords(text: str) -> str:
 
 def rouge_l(truths: list[str], outputs: list[str], use_stemmer: bool) -> list[dict[str, float]]:
     """ROUGE-L F1 and recall of each output against its truth: `scorer.score(target=truth, prediction=output)`."""
+    # rouge_score pulls in nltk (2.4 s of CPU, as much as torch): imported here, not at every `loku` start
+    # (the CLI imports the MUSE config classes to build its flags).
+    from rouge_score import rouge_scorer
+
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
     scores = [scorer.score(t, o)["rougeL"] for t, o in zip(truths, outputs)]
     return [{"rougeL": s.fmeasure, "rougeL_recall": s.recall} for s in scores]

@@ -26,7 +26,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from scipy.stats import mannwhitneyu
 
 from ..data.batches import pad_rows
 from ..errors import LokuError
@@ -50,6 +49,9 @@ def auc(forget_scores, holdout_scores) -> float:
     f, h = np.asarray(forget_scores, float), np.asarray(holdout_scores, float)
     if not len(f) or not len(h):
         raise LokuError("PrivLeak needs at least one forget and one holdout text: check privleak/*.json")
+    # scipy.stats takes ~1 s of CPU to import: here, not at every `loku` start (the CLI imports MUSE's configs).
+    from scipy.stats import mannwhitneyu
+
     return float(mannwhitneyu(f, h).statistic / (len(f) * len(h)))
 
 

@@ -22,6 +22,7 @@ from typing import Callable
 
 from .. import io
 from ..config import UnlearnConfig
+from ..config_base import Config
 from ..distributed import barrier, is_main
 from ..errors import LokuError
 from ..tofu.run import check_model, parse_method
@@ -40,7 +41,7 @@ def _help(text: str) -> dict:
 
 
 @dataclass
-class MuseUnlearnConfig:
+class MuseUnlearnConfig(Config):
     """Options of `loku muse unlearn`; `train` holds the settings every method shares."""
 
     target: str = field(default="", metadata=_help("The target model: muse-bench/MUSE-News_target, a folder."))
@@ -57,12 +58,18 @@ class MuseUnlearnConfig:
     resume: bool = field(default=False, metadata=_help("Continue a run in --out: keep what finished."))
     overwrite: bool = field(default=False, metadata=_help("Replace a non-empty --out folder."))
     trust_remote_code: bool = field(default=False, metadata=_help("Allow the model's own code from the hub."))
-    scoring: MuseScoring = field(default_factory=MuseScoring)
-    train: UnlearnConfig = field(default_factory=lambda: UnlearnConfig(**TRAIN_DEFAULTS))
+    scoring: MuseScoring = field(default_factory=MuseScoring, metadata={
+        "help": "What MUSE measures and how.", "rename": {"batch_size": "eval_batch_size"}})
+    train: UnlearnConfig = field(default_factory=lambda: UnlearnConfig(**TRAIN_DEFAULTS), metadata={
+        "help": "The unlearning settings every method shares.",
+        "hide": ("model", "forget", "retain", "method", "text_column")})
 
     def __post_init__(self):
-        if isinstance(self.methods, str):
+        if isinstance(self.methods, str):   # the Python API takes "ga,npo" as the flag does
             self.methods = [m.strip() for m in self.methods.split(",") if m.strip()]
+        super().__post_init__()
+
+    def check(self):
         if not self.methods:
             raise LokuError("no method given: pass --methods ga,npo,ihl")
         labels = [parse_method(m).label for m in self.methods]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from ..config_base import Config, setting
 from ..errors import LokuError
 from .conventions import get_convention
 from .privleak import privleak
@@ -58,3 +61,16 @@ def markdown_table(rows: dict[str, dict]) -> str:
     lines = ["| model | " + " | ".join(COLUMNS[c] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
     lines += [f"| {label} | " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for label, r in rows.items()]
     return "\n".join(lines)
+
+
+@dataclass
+class MuseAggregateConfig(Config):
+    """Options of `loku muse aggregate`."""
+
+    model_eval: str = setting("", "The model's muse.json (or its folder) from `loku muse eval`.", positional=True)
+    retrain_eval: str = setting("", "The retrained model's muse.json (or its folder).", positional=True)
+    as_json: bool = setting(False, "Print JSON instead of a table.", aliases=("--json",))
+
+    def check(self):
+        if not self.model_eval or not self.retrain_eval:
+            raise LokuError("aggregate needs two evaluations: loku muse aggregate MODEL_EVAL RETRAIN_EVAL")

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..data.qa import TOFU_PROMPT_FORMAT, answer_text, prompt_ids, resolve_format
+from ..config_base import Config, setting
+from ..data.qa import PROMPT_FORMAT_HELP, PROMPT_FORMATS, TOFU_PROMPT_FORMAT, answer_text, prompt_ids, resolve_format
 from ..data.tofu import format_qa, load_split
 from ..distributed import is_main, map_items
 from ..errors import LokuError
@@ -29,6 +30,36 @@ from .scores import sequence_losses
 
 TOFU_MAX_LENGTH = 200  # TOFU's generation.max_length: tokenization cap and prompt + generated tokens
 TOFU_DS_SIZE = 300     # TOFU's ds_size: only the first 300 items of each set are evaluated
+
+
+@dataclass
+class TofuEvalConfig(Config):
+    """Options of `loku tofu eval`."""
+
+    model: str = setting("", "Hub id, local model directory, .gguf file, or 'smollm2-135m'.", group="Model")
+    out: str = setting("", "Folder for the TOFU logs (eval_log*.json, eval_log_aggregated.json).", group="Output")
+    split: str = setting("forget10", "Forget split: forget01, forget05 or forget10.", group="Data")
+    limit: int = setting(TOFU_DS_SIZE, "First N items of each set (TOFU's ds_size); 0 = all.", group="Data",
+                         bound="non-negative")
+    data_dir: str | None = setting(None, "Data folder whose tofu/ holds TOFU's JSON files (see README 'Data').", group="Data",
+                                   default_text="$LOKU_DATA, then the hub dataset locuslab/TOFU")
+    authors: int | None = setting(None, "Evaluate a K-author TOFU (as fine-tuned with --authors K).", group="Data")
+    batch_size: int = setting(8, "Sequences per forward pass / generation batch.", group="Evaluation",
+                              bound="positive")
+    max_new_tokens: int | None = setting(None, "Cap on generated tokens.", group="Evaluation", bound="positive",
+                                         default_text="TOFU's 200 tokens of prompt + answer")
+    prompt_format: str | None = setting(None, PROMPT_FORMAT_HELP, group="Data", choices=PROMPT_FORMATS,
+                                        kind="prompt format",
+                                        default_text="as fine-tuned (tofu_finetune.json beside the model), else "
+                                                     "tofu-phi")
+    overwrite: bool = setting(False, "Replace a non-empty --out folder.", group="Output")
+    trust_remote_code: bool = setting(False, "Run the model repository's own code.", group="Model")
+
+    def check(self):
+        if not self.model:
+            raise LokuError("no model given: pass --model DIR (e.g. loku tofu finetune's OUT/target)")
+        if not self.out:
+            raise LokuError("no output folder given: pass --out DIR")
 
 
 @dataclass(frozen=True)

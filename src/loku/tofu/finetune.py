@@ -17,12 +17,13 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from .. import io
-from ..data.qa import PROMPT_FORMAT_HELP, TOFU_PROMPT_FORMAT, check_prompt_format
+from ..config_base import Config, setting
+from ..data.qa import PROMPT_FORMAT_HELP, PROMPT_FORMATS, TOFU_PROMPT_FORMAT, check_prompt_format
 from ..data.tofu import QA_PER_AUTHOR, load_split, scaled_authors, tokenize_qa
 from ..distributed import barrier, is_main, rank_world
 from ..errors import LokuError
@@ -36,42 +37,39 @@ FORGET_SPLITS = ("forget01", "forget05", "forget10")
 
 
 @dataclass
-class TofuFinetuneConfig:
+class TofuFinetuneConfig(Config):
     """Options of `loku tofu finetune` (same names as its flags)."""
 
-    out: str = ""
-    model: str = "smollm2-135m"     # base model: hub id, local folder, .gguf, or the embedded default
-    data_dir: str | None = field(default=None, metadata={"help": (
-        "Data folder whose tofu/ holds TOFU's JSON files (see README 'Data'); default $LOKU_DATA, then the "
-        "hub dataset locuslab/TOFU.")})
-    split: str = "forget10"         # the forget split the retain model leaves out (retain90 for forget10)
-    authors: int | None = None      # K-author TOFU (K x 20 QA pairs), keeping the forget share
-    qa_per_author: int = QA_PER_AUTHOR  # first Q QA pairs of every author (a further scale-down)
-    prompt_format: str = field(default=TOFU_PROMPT_FORMAT, metadata={
-        "help": PROMPT_FORMAT_HELP + " TOFU's published numbers: tofu-phi (phi-1.5), tofu-llama2 (Llama-2-7b-chat)."})
-    epochs: int = 5
-    lr: float = 1e-5
-    batch_size: int = 4
-    grad_accum: int = 8             # effective batch 4 x 8 = 32, as TOFU
-    weight_decay: float = 0.01
-    warmup_epochs: float = 1.0      # linear warmup over this many epochs' updates
-    max_length: int = 500           # TOFU's fine-tuning max_length
-    seed: int = 0
-    mixed_precision: str | None = None   # None: the launch configuration's, else no
-    overwrite: bool = False
-    trust_remote_code: bool = False
+    out: str = setting("", "New folder for target/, retain/ and tofu_finetune.json.", group="Output")
+    model: str = setting("smollm2-135m", "Base model: hub id, local folder, .gguf, or 'smollm2-135m'.", group="Model")
+    data_dir: str | None = setting(None, "Data folder whose tofu/ holds TOFU's JSON files (see README 'Data').", group="Data",
+                                   default_text="$LOKU_DATA, then the hub dataset locuslab/TOFU")
+    split: str = setting("forget10", "Forget split the retain model leaves out (forget10 -> retain90).",
+                         group="Data")
+    authors: int | None = setting(None, "Keep K authors (20 QA each) with TOFU's forget share, e.g. 20 for "
+                                  "forget10 = 2 forgotten authors.", group="Data", default_text="all 200")
+    qa_per_author: int = setting(QA_PER_AUTHOR, "First Q QA pairs of every author.", group="Data")
+    prompt_format: str = setting(TOFU_PROMPT_FORMAT, PROMPT_FORMAT_HELP + " TOFU's published numbers: tofu-phi "
+                                 "(phi-1.5), tofu-llama2 (Llama-2-7b-chat).", group="Data", choices=PROMPT_FORMATS,
+                                 kind="prompt format")
+    epochs: int = setting(5, "Passes over the data.", group="Training", bound="positive")
+    lr: float = setting(1e-5, "Peak learning rate.", group="Training", bound="positive")
+    batch_size: int = setting(4, "Examples per micro-batch.", group="Training", bound="positive")
+    grad_accum: int = setting(8, "Micro-batches per step: effective batch = batch size x this (TOFU: 32).",
+                              group="Training", bound="positive")
+    weight_decay: float = setting(0.01, "AdamW weight decay.", group="Training", bound="non-negative")
+    warmup_epochs: float = setting(1.0, "Linear warmup, in epochs of updates.", group="Training",
+                                   bound="non-negative")
+    max_length: int = setting(500, "Tokens per example (TOFU's fine-tuning max_length).", group="Data",
+                              bound="positive")
+    seed: int = setting(0, "Seed of the data order.", group="Training")
+    mixed_precision: str | None = setting(None, "no, bf16 or fp16.", group="Training", choices=("no", "bf16", "fp16"),
+                                          default_text="the launch configuration's, else no")
+    overwrite: bool = setting(False, "Replace a non-empty --out folder.", group="Output")
+    trust_remote_code: bool = setting(False, "Run the model repository's own code.", group="Model")
 
-    def __post_init__(self):
+    def check(self):
         check_split(self.split)
-        check_prompt_format(self.prompt_format)
-        for name in ("epochs", "batch_size", "grad_accum", "max_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise LokuError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if not self.lr > 0:
-            raise LokuError(f"--lr must be positive, got {self.lr!r}")
-        if self.warmup_epochs < 0:
-            raise LokuError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs!r}")
         check_qa_per_author(self.qa_per_author)
         if self.authors is not None:
             scaled_authors(self.authors, split_percent(self.split))  # raises naming valid author counts

@@ -20,13 +20,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from .. import io
 from ..config import UnlearnConfig
-from ..data.qa import PROMPT_FORMAT_HELP, check_prompt_format, resolve_format
+from ..config_base import Config, setting
+from ..data.qa import PROMPT_FORMAT_HELP, PROMPT_FORMATS, resolve_format
 from ..data.tofu import QA_PER_AUTHOR, load_split
 from ..distributed import barrier, is_main
 from ..errors import LokuError
@@ -63,34 +64,48 @@ def parse_method(spec: str) -> MethodSpec:
 
 
 @dataclass
-class TofuUnlearnConfig:
+class TofuUnlearnConfig(Config):
     """Options of `loku tofu unlearn`; `train` holds the unlearning settings every method shares."""
 
-    target: str = ""                  # the target model folder (loku tofu finetune's OUT/target) or a hub id
-    out: str = ""
-    methods: list[str] = field(default_factory=lambda: ["ihl"])
-    split: str = "forget10"
-    data_dir: str | None = field(default=None, metadata={"help": (
-        "Data folder whose tofu/ holds TOFU's JSON files (see README 'Data'); default: as fine-tuned, else "
-        "$LOKU_DATA, else the hub dataset locuslab/TOFU.")})
-    authors: int | None = None        # None: as fine-tuned (tofu_finetune.json beside the target), else all 200
-    qa_per_author: int | None = None  # None: as fine-tuned, else 20
-    prompt_format: str | None = field(default=None, metadata={
-        "help": PROMPT_FORMAT_HELP + " Default: as fine-tuned (tofu_finetune.json beside the target), else tofu-phi."})
-    retain_model: str | None = None   # None: retain/ beside the target
-    retain_log: str | None = None     # the retain model's eval_log_aggregated.json instead of evaluating it
-    limit: int | None = TOFU_DS_SIZE  # first items of each evaluation set (TOFU's ds_size); None: all
-    max_new_tokens: int | None = None
-    eval_batch_size: int = 8
-    eval_target: bool = True          # evaluate the target too (epoch 0 of every line)
-    resume: bool = False
-    overwrite: bool = False
-    trust_remote_code: bool = False
-    train: UnlearnConfig = field(default_factory=lambda: UnlearnConfig(**TRAIN_DEFAULTS))
+    target: str = setting("", "Target model folder (loku tofu finetune's OUT/target) or a hub id.", group="Model")
+    out: str = setting("", "New folder for the runs and the report.", group="Output")
+    methods: list[str] = setting(help="Methods, comma-separated; NAME+INIT picks an init for one of them, e.g. "
+                                 "ga,gd,npo,idk,ihl,ihl+fila (see `loku list methods`).", group="Method settings",
+                                 factory=lambda: ["ihl"], aliases=("--method",))
+    split: str = setting("forget10", "Forget split: forget01, forget05 or forget10.", group="Data")
+    data_dir: str | None = setting(None, "Data folder whose tofu/ holds TOFU's JSON files (see README 'Data').", group="Data",
+                                   default_text="as fine-tuned, else $LOKU_DATA, else the hub dataset locuslab/TOFU")
+    authors: int | None = setting(None, "K-author TOFU.", group="Data", default_text="as fine-tuned, else all 200")
+    qa_per_author: int | None = setting(None, "First Q QA pairs per author.", group="Data",
+                                        default_text="as fine-tuned, else 20")
+    prompt_format: str | None = setting(None, PROMPT_FORMAT_HELP, group="Data", choices=PROMPT_FORMATS,
+                                        kind="prompt format",
+                                        default_text="as fine-tuned (tofu_finetune.json beside --target), else "
+                                                     "tofu-phi")
+    retain_model: str | None = setting(None, "Retain model folder.", group="Evaluation",
+                                       default_text="retain/ beside --target")
+    retain_log: str | None = setting(None, "The retain model's eval_log_aggregated.json, instead of evaluating it.",
+                                     group="Evaluation")
+    limit: int | None = setting(TOFU_DS_SIZE, "First N items of each evaluation set (TOFU's ds_size); 0 = all.",
+                                group="Evaluation", bound="non-negative")
+    max_new_tokens: int | None = setting(None, "Cap on generated tokens per answer.", group="Evaluation",
+                                         bound="positive", default_text="TOFU's 200 tokens of prompt + answer")
+    eval_batch_size: int = setting(8, "Sequences per forward pass / generation batch.", group="Evaluation",
+                                   bound="positive")
+    eval_target: bool = setting(True, "Evaluate the target as epoch 0 of every line.", group="Evaluation")
+    resume: bool = setting(False, "Continue a TOFU run in --out: keep what finished.", group="Output")
+    overwrite: bool = setting(False, "Replace a non-empty --out folder.", group="Output")
+    trust_remote_code: bool = setting(False, "Run the model repository's own code.", group="Model")
+    train: UnlearnConfig = setting(help="The unlearning settings every method shares.",
+                                   factory=lambda: UnlearnConfig(**TRAIN_DEFAULTS),
+                                   hide=("model", "forget", "retain", "method", "text_column"))
 
     def __post_init__(self):
-        if isinstance(self.methods, str):
-            self.methods = [m for m in self.methods.split(",") if m.strip()]
+        if isinstance(self.methods, str):   # the Python API takes "ga,gd" as the flag does
+            self.methods = [m.strip() for m in self.methods.split(",") if m.strip()]
+        super().__post_init__()
+
+    def check(self):
         if not self.methods:
             raise LokuError("no method given: pass --method NAME or --methods ga,gd,ihl")
         labels = [parse_method(m).label for m in self.methods]
@@ -98,12 +113,10 @@ class TofuUnlearnConfig:
         if dup:
             raise LokuError(f"method {dup[0]!r} is listed twice: list each method once")
         check_split(self.split)
-        if self.prompt_format is not None:
-            check_prompt_format(self.prompt_format)
         if self.qa_per_author is not None:
             check_qa_per_author(self.qa_per_author)
-        if self.limit is not None and self.limit <= 0:
-            raise LokuError(f"--limit must be positive (or 0 for all items), got {self.limit!r}")
+        if self.limit == 0:   # 0 = every item
+            self.limit = None
         if self.resume and self.overwrite:
             raise LokuError("--resume keeps a run and --overwrite deletes it: pass one of them")
 
@@ -303,7 +316,8 @@ def run_method(spec: MethodSpec, cfg: TofuUnlearnConfig, inputs: TofuInputs, ret
     train = dataclasses.replace(cfg.train, method=spec.method, init=spec.init or cfg.train.init, model=cfg.target,
                                 out=str(run_dir), overwrite=True, trust_remote_code=cfg.trust_remote_code,
                                 prompt_format=inputs.prompt_format)
-    model, tokenizer = load_model(cfg.target, trust_remote_code=cfg.trust_remote_code)
+    model, tokenizer = load_model(cfg.target, trust_remote_code=cfg.trust_remote_code,
+                                  allow_pickle=cfg.train.allow_pickle)
     epochs: list[dict] = []
     eval_seconds = 0.0
 

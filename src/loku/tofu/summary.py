@@ -15,8 +15,11 @@ aggregate script, OpenUnlearning and the leaderboard use the geometric form kept
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from ..config_base import Config, setting
 from ..errors import LokuError
 from .logs import FORGET, LOG_FILES, REAL_AUTHORS, REAL_WORLD, RETAIN, check_same_format
 
@@ -119,3 +122,17 @@ def aggregate(ckpt_log: dict, retain_log: dict) -> dict[str, float]:
     _require(ckpt_log, "checkpoint")
     _require(retain_log, "retain", (FORGET,))
     return {**model_utility(ckpt_log), **forget_quality(ckpt_log, retain_log)}
+
+
+@dataclass
+class AggregateConfig(Config):
+    """Options of `loku tofu aggregate`."""
+
+    ckpt: str = setting("", "The checkpoint's eval_log_aggregated.json (or its folder).", positional=True)
+    retain: str = setting("", "The retain model's eval_log_aggregated.json (or its folder).", positional=True)
+    as_json: bool = setting(False, "Print JSON instead of a table.", aliases=("--json",))
+
+    def check(self):
+        if not self.ckpt or not self.retain:
+            raise LokuError("aggregate needs two logs: loku tofu aggregate CKPT/eval_log_aggregated.json "
+                            "RETAIN/eval_log_aggregated.json")

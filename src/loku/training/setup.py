@@ -11,13 +11,14 @@ import torch
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
+from .. import models
 from ..data.batches import PairedBatches
 from ..data.text import tokenize_examples
 from ..distributed import launched, prepare_reference, start_accelerator
 from ..errors import LokuError
 from ..inits import INITS
 from ..lora import plan_lora
-from ..models import check_max_length, check_tokenizer_fits, ensure_pad_token, load_model
+from ..models import check_max_length, check_tokenizer_fits, ensure_pad_token
 from .step import Objective, forward
 
 
@@ -53,8 +54,8 @@ def model_to_train(cfg, model=None, tokenizer=None, inplace: bool = False):
     """(model, tokenizer): `cfg.model` loaded, or the caller's, checked against each other. The caller's model
     is copied first, so it stays as it was, unless `inplace` (it is then trained and, with FILA, rewritten)."""
     if model is None:
-        model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code,
-                                      allow_pickle=cfg.allow_pickle)
+        model, tokenizer = models.load_model(cfg.model, trust_remote_code=cfg.trust_remote_code,
+                                             allow_pickle=cfg.allow_pickle)
         inplace = True   # nobody else holds it
     elif tokenizer is None:
         raise LokuError("a model object was given without its tokenizer: pass tokenizer= too")

@@ -8,9 +8,10 @@ from typing import Callable
 
 import torch
 
-from .. import losses
+from .. import methods
 from ..errors import LokuError
-from ..losses import IGNORE, LossInputs, cross_entropy
+from ..losses import cross_entropy, unit_counts
+from ..methods import LossInputs
 
 Pair = tuple[dict, "dict | None"]   # (forget or training batch, retain batch)
 
@@ -21,18 +22,19 @@ class Objective:
     need. Unlearning builds it from a method (`for_method`); fine-tuning is plain cross-entropy."""
 
     terms: Callable[[LossInputs], dict[str, torch.Tensor]]
+    units: dict[str, str]              # what each term averages (`loku.losses.unit_counts`)
     needs_retain: bool = False
     needs_reference: bool = False
-    forget_mean_over: str = "tokens"   # what the forget term averages: "tokens" or "sequences"
     ascent: bool = False               # the forget term is -cross-entropy (unbounded): divergence is watched
 
     @classmethod
     def for_method(cls, method, cfg) -> "Objective":
-        return cls(lambda x: losses.method_loss(method, x, cfg), method.needs_retain, method.needs_reference,
-                   method.forget_mean_over, method.ascent)
+        return cls(lambda x: methods.method_loss(method, x, cfg), methods.loss_units(method, cfg),
+                   method.needs_retain, method.needs_reference, method.ascent)
 
 
-FINE_TUNING = Objective(lambda x: {"loss": cross_entropy(x.forget_logits, x.forget_labels)})
+# Fine-tuning's examples take the forget slot: one term, their token mean.
+FINE_TUNING = Objective(lambda x: {"forget": cross_entropy(x.forget_logits, x.forget_labels)}, {"forget": "tokens"})
 
 
 def forward(model, batch: dict) -> torch.Tensor:
@@ -47,21 +49,19 @@ def shard(batch: dict[str, torch.Tensor], rank: int, world: int, device) -> dict
     return {k: v[rows].to(device) for k, v in batch.items()}
 
 
-def step_scales(micro: list[Pair], forget_unit: str, sum_over_processes, world: int,
+def step_scales(micro: list[Pair], units: dict[str, str], sum_over_processes, world: int,
                 accumulation: int) -> list[dict[str, float]]:
     """Per micro-batch and term, the factor that makes an optimizer step the mean over every token (or
-    sequence) it saw, in all its micro-batches and processes, as Hugging Face Trainer's num_items_in_batch:
-    local count x processes x accumulation / the step's count. (accelerate's backward divides each loss by
-    the accumulation steps, DDP averages the processes' gradients.) A short last step of an epoch averages
-    only its own micro-batches."""
-    def count(labels, unit):
-        return 0.0 if labels is None else float(labels.shape[0]) if unit == "sequences" else \
-            float((labels[:, 1:] != IGNORE).sum())
-    local = torch.tensor([[count(f["labels"], forget_unit), count(r and r["labels"], "tokens")] for f, r in micro],
-                         dtype=torch.float64, device=micro[0][0]["labels"].device)            # (micro-batches, 2)
-    total = sum_over_processes(local.sum(0)) if world > 1 else local.sum(0)                  # (2,)
+    sequence, ...) it saw, in all its micro-batches and processes, as Hugging Face Trainer's num_items_in_batch:
+    local count x processes x accumulation / the step's count (`loku.losses.global_mean_scales` with the
+    micro-batches of the step in the sum). accelerate's backward divides each loss by the accumulation steps,
+    DDP averages the processes' gradients. A short last step of an epoch averages only its own micro-batches."""
+    counts = [unit_counts(units, f["labels"], r["labels"] if r is not None else None) for f, r in micro]
+    local = torch.tensor([[c[k] for k in units] for c in counts], dtype=torch.float64,
+                         device=micro[0][0]["labels"].device)                                 # (micro-batches, terms)
+    total = sum_over_processes(local.sum(0)) if world > 1 else local.sum(0)                  # (terms,)
     scale = torch.where(total > 0, local * (world * accumulation) / total, 1.0)
-    return [{"forget": f, "retain": r} for f, r in scale.tolist()]
+    return [dict(zip(units, row)) for row in scale.tolist()]
 
 
 class OptimizerStep:
@@ -79,8 +79,8 @@ class OptimizerStep:
         world, rank, device = acc.num_processes, acc.process_index, acc.device
         micro = [(shard(f, rank, world, device), shard(r, rank, world, device)
                   if r is not None and self.objective.needs_retain else None) for f, r in micro]
-        scales = step_scales(micro, self.objective.forget_mean_over, lambda t: acc.reduce(t, reduction="sum"),
-                             world, acc.gradient_accumulation_steps)
+        scales = step_scales(micro, self.objective.units, lambda t: acc.reduce(t, reduction="sum"), world,
+                             acc.gradient_accumulation_steps)
         totals, tokens = {}, 0
         for i, ((forget, retain), scale) in enumerate(zip(micro, scales)):
             ends_step = i == len(micro) - 1
@@ -110,9 +110,7 @@ class OptimizerStep:
         if self.reference is not None:
             x.ref_forget_logits = self.reference(forget)
             x.ref_retain_logits = self.reference(retain) if retain is not None else None
-        terms = self.objective.terms(x)
-        parts = {k: v for k, v in terms.items() if k != "loss"} or terms   # a one-term objective gives only "loss"
-        parts = {k: v * scale["retain" if k == "retain" else "forget"] for k, v in parts.items()}
+        parts = {k: v * scale[k] for k, v in self.objective.terms(x).items() if k != "loss"}
         return {"loss": sum(parts.values()), **parts}
 
 

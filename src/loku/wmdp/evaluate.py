@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import io
+from ..config_base import Config
 from ..errors import LokuError
 from ..registry import unknown_choice
 from .tasks import PREFIX, TASKS, local_tasks, wmdp_source
@@ -22,7 +23,7 @@ def _help(text: str) -> dict:
 
 
 @dataclass
-class WmdpEvalConfig:
+class WmdpEvalConfig(Config):
     """Options of `loku wmdp eval`."""
 
     model: str = field(default="", metadata=_help("Hub id, local model folder, .gguf file, or 'smollm2-135m'."))
@@ -32,15 +33,21 @@ class WmdpEvalConfig:
         "Comma-separated: wmdp_bio, wmdp_cyber, wmdp_chem, mmlu."))
     data: str | None = field(default=None, metadata=_help(
         "Folder holding wmdp/ and mmlu/ (snapshots of cais/wmdp, cais/mmlu); default $LOKU_DATA, else the hub."))
-    limit: int | None = field(default=None, metadata=_help("First N questions of each task (MMLU: each subject)."))
+    limit: int | None = field(default=None, metadata=_help("First N questions of each task (MMLU: each subject); "
+                                                            "0 or None: all."))
     batch_size: int = field(default=8, metadata=_help("Sequences per forward pass."))
     num_fewshot: int = field(default=0, metadata=_help("Few-shot examples (MMLU only; WMDP is zero-shot)."))
     overwrite: bool = field(default=False, metadata=_help("Replace a non-empty --out folder."))
     trust_remote_code: bool = field(default=False, metadata=_help("Allow the model's own code from the hub."))
 
     def __post_init__(self):
-        if isinstance(self.tasks, str):
+        if isinstance(self.tasks, str):   # the Python API takes "wmdp_bio,mmlu" as the flag does
             self.tasks = [t.strip() for t in self.tasks.split(",") if t.strip()]
+        if self.limit == 0:   # 0 = every question
+            self.limit = None
+        super().__post_init__()
+
+    def check(self):
         if not self.tasks:
             raise LokuError(f"no task given: pass --tasks with some of {', '.join(TASKS)}")
         for t in self.tasks:
