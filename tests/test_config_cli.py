@@ -35,13 +35,18 @@ COMMANDS = {
     ("muse", "aggregate"): ["model.json", "retrain.json"],
     ("muse", "unlearn"): [],
     ("wmdp", "eval"): [],
+    ("audit",): ["--model", "m", "--forget", "f.csv", "--unseen", "u.csv", "--out", "o"],
 }
 # Values a field's own checks accept (the generic choice below would not): field -> (flag text, value)
 SPECIAL = {"method": ("npo", "npo"), "methods": ("ga,npo", ["ga", "npo"]), "init": ("vila", "vila"),
            "split": ("forget05", "forget05"), "qa_per_author": ("7", 7), "authors": ("20", 20),
            "corpus": ("books", "books"), "convention": ("open-unlearning", "open-unlearning"),
            "metrics": ("verbmem_f,privleak", ["verbmem_f", "privleak"]), "min_k": ("0.2", 0.2),
-           "tasks": ("wmdp_bio,mmlu", ["wmdp_bio", "mmlu"])}
+           "tasks": ("wmdp_bio,mmlu", ["wmdp_bio", "mmlu"]),
+           "attacks": ("quantize,relearn", ["quantize", "relearn"]), "quantizers": ("int4,nf4", ["int4", "nf4"]),
+           "quantize_modes": ("merged", ["merged"]), "relearn_steps": ("0,5", [0, 5]),
+           "paraphrase_kinds": ("case", ["case"]), "k": ("0.2", 0.2), "relearn_fraction": ("0.3", 0.3),
+           "prefix_fraction": ("0.3", 0.3), "perturb_rate": ("0.3", 0.3), "confidence": ("0.9", 0.9)}
 # Options another field needs to be valid alongside: field -> extra flags
 COMPANIONS = {("tdec", "run"): {"grad_accum": ["--no-full-batch"]}}
 
