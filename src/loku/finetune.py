@@ -14,6 +14,7 @@ from .data.batches import PairedBatches
 from .distributed import barrier, gathered_state, is_main
 from .training.loop import RunLog, train_loop
 from .training.setup import TrainSettings, prepare_optimizer, start
+from .methods import MethodRun
 from .training.step import FINE_TUNING, OptimizerStep
 
 
@@ -34,7 +35,8 @@ def finetune(model, features: list[dict], pad_id: int, *, epochs: int = 5, lr: f
     batches = PairedBatches(features, None, batch_size * accelerator.num_processes, pad_id, seed)
     steps = batches.steps_per_epoch(grad_accum)
     prepared, optimizer, scheduler = prepare_optimizer(accelerator, model, settings, steps)
-    step = OptimizerStep(accelerator, prepared, optimizer, scheduler, FINE_TUNING, max_grad_norm=max_grad_norm)
+    step = OptimizerStep(accelerator, prepared, optimizer, scheduler, MethodRun(FINE_TUNING, None),
+                         max_grad_norm=max_grad_norm)
     with RunLog(description, steps * epochs, show=progress and accelerator.is_main_process) as log:
         at = train_loop(step, batches, settings, log, [callback] if callback else [])
     state = gathered_state(accelerator, prepared) if out_dir is not None and engine else None   # collective

@@ -18,12 +18,13 @@ from .distributed import gathered_state, launch_precision
 from .errors import LokuError
 from .fila import export_original_adapter, save_merged
 from .lora import LoraPlan
-from .methods import Method, get_method
+from .methods import Method, MethodRun, get_method
+from .models import model_device
 from .training.checkpoints import NAME as CHECKPOINT, Checkpoints, check_resumable
 from .training.loop import EpochCallback, RunLog, train_loop
-from .training.setup import (FrozenReference, TrainSettings, frozen_copy, model_to_train, prepare_optimizer,
-                             prepare_policy, run_batches, start)
-from .training.step import Objective, OptimizerStep
+from .training.setup import (FrozenReference, TrainSettings, frozen_copy, model_to_train, place_model,
+                             prepare_optimizer, prepare_policy, run_batches, start)
+from .training.step import OptimizerStep
 
 
 @dataclass
@@ -60,12 +61,12 @@ def load_data(cfg: UnlearnConfig, method: Method, forget: list | None = None, re
         retain = load_examples(cfg.retain, cfg.text_column)
     if method.needs_retain and not retain:
         raise LokuError(f"method {method.name!r} needs a retain set: pass --retain FILE (or use --method ga)")
-    if method.forget_answers == "idk":
+    if method.forget_answers in ("idk", "idk-pair"):   # idk-pair (dpo): the answer stays, the refusal is preferred
         from .data.idk import refusals as read_refusals
         from .data.idk import with_refusals
 
         answers = refusals or (read_refusals(cfg.refusals) if cfg.refusals else None)
-        forget = with_refusals(forget, seed=cfg.seed, answers=answers)
+        forget = with_refusals(forget, seed=cfg.seed, answers=answers, keep_answer=method.forget_answers == "idk-pair")
     return forget, retain
 
 
@@ -84,31 +85,35 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     forget_ex, retain_ex = load_data(cfg, method, forget, retain, refusals)
     out = check_resumable(cfg) if resume else io.check_out_dir(cfg.out, cfg.overwrite) if cfg.out else None
     model, tokenizer = model_to_train(cfg, model, tokenizer, inplace)
-    settings, objective = TrainSettings.of(cfg), Objective.for_method(method, cfg)
+    settings, run = TrainSettings.of(cfg), MethodRun(method, cfg)
     accelerator, engine = start(settings)   # engine "FSDP" / "DeepSpeed": they place (and shard) the weights
     batches = run_batches(cfg, forget_ex, retain_ex, tokenizer, accelerator.num_processes)
     main = accelerator.is_main_process
-    model, plan, initial_factors = prepare_policy(cfg, model, batches, accelerator, engine, progress and main)
-    frozen = frozen_copy(objective, cfg, model)
-    model, optimizer, scheduler = prepare_optimizer(accelerator, model, settings, batches.steps_per_epoch(cfg.grad_accum))
-    reference = FrozenReference(accelerator, model, frozen) if objective.needs_reference else None
+    model = place_model(cfg, model, accelerator, engine)
+    run.setup(model, tokenizer, forget_ex, retain_ex, model_device(model), accelerator.num_processes)
+    model, plan, initial_factors = prepare_policy(cfg, model, batches, progress and main, run.trainable(),
+                                                  method.adapters)
+    frozen = frozen_copy(method, cfg, model)
+    run.attach(model)
+    steps_per_epoch = batches.steps_per_epoch(cfg.grad_accum)
+    model, optimizer, scheduler = prepare_optimizer(accelerator, model, settings, steps_per_epoch)
+    reference = FrozenReference(accelerator, model, run, frozen) if method.uses_reference(cfg) else None
     kept = f"; the last good checkpoint is kept in {out}/checkpoint" if out is not None else ""
-    step = OptimizerStep(accelerator, model, optimizer, scheduler, objective, reference, cfg.max_grad_norm, kept)
-    checkpoints = Checkpoints(out, accelerator, engine, model, optimizer, scheduler) if out is not None else None
+    step = OptimizerStep(accelerator, model, optimizer, scheduler, run, reference, cfg.max_grad_norm, kept)
+    checkpoints = Checkpoints(out, accelerator, engine, model, optimizer, scheduler, run) if out is not None else None
     at = checkpoints.load() if resume else None
     if out is not None and main and not resume:
         io.start_out_dir(out, cfg.overwrite)
         io.write_text(out / "config.yaml", resolved_config(cfg, plan).to_yaml())
-    total = batches.steps_per_epoch(cfg.grad_accum) * cfg.epochs
-    with RunLog(f"unlearn ({cfg.method})", total, at.step if at else 0, show=progress and main,
+    with RunLog(f"unlearn ({cfg.method})", steps_per_epoch * cfg.epochs, at.step if at else 0, show=progress and main,
                 metrics=out / "metrics.jsonl" if out is not None and main else None,
-                divergence_bound=cfg.divergence_bound if objective.ascent else None) as log:
+                divergence_bound=cfg.divergence_bound if method.ascent else None) as log:
         at = train_loop(step, batches, settings, log, callbacks, checkpoints, at)
-    state = gathered_state(accelerator, model, trainable_only=cfg.lora and not cfg.save_merged) \
+    state = gathered_state(accelerator, model, trainable_only=cfg.lora and not (cfg.save_merged or method.edits_base)) \
         if out is not None and engine else None   # collective: shards gathered to the main process
     model = accelerator.unwrap_model(model).eval()
     if out is not None and main:
-        save_run(cfg, model, tokenizer, out, initial_factors, state)
+        save_run(cfg, run, model, tokenizer, out, initial_factors, state)
     return UnlearnResult(model, tokenizer, at.history, len(at.history), len(at.history) < cfg.epochs, out,
                          time.time() - t_start, log.diverged_at_step)
 
@@ -133,17 +138,21 @@ def resolved_config(cfg, plan: LoraPlan | None):
     return resolved
 
 
-def save_run(cfg, model, tokenizer, out: Path, initial_factors=None, state=None) -> None:
+def save_run(cfg, run: MethodRun, model, tokenizer, out: Path, initial_factors=None, state=None) -> None:
     """Adapter (for the ORIGINAL model), optional merged model, tokenizer; manifest last. `state`: the
-    model's full state dict (gathered from FSDP / DeepSpeed shards), saved in place of its own weights."""
+    model's full state dict (gathered from FSDP / DeepSpeed shards), saved in place of its own weights.
+    `run`: the method's part (t3 writes its head and no model: the model is unchanged; a method that edits the
+    base weights, lmcleaner, always writes the merged model: an adapter alone would miss its correction)."""
     given = {} if state is None else {"state_dict": state}
-    if cfg.lora:
+    method = run.method
+    run.save(model, out)
+    if method.adapters and cfg.lora:
         with io.atomic_dir(out / "adapter") as tmp:
             if initial_factors is not None:
                 export_original_adapter(model, initial_factors, tmp, state_dict=state)
             else:
                 model.save_pretrained(tmp, **given)
-    if cfg.save_merged or not cfg.lora:
+    if method.adapters and (cfg.save_merged or not cfg.lora or method.edits_base):
         with io.atomic_dir(out / "model") as tmp:
             if cfg.lora and state is not None:   # merged from the gathered tensors; the shards stay as they are
                 save_merged(model, tmp, state_dict=state)

@@ -18,9 +18,15 @@ def pad_rows(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[t
 
 
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding is masked out of attention and loss."""
+    """Right-pad to the longest example; padding is masked out of attention and loss. Examples with an
+    alternate answer (DPO) also give "alt_input_ids", "alt_attention_mask", "alt_labels", row for row."""
     ids, mask = pad_rows([f["input_ids"] for f in features], pad_id)
-    return {"input_ids": ids, "attention_mask": mask, "labels": pad_rows([f["labels"] for f in features], -100)[0]}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": pad_rows([f["labels"] for f in features], -100)[0]}
+    if "alt_input_ids" in features[0]:
+        alt_ids, alt_mask = pad_rows([f["alt_input_ids"] for f in features], pad_id)
+        out.update(alt_input_ids=alt_ids, alt_attention_mask=alt_mask,
+                   alt_labels=pad_rows([f["alt_labels"] for f in features], -100)[0])
+    return out
 
 
 class PairedBatches:

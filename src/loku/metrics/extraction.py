@@ -30,6 +30,7 @@ import torch
 
 from ..errors import LokuError
 from ..models import model_device
+from .forward import check_features, per_feature
 
 
 @dataclass
@@ -308,19 +309,18 @@ def extraction_strength_from_logits(logits: torch.Tensor, labels: torch.Tensor) 
     return 1.0 - k_star.double() / mask.sum(-1).double()
 
 
+def memorization_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"es": (B,), "em": (B,)} of one teacher-forced batch."""
+    return {"es": extraction_strength_from_logits(logits, labels), "em": exact_memorization_from_logits(logits, labels)}
+
+
 def teacher_forced_memorization(model, features: list[dict], pad_id: int, *, batch_size: int = 8) -> dict:
     """ES and EM of tokenized features ({"input_ids", "labels"}) from one forward pass per batch:
     {"es": [per feature], "em": [...], "es_mean", "em_mean"}."""
-    from .forward import check_features, teacher_forced
-
     check_features(features)
-    es, em = [0.0] * len(features), [0.0] * len(features)
-    for idx, logits, labels in teacher_forced(model, features, pad_id, batch_size):
-        for i, s, m in zip(idx, extraction_strength_from_logits(logits, labels).tolist(),
-                           exact_memorization_from_logits(logits, labels).tolist()):
-            es[i], em[i] = s, m
+    out = {"es": [], "em": [], **per_feature(model, features, pad_id, memorization_from_logits, batch_size)}
     mean = (lambda v: sum(v) / len(v) if v else float("nan"))
-    return {"es": es, "em": em, "es_mean": mean(es), "em_mean": mean(em)}
+    return {**out, "es_mean": mean(out["es"]), "em_mean": mean(out["em"])}
 
 
 def extraction_strength(model, tokenizer, texts: list, *, max_tokens: int | None = None,

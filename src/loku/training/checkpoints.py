@@ -1,7 +1,8 @@
 """Checkpoints that let a killed run continue exactly where it was.
 
 A checkpoint is a directory written whole (temporary name, then rename): the trainable weights
-(safetensors), optimizer and scheduler states, RNG states, the data position and the epoch history.
+(safetensors), optimizer and scheduler states, RNG states, the data position, the epoch history and what the
+method keeps between steps (`MethodRun.state_dict`: pdu's dual variable, gru's retain-gradient average).
 Everything is loaded back with `torch.load(weights_only=True)`: no pickled code is ever executed.
 Under FSDP the weights and optimizer state are gathered whole to the main process (torch.distributed.
 checkpoint's full state dicts), so a checkpoint is the same file whatever the number of processes.
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from .. import io
 from ..distributed import is_main, requested_engine
 from ..errors import LokuError
+from ..methods import MethodRun
 
 NAME = "checkpoint"
 
@@ -53,8 +55,9 @@ class Checkpoints:
     tensors are gathered to (and taken back from) the main process, which alone writes; under DeepSpeed
     nothing is written."""
 
-    def __init__(self, out: Path, accelerator, engine: str | None, model, optimizer, scheduler):
-        self.out, self.dir, self.engine, self.scheduler = out, out / NAME, engine, scheduler
+    def __init__(self, out: Path, accelerator, engine: str | None, model, optimizer, scheduler, run: MethodRun):
+        self.out, self.dir, self.engine, self.scheduler, self.run = out, out / NAME, engine, scheduler, run
+        self.device = accelerator.device
         self.sharded = engine == "FSDP"   # then the prepared model and the torch optimizer it wraps
         self.model = model if self.sharded else accelerator.unwrap_model(model)
         self.optimizer = optimizer.optimizer if self.sharded else optimizer
@@ -73,20 +76,23 @@ class Checkpoints:
             optim = self.optimizer.state_dict()
         if not is_main():
             return
+        method_values, method_tensors = self.run.state_dict()
         with io.atomic_dir(self.dir) as tmp:
             save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
             torch.save({"optimizer": optim, "scheduler": self.scheduler.state_dict(),
                         "rng_torch": torch.get_rng_state(), "rng_numpy": _numpy_rng(),
-                        "rng_python": [random.getstate()[0], torch.tensor(random.getstate()[1])]},
-                       tmp / "training_state.pt")
-            (tmp / "state.json").write_text(json.dumps(asdict(at), default=float))
+                        "rng_python": [random.getstate()[0], torch.tensor(random.getstate()[1])],
+                        "method": method_tensors}, tmp / "training_state.pt")
+            (tmp / "state.json").write_text(json.dumps({**asdict(at), "method": method_values}, default=float))
 
     def load(self) -> Position:
-        """Restore weights, optimizer, scheduler and RNG in place; drop the metrics lines written after."""
+        """Restore weights, optimizer, scheduler, RNG and the method's state in place; drop the metrics lines
+        written after."""
         try:
             weights = load_file(str(self.dir / "trainable.safetensors"))
             training = torch.load(self.dir / "training_state.pt", weights_only=True)
-            at = Position(**json.loads((self.dir / "state.json").read_text()))
+            state = json.loads((self.dir / "state.json").read_text())
+            method_values, at = state.pop("method", {}), Position(**state)
         except Exception as e:   # SafetensorError, RuntimeError/UnpicklingError from torch, OSError, JSON
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LokuError(f"checkpoint in {self.dir} is damaged ({why}): it cannot be resumed; delete "
@@ -98,6 +104,7 @@ class Checkpoints:
         np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
         rng = training["rng_python"]
         random.setstate((int(rng[0]), tuple(int(x) for x in rng[1].tolist()), None))
+        self.run.load_state_dict(method_values, training.get("method", {}), self.device)
         if is_main():
             _truncate_metrics(self.out / "metrics.jsonl", at.step, len(at.history))
         return at

@@ -44,6 +44,7 @@ def train_loop(step: OptimizerStep, batches: PairedBatches, settings: TrainSetti
             if checkpoints and settings.save_every and at.step % settings.save_every == 0 \
                     and at.next_batch < len(batches):
                 checkpoints.save(at)
+        step.epoch_end(epoch, batches)
         seconds = max(time.time() - started, 1e-9)
         record = {"kind": "epoch", "epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in at.sums.items()},
                   "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}

@@ -18,8 +18,9 @@ from ..distributed import launched, prepare_reference, start_accelerator
 from ..errors import LokuError
 from ..inits import INITS
 from ..lora import plan_lora
+from ..methods import MethodRun, set_trainable
 from ..models import check_max_length, check_tokenizer_fits, ensure_pad_token
-from .step import Objective, forward
+from .step import forward
 
 
 @dataclass
@@ -75,50 +76,59 @@ def run_batches(cfg, forget: list[dict], retain: list[dict] | None, tokenizer, w
                          (cfg.retain_batch_size or cfg.batch_size) * world)
 
 
-def prepare_policy(cfg, model, batches: PairedBatches, accelerator, engine, progress: bool):
-    """(model to train, LoraPlan or None, starting factors or None): full fine-tuning, or LoRA planned once
-    and started by the chosen initialisation (loku.inits)."""
+def place_model(cfg, model, accelerator, engine):
+    """The model on the accelerator (and without a generation cache), unless an engine will place it: FSDP
+    and DeepSpeed shard from the CPU copy. A Fisher pass runs on the accelerator, not on the CPU the weights
+    loaded to: under an engine that is one whole copy per GPU until it shards (README: or take the statistics
+    first)."""
     model.config.use_cache = False
-    init = INITS[cfg.resolved_init] if cfg.lora else None
-    # A Fisher pass runs on the accelerator, not on the CPU the weights loaded to. Under FSDP / DeepSpeed that is
-    # one whole copy per GPU until the engine shards it, as under DDP (README: or take the statistics first).
-    if engine is None or (init is not None and init.needs_batches):
-        model.to(accelerator.device)
-    if init is None:
-        return model.requires_grad_(True), None, None
-    plan = plan_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.alpha)
+    return model.to(accelerator.device) if engine is None or (cfg.lora and INITS[cfg.resolved_init].needs_batches) \
+        else model
+
+
+def prepare_policy(cfg, model, batches: PairedBatches, progress: bool, only: list[str] | None = None,
+                   adapters: bool = True):
+    """(model to train, LoraPlan or None, starting factors or None): full fine-tuning, or LoRA planned once
+    and started by the chosen initialisation (loku.inits). `only`: the modules a method trains alone (full
+    fine-tuning of just those; the LoRA targets unless cfg.lora_targets); `adapters` False: no LoRA (t3)."""
+    if not (cfg.lora and adapters):
+        return (model.requires_grad_(True) if only is None else set_trainable(model, only)), None, None
+    init = INITS[cfg.resolved_init]
+    plan = plan_lora(model, cfg.lora_targets or only, cfg.lora_rank, cfg.alpha)
     pairs = list(batches.epoch(0)) if init.needs_batches else None
     model, initial = init.start(model, plan, pairs, cfg, progress)
     return model, plan, initial
 
 
-def frozen_copy(objective: Objective, cfg, model):
-    """A frozen copy of the start model for methods that compare against it (KL, NPO), taken after the
-    initialisation, so at step 0 it computes what the policy computes. Plain LoRA needs none: the policy with
-    its adapters switched off is the start model. Full fine-tuning moves the weights, FILA rewrites them."""
-    if not objective.needs_reference or (cfg.lora and not INITS[cfg.resolved_init].rewrites_base):
+def frozen_copy(method, cfg, model):
+    """A frozen copy of the start model for methods that compare against it (KL, NPO, ...), taken after the
+    method's set-up and the initialisation, so at step 0 it computes what the policy computes. Plain LoRA needs
+    none: the policy with its adapters switched off is the start model. Full fine-tuning moves the weights,
+    FILA rewrites them."""
+    if not method.uses_reference(cfg) or (cfg.lora and method.adapters and not INITS[cfg.resolved_init].rewrites_base):
         return None
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 class FrozenReference:
-    """Logits of the frozen start model, under the autocast the policy runs under and in eval mode (no dropout):
-    at step 0 they equal the policy's exactly. `frozen` (`frozen_copy`) is laid out by the engine in use
-    (sharded under FSDP and ZeRO-3); without it, the prepared policy with its adapters switched off."""
+    """(logits, tapped hidden states) of the frozen start model, under the autocast the policy runs under and in
+    eval mode (no dropout): at step 0 they equal the policy's exactly. `frozen` (`frozen_copy`) is laid out by
+    the engine in use (sharded under FSDP and ZeRO-3); without it, the prepared policy with its adapters off."""
 
-    def __init__(self, accelerator, policy, frozen=None):
-        self.accelerator, self.policy = accelerator, accelerator.unwrap_model(policy)
+    def __init__(self, accelerator, policy, run: MethodRun, frozen=None):
+        self.accelerator, self.policy, self.run = accelerator, accelerator.unwrap_model(policy), run
         self.copy = prepare_reference(accelerator, frozen) if frozen is not None else None
 
     @torch.no_grad()
-    def __call__(self, batch: dict) -> torch.Tensor:
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, dict]:
         with self.accelerator.autocast():
             if self.copy is not None:
-                return forward(self.copy, batch)
+                with self.run.capture(self.copy) as hidden:
+                    return forward(self.copy, batch), hidden
             training = self.policy.training
             try:
-                with self.policy.disable_adapter():
-                    return forward(self.policy.eval(), batch)
+                with self.policy.disable_adapter(), self.run.capture(self.policy) as hidden:
+                    return forward(self.policy.eval(), batch), hidden
             finally:
                 self.policy.train(training)
 

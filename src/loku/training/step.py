@@ -3,42 +3,29 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from .. import methods
 from ..errors import LokuError
 from ..losses import cross_entropy, unit_counts
-from ..methods import LossInputs
+from ..methods import LossInputs, Method, MethodRun
+from ..methods.constrained import mean_retain_loss
 
 Pair = tuple[dict, "dict | None"]   # (forget or training batch, retain batch)
 
-
-@dataclass(frozen=True)
-class Objective:
-    """What the loop minimises on a micro-batch's outputs: loss terms (each a mean) plus "loss", and what they
-    need. Unlearning builds it from a method (`for_method`); fine-tuning is plain cross-entropy."""
-
-    terms: Callable[[LossInputs], dict[str, torch.Tensor]]
-    units: dict[str, str]              # what each term averages (`loku.losses.unit_counts`)
-    needs_retain: bool = False
-    needs_reference: bool = False
-    ascent: bool = False               # the forget term is -cross-entropy (unbounded): divergence is watched
-
-    @classmethod
-    def for_method(cls, method, cfg) -> "Objective":
-        return cls(lambda x: methods.method_loss(method, x, cfg), methods.loss_units(method, cfg),
-                   method.needs_retain, method.needs_reference, method.ascent)
-
-
-# Fine-tuning's examples take the forget slot: one term, their token mean.
-FINE_TUNING = Objective(lambda x: {"forget": cross_entropy(x.forget_logits, x.forget_labels)}, {"forget": "tokens"})
+# Fine-tuning is a method of one term: cross-entropy on its examples, which take the forget slot.
+FINE_TUNING = Method("fine-tune", lambda x, s: {"forget": cross_entropy(x.forget_logits, x.forget_labels)},
+                     "cross-entropy on the training examples")
 
 
 def forward(model, batch: dict) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+
+
+def alternates(batch: dict) -> dict | None:
+    """DPO's preferred answers, row for row with the forget batch (None for other methods)."""
+    return {k[4:]: v for k, v in batch.items() if k.startswith("alt_")} if "alt_input_ids" in batch else None
 
 
 def shard(batch: dict[str, torch.Tensor], rank: int, world: int, device) -> dict[str, torch.Tensor]:
@@ -49,7 +36,7 @@ def shard(batch: dict[str, torch.Tensor], rank: int, world: int, device) -> dict
     return {k: v[rows].to(device) for k, v in batch.items()}
 
 
-def step_scales(micro: list[Pair], units: dict[str, str], sum_over_processes, world: int,
+def step_scales(micro: list[Pair], units: dict, sum_over_processes, world: int,
                 accumulation: int) -> list[dict[str, float]]:
     """Per micro-batch and term, the factor that makes an optimizer step the mean over every token (or
     sequence, ...) it saw, in all its micro-batches and processes, as Hugging Face Trainer's num_items_in_batch:
@@ -65,21 +52,24 @@ def step_scales(micro: list[Pair], units: dict[str, str], sum_over_processes, wo
 
 
 class OptimizerStep:
-    """Runs one optimizer step over a list of micro-batches; the last one syncs the gradients and updates."""
+    """Runs one optimizer step over a list of micro-batches; the last one syncs the gradients and updates.
+    What a method needs beyond logits (hidden states, its own backward, ...) goes through its `MethodRun`."""
 
-    def __init__(self, accelerator, model, optimizer, scheduler, objective: Objective, reference=None,
+    def __init__(self, accelerator, model, optimizer, scheduler, run: MethodRun, reference=None,
                  max_grad_norm: float = 1.0, kept: str = ""):
         self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
-        self.objective, self.reference, self.max_grad_norm, self.kept = objective, reference, max_grad_norm, kept
+        self.run, self.reference, self.max_grad_norm, self.kept = run, reference, max_grad_norm, kept
+        self.units = methods.loss_units(run.method, run.cfg)
         self.params = [p for p in model.parameters() if p.requires_grad]   # after prepare: FSDP2 replaced them
+        self.unwrapped = accelerator.unwrap_model(model)
 
     def __call__(self, micro: list[Pair], epoch: int, step: int) -> tuple[dict[str, float], int]:
         """(the step's loss terms, mean over processes; the tokens this process saw)."""
         acc = self.accelerator
         world, rank, device = acc.num_processes, acc.process_index, acc.device
         micro = [(shard(f, rank, world, device), shard(r, rank, world, device)
-                  if r is not None and self.objective.needs_retain else None) for f, r in micro]
-        scales = step_scales(micro, self.objective.units, lambda t: acc.reduce(t, reduction="sum"), world,
+                  if r is not None and self.run.method.needs_retain else None) for f, r in micro]
+        scales = step_scales(micro, self.units, lambda t: acc.reduce(t, reduction="sum"), world,
                              acc.gradient_accumulation_steps)
         totals, tokens = {}, 0
         for i, ((forget, retain), scale) in enumerate(zip(micro, scales)):
@@ -88,7 +78,7 @@ class OptimizerStep:
             with contextlib.nullcontext() if ends_step else acc.no_sync(self.model):
                 terms = self._terms(forget, retain, scale)
                 _check_finite(terms, epoch, step, self.kept)
-                acc.backward(terms["loss"])
+                self.run.backward(terms, acc.backward, self.params, ends_step)
             totals = {k: totals.get(k, 0.0) + v.detach() / acc.gradient_accumulation_steps for k, v in terms.items()}
             tokens += sum(int(b["attention_mask"].sum()) for b in (forget, retain) if b is not None)
         if self.max_grad_norm > 0:
@@ -104,14 +94,31 @@ class OptimizerStep:
         return {k: float(v) for k, v in totals.items()}, tokens
 
     def _terms(self, forget: dict, retain: dict | None, scale: dict[str, float]) -> dict[str, torch.Tensor]:
-        x = LossInputs(forward(self.model, forget), forget["labels"])
+        run, alt = self.run, alternates(forget)
+        run.prestep(self.unwrapped, retain)
+        with run.capture(self.unwrapped) as hidden:
+            x = LossInputs(forward(self.model, forget), forget["labels"], state=run.state,
+                           forget_attention=forget["attention_mask"], forget_hidden=hidden)
+        if alt is not None:
+            x.alt_logits, x.alt_labels = forward(self.model, alt), alt["labels"]
         if retain is not None:
-            x.retain_logits, x.retain_labels = forward(self.model, retain), retain["labels"]
+            with run.capture(self.unwrapped) as hidden:
+                x.retain_logits, x.retain_labels = forward(self.model, retain), retain["labels"]
+            x.retain_attention, x.retain_hidden = retain["attention_mask"], hidden
         if self.reference is not None:
-            x.ref_forget_logits = self.reference(forget)
-            x.ref_retain_logits = self.reference(retain) if retain is not None else None
-        parts = {k: v * scale[k] for k, v in self.objective.terms(x).items() if k != "loss"}
+            x.ref_forget_logits, x.ref_forget_hidden = self.reference(forget)
+            if retain is not None:
+                x.ref_retain_logits, x.ref_retain_hidden = self.reference(retain)
+            if alt is not None:
+                x.ref_alt_logits = self.reference(alt)[0]
+        terms = methods.method_loss(run.method, x, run.cfg)
+        parts = {k: v * scale.get(k, 1.0) for k, v in terms.items() if k != "loss"}   # sibl's penalty: unscaled
         return {"loss": sum(parts.values()), **parts}
+
+    def epoch_end(self, epoch: int, batches) -> None:
+        """The method's end of `epoch` (pdu's dual update from the mean retain loss over the epoch's batches)."""
+        device = self.accelerator.device
+        self.run.epoch_end(epoch + 1, lambda: mean_retain_loss(self.unwrapped, batches.epoch(epoch), device))
 
 
 def _check_finite(terms: dict[str, torch.Tensor], epoch: int, step: int, kept: str) -> None:
