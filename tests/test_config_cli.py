@@ -241,7 +241,7 @@ def test_help_groups_the_options(capsys):
     code, out, _ = run_cli(["unlearn", "--help"], capsys)
     assert code == 0
     panels = [line.strip("╭─ ").split(" ─")[0] for line in out.splitlines() if line.startswith("╭─")]
-    assert panels[1:] == ["Data", "Model", "LoRA", "Training", "Method settings", "Output"], panels
+    assert panels[1:] == ["Data", "Model", "LoRA", "Training", "Method settings", "Output", "Stop rule"], panels
     code, out, _ = run_cli(["tdec", "run", "--help"], capsys)
     assert "--grad-accum" in out and "--full-batch" in out and "--simnpo-margin" in out
 

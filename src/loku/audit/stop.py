@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from ..errors import LokuError
@@ -130,6 +131,12 @@ class StopAtNeverSeen:
                 "unseen": self.unseen.describe(), "forget": self.forget.describe(), "before": self.before,
                 "epochs_to_forget": first, "forgotten": first is not None, "epochs_run": len(history),
                 "final": lines[-1] if lines else None, "epochs": lines}
+
+    def save(self, out, history: list[dict]) -> None:
+        """The summary as `out`/until_forgotten.json."""
+        from ..io import write_json
+
+        write_json(Path(out) / FILE, self.summary(history))
 
     def rule(self) -> str:
         names = " and ".join(_key(m, self.st.n).upper() for m in self.metrics)
