@@ -398,6 +398,10 @@ def until_auc_margin_over_half(b):
                   "--until-auc-margin", "0.7")
 
 
+def unseen_too_short_for_el10(b):   # checked once the model's tokenizer is loaded: still nothing written
+    return b.args("--until", "forgotten", "--unseen", b.file("unseen.csv", "text\nHi.\n"))
+
+
 UNTIL_CASES = {
     "until_without_unseen": (until_without_unseen, "pass --unseen FILE"),
     "unseen_empty": (unseen_empty, "holds no examples: add at least one row"),
@@ -475,6 +479,7 @@ CASES = {
     "lmcleaner_trajectory_incomplete": (lmcleaner_trajectory_incomplete, "has no examples.jsonl"),
     "t3_with_fila": (t3_with_fila, "--init fila has nothing to initialise: drop --init"),
     **UNTIL_CASES,
+    "unseen_too_short_for_el10": (unseen_too_short_for_el10, "row 1 has"),
 }
 
 

@@ -57,24 +57,64 @@ def test_run_stops_at_the_first_epoch_below_the_never_seen_level(memorized, sets
     model, tok, *_ = memorized
     out = tmp_path / "run"
     cfg = _cfg(sets, out=str(out))
-    res = unlearn(cfg, copy.deepcopy(model), tok, progress=False)
+    forget = tokenize_sequences(sets["a"], tok, max_tokens=MAX_TOKENS)
+    measured = []   # each epoch's MA and EL10 of the forget set, measured independently of the rule
+
+    def measure(epoch, m):
+        got = memorization_metrics(m, torch.tensor(forget.ids), 10)
+        measured.append({"epoch": epoch, "ma": got["ma"].mean().item(), "el10": got["el"].mean().item()})
+
+    res = unlearn(cfg, copy.deepcopy(model), tok, callbacks=[measure], progress=False)
     assert res.stopped_early and 1 < res.epochs_run < cfg.epochs
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [x for x in lines if x["kind"] == "epoch"]
-    assert [e["forgotten"] for e in epochs] == [False] * (len(epochs) - 1) + [True]
-    below = [e["ma"] < e["ma_unseen"] and (e["el10"] < e["el10_unseen"] or e["el10"] == e["el10_unseen"] == 0)
-             for e in epochs]
-    assert below == [e["forgotten"] for e in epochs]   # the verdict is the TDEC rule on the logged values
-    # the logged values are the returned model's, measured independently
-    forget = tokenize_sequences(sets["a"], tok, max_tokens=MAX_TOKENS)
-    m = memorization_metrics(res.model.eval(), torch.tensor(forget.ids), 10)
-    assert epochs[-1]["ma"] == pytest.approx(m["ma"].mean().item(), abs=1e-6)
-    assert epochs[-1]["el10"] == pytest.approx(m["el"].mean().item(), abs=1e-6)
+    assert [e["epoch"] for e in epochs] == [m["epoch"] for m in measured] == list(range(1, res.epochs_run + 1))
+    th = compute_thresholds(model, tokenize_sequences(sets["b"], tok, max_tokens=MAX_TOKENS))["thresholds"]
+    for e, m in zip(epochs, measured):   # the logged values are the epoch's model's, and the level is constant
+        assert e["ma"] == pytest.approx(m["ma"], abs=1e-6) and e["el10"] == pytest.approx(m["el10"], abs=1e-6)
+        assert e["ma_unseen"] == pytest.approx(th.ma) and e["el10_unseen"] == pytest.approx(th.el)
+    holds = [th.forgotten(el=m["el10"], ma=m["ma"]) for m in measured]   # TDEC's own check on the measured values
+    assert holds == [e["forgotten"] for e in epochs] == [False] * (len(epochs) - 1) + [True]   # stops at the first
+    final = memorization_metrics(res.model.eval(), torch.tensor(forget.ids), 10)   # the returned model is the last
+    assert epochs[-1]["ma"] == pytest.approx(final["ma"].mean().item(), abs=1e-6)
     summary = json.loads((out / "until_forgotten.json").read_text())
     assert summary["epochs_to_forget"] == res.epochs_run and summary["forgotten"]
     assert summary["level"] == {"ma": epochs[0]["ma_unseen"], "el10": epochs[0]["el10_unseen"]}
     assert summary["before"]["ma"] > summary["level"]["ma"] and len(summary["epochs"]) == res.epochs_run
     assert "until_forgotten.json" in json.loads((out / "manifest.json").read_text())["files"]
+
+
+def test_auc_margin_delays_the_stop_until_membership_inference_fails(memorized, sets, tmp_path):
+    """Gradient ascent brings MA and EL10 under the never-seen level while every attack still tells the forget set
+    from the unseen one (AUC near 1); with a margin the run goes on until the strongest attack's AUC is within it
+    (and stops before it overshoots below 0.5 - the margin)."""
+    model, tok, *_ = memorized
+    plain = unlearn(_cfg(sets, epochs=12), copy.deepcopy(model), tok, progress=False)
+    out = tmp_path / "auc"
+    res = unlearn(_cfg(sets, epochs=12, until_auc_margin=0.2, out=str(out)), copy.deepcopy(model), tok,
+                  progress=False)
+    epochs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [e for e in epochs if e["kind"] == "epoch"]
+    assert res.stopped_early and res.epochs_run > plain.epochs_run
+    for e in epochs:
+        aucs = {a: e[f"auc_{a}"] for a in AUC_ATTACKS}
+        assert e["auc_attack"] == strongest(aucs) and e["auc"] == aucs[e["auc_attack"]]
+        tdec = below(e["ma"], e["ma_unseen"]) and below(e["el10"], e["el10_unseen"])
+        assert e["forgotten"] == (tdec and all(abs(v - 0.5) <= 0.2 for v in aucs.values()))
+    assert [e["forgotten"] for e in epochs] == [False] * (len(epochs) - 1) + [True]
+    assert abs(epochs[plain.epochs_run - 1]["auc"] - 0.5) > 0.2   # where the plain rule stopped, AUC still gave it away
+    summary = json.loads((out / "until_forgotten.json").read_text())
+    assert summary["epochs_to_forget"] == res.epochs_run and "within 0.2 of 0.5" in summary["rule"]
+
+
+def test_cap_reached_is_reported_not_forgotten(memorized, sets, tmp_path):
+    model, tok, *_ = memorized
+    out = tmp_path / "cap"
+    res = unlearn(_cfg(sets, epochs=1, out=str(out)), copy.deepcopy(model), tok, progress=False)
+    summary = json.loads((out / "until_forgotten.json").read_text())
+    assert not res.stopped_early and res.epochs_run == 1
+    assert summary["forgotten"] is False and summary["epochs_to_forget"] is None
+    assert summary["final"]["forgotten"] is False and summary["final"]["ma"] >= summary["level"]["ma"]
 
 
 def test_cli_reports_the_verdict(memorized, sets, tmp_path, capsys):
