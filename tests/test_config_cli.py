@@ -53,7 +53,7 @@ UNTIL = {"until": {"unseen": "u.csv"}, "unseen": {"until": "forgotten"},   # the
          "until_auc_attack": {"until": "forgotten", "unseen": "u.csv", "until_auc_margin": 0.1}}
 COMPANIONS = {("tdec", "run"): {"grad_accum": {"full_batch": False}},
               ("wmdp", "eval"): {"num_fewshot": {"tasks": ["mmlu"]}},   # WMDP itself is zero-shot only
-              **{cmd: UNTIL for cmd in (("unlearn",), ("fisher",), ("tofu", "unlearn"), ("muse", "unlearn"))}}
+              **{cmd: UNTIL for cmd in (("unlearn",), ("tofu", "unlearn"), ("muse", "unlearn"))}}
 
 
 def companion_flags(command, name) -> list[str]:
