@@ -10,7 +10,8 @@ For each method (from the same memorized model, one learning rate, LoRA rank --r
    forget set's mean MA and EL10 are below the memorized model's on U), at most --max-epochs epochs;
 2. measure the unlearned model (merged) as `loku audit` does (`loku.audit.measure.measure_model`): forget vs
    unseen MA, EL10, ES, EM and the membership AUCs of LOSS, ZLib, Min-K%, Min-K%++;
-3. the same (without EL10, as `loku audit` measures attacked models by default) after INT4 (round-to-nearest, per output channel) and NF4 (bitsandbytes' code book, block 64)
+3. the same (without EL10, as `loku audit` measures attacked models by default) after INT4 (round-to-nearest,
+   per output channel) and NF4 (bitsandbytes' code book, block 64)
    fake quantization of the merged weights (`loku.attacks.quantize_model`);
 4. the same after 10/25/50 relearning steps (`loku.attacks.relearn`: AdamW lr --relearn-lr, batch
    --relearn-batch) on half of the forget set, measured on the whole forget set and on the held-out half;
@@ -254,7 +255,8 @@ def plot(s: Setting, results: dict, steps: list[int], path: Path) -> None:
         ax.set_xticks(range(len(ok)), [r["label"] for r in ok.values()], rotation=30, ha="right", fontsize=8)
         ax.set_title(f"{what}: unlearned, then quantized")
         ax.legend(fontsize=7)
-    for ax, key, what in ((axes[1][0], "ma", "held-out forget MA"), (axes[1][1], "best_auc", "strongest AUC, held-out")):
+    for ax, key, what in ((axes[1][0], "ma", "held-out forget MA"),
+                          (axes[1][1], "best_auc", "strongest AUC, held-out")):
         for r in ok.values():
             ys = [r["unlearned"]["held_out"][key]] + [r["attacks"][f"relearn_{k}"]["held_out"][key]
                                                      for k in steps if k]
@@ -283,8 +285,8 @@ def main() -> None:
     ap.add_argument("--memorize-epochs", type=int, default=30)
     ap.add_argument("--memorize-lr", type=float, default=2e-4)
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--lr", type=float, default=5e-3, help="one learning rate for every LoRA method (at tdec_smollm2.py's "
-                    "1e-3 no LoRA method reaches the never-seen level within 6 epochs)")
+    ap.add_argument("--lr", type=float, default=5e-3, help="one learning rate for every LoRA method (at "
+                    "tdec_smollm2.py's 1e-3 no LoRA method reaches the never-seen level within 6 epochs)")
     ap.add_argument("--full-lr", type=float, default=1e-3, help="learning rate of full fine-tuning (GA full); "
                     "tdec_smollm2.py's 1e-3 already forgets in 2 epochs there")
     ap.add_argument("--rank", type=int, default=8)
