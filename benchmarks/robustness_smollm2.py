@@ -202,6 +202,10 @@ def pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def ppl(x) -> str:
+    return "-" if x is None else f"{x:.1f}" if x < 1e4 else f"{x:.2g}"
+
+
 def cell(p: dict | None, held_out: bool = False) -> str:
     """'MA / AUC' of one measurement (the held-out half's for relearning)."""
     if p is None:
@@ -217,7 +221,7 @@ def table(s: Setting, results: dict, steps: list[int]) -> str:
     o, u = s.original["point"], s.original["point"]["unseen"]
     rows = [["memorized (original)", "-", pct(o["ma"]), pct(o["el"]), pct(o["es"]),
              f"{o['best_auc']:.2f} ({o['best_attack']})", "", ""] + [""] * len(relearn)
-            + [f"{s.original['utility']['wikitext_ppl']:.1f}", f"{s.original['utility']['pile_ppl']:.1f}"],
+            + [ppl(s.original["utility"]["wikitext_ppl"]), ppl(s.original["utility"]["pile_ppl"])],
             ["never-seen level (unseen set)", "-", pct(u["ma"]), pct(u["el"]), pct(u["es"]), "0.50", "", ""]
             + [""] * len(relearn) + ["", ""]]
     for name, r in results.items():
@@ -229,7 +233,7 @@ def table(s: Setting, results: dict, steps: list[int]) -> str:
         rows.append([r["label"], epochs, pct(p["ma"]), pct(p["el"]), pct(p["es"]),
                      f"{p['best_auc']:.2f} ({p['best_attack']})", cell(a.get("int4")), cell(a.get("nf4"))]
                     + [cell(a.get(f"relearn_{k}"), held_out=True) for k in relearn]
-                    + [f"{r['utility']['wikitext_ppl']:.1f}", f"{r['utility']['pile_ppl']:.1f}"])
+                    + [ppl(r["utility"]["wikitext_ppl"]), ppl(r["utility"]["pile_ppl"])])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
@@ -303,6 +307,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=Path("runs/robustness_smollm2"))
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--report-only", action="store_true", help="rewrite the JSON, table and plot from the methods "
+                    "finished in --work; run nothing")
     args = ap.parse_args()
     args.relearn_steps = sorted({int(k) for k in args.relearn_steps.split(",")})
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -314,6 +320,8 @@ def main() -> None:
     s = Setting(args)
     results = {}
     for name in names:
+        if args.report_only and not (args.work / "methods" / f"{name}.json").is_file():
+            continue
         results[name] = run_method(s, name)
         report(s, args, results)   # the table so far, after every method
     say(f"wrote {args.results}")
