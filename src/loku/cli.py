@@ -23,7 +23,10 @@ def unlearn(
     config: Optional[Path] = typer.Option(None, help="YAML config; flags given here override it."),
     model: Optional[str] = typer.Option(None, help="Hub id, local model directory, .gguf file, or 'smollm2-135m'."),
     forget: Optional[str] = typer.Option(None, help="Data to forget: .csv, .jsonl, .json (QA) or .txt."),
-    retain: Optional[str] = typer.Option(None, help="Data to keep (needed by every method but ga)."),
+    retain: Optional[str] = typer.Option(None, help="Data to keep (used by every method but ga; default: "
+                                                     "built-in general text, builtin:wikitext-2)."),
+    allow_overlap: bool = typer.Option(False, "--allow-overlap", help="Train even when forget and retain share "
+                                                                      "examples (refused by default)."),
     method: Optional[str] = typer.Option(None, help="Unlearning method (see `loku list methods`)."),
     out: Optional[str] = typer.Option(None, help="New directory for the adapter, config and metrics."),
     text_column: Optional[str] = typer.Option(None, help="CSV/JSONL column holding the text."),
@@ -65,7 +68,7 @@ def unlearn(
                  seed=seed, mixed_precision=mixed_precision, save_every=save_every)
     base.update({k: v for k, v in flags.items() if v is not None})
     for name, on in dict(save_merged=save_merged, overwrite=overwrite, trust_remote_code=trust_remote_code,
-                         allow_pickle=allow_pickle).items():
+                         allow_pickle=allow_pickle, allow_overlap=allow_overlap).items():
         if on:
             base[name] = True
     if full:

@@ -20,6 +20,9 @@ class UnlearnConfig:
 
     forget: str = ""                     # file of data to forget (.csv/.jsonl/.json/.txt)
     retain: str | None = None            # file of data to keep; needed by every method but ga
+    allow_overlap: bool = field(default=False, metadata={"help": (
+        "Train even when forget and retain share examples (refused by default: the model cannot both forget "
+        "and keep them).")})
     model: str = "smollm2-135m"          # hub id, local directory, .gguf file or embedded name
     out: str = ""                        # new run directory
     method: str = "ihl"
