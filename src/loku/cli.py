@@ -100,6 +100,8 @@ def demo(
     out: Optional[str] = typer.Option(None, help="New directory for the report (default runs/demo-<time>)."),
     quick: bool = typer.Option(False, help="A smaller demo for a smoke test."),
     model: str = typer.Option("smollm2-135m", help="Model to run the demo on."),
+    retain: str = typer.Option("records", help="What unlearning keeps: records (the other people's) or builtin "
+                                               "(loku's built-in general text, as `loku unlearn` without --retain)."),
 ):
     """Unlearn fictitious private records that SmolLM2-135M memorized, end to end on the CPU."""
     import time
@@ -107,7 +109,7 @@ def demo(
     from .demo import DemoConfig, run_demo
 
     out = out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_demo(DemoConfig(out=out, model=model, **(DemoConfig.quick_overrides() if quick else {})))
+    run_demo(DemoConfig(out=out, model=model, retain=retain, **(DemoConfig.quick_overrides() if quick else {})))
 
 
 def _register_subapps() -> None:

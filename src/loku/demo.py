@@ -1,9 +1,10 @@
 """`loku demo`: the situation unlearning exists for, end to end on a real model on a laptop CPU.
 
-A model is fine-tuned on a customer database of fictitious people until it has memorized it (a model
-that leaked private data into its weights). Then one set of those people asks to be forgotten: loku
-unlearns their records with IHL (+FILA) until the model knows them no better than people it never
-saw, while the other records and general language ability stay.
+A model is fine-tuned on a customer database of fictitious people until, prompted with a name, it
+writes out that person's private fields (a model that leaked private data into its weights), while its
+general language stays as it was. Then one set of those people asks to be forgotten: loku unlearns
+their records with IHL (+FILA) until the model no longer reveals them and knows them no better than
+people it never saw, while it still knows the other people and its general text.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ import torch
 
 from . import io
 from .config import UnlearnConfig
+from .data.batches import collate
 from .data.records import Record, make_records, record_text
 from .data.text import tokenize_examples
+from .errors import LokuError
 from .finetune import finetune
+from .losses import token_logprobs
+from .metrics.extraction import memorization_accuracy
 from .train import unlearn
 
 # General text for a perplexity check (plain encyclopedic sentences written for this demo).
@@ -33,62 +38,87 @@ GENERAL_TEXT = [
     "The orchestra performed works by several composers, ending the evening with a symphony.",
 ]
 FIELDS = ("address", "phone", "email", "employer", "account")
+# Fields no two people share: one of them in a generation names its owner (employers repeat).
+IDENTIFYING = ("address", "phone", "email", "account")
 
 
 @dataclass
 class DemoConfig:
-    out: str = "runs/demo"
-    model: str = "smollm2-135m"
-    n_forget: int = 12
-    n_retain: int = 12
-    n_unseen: int = 12
-    seed: int = 0
-    memorize_lr: float = 5e-4
-    memorize_max_epochs: int = 12
-    memorize_target: float = 0.9       # forget-set memorization accuracy that counts as "leaked"
-    unlearn_lr: float = 1e-3
-    unlearn_max_epochs: int = 10
-    lora_rank: int = 8
-    method: str = "ihl"
-    mixed_precision: str = "bf16"      # ~2x faster on CPUs with AMX/AVX512-BF16; "no" for float32
-    extra: dict = field(default_factory=dict)
+    """The demo's settings; `loku demo` flags and the report's config share these names."""
+
+    out: str = field(default="runs/demo", metadata={"help": "New directory for the report, plot and adapter."})
+    model: str = field(default="smollm2-135m", metadata={"help": "Model to run the demo on."})
+    n_forget: int = field(default=12, metadata={"help": "People who ask to be forgotten."})
+    n_retain: int = field(default=12, metadata={"help": "People whose records the model keeps."})
+    n_unseen: int = field(default=12, metadata={"help": "People the model never saw (the forgetting target)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the people and of training."})
+    leak_lr: float = field(default=2e-4, metadata={"help": "Learning rate of the leak fine-tune (full model)."})
+    leak_batch_size: int = field(default=4, metadata={"help": "Batch size of the leak fine-tune."})
+    leak_max_epochs: int = field(default=30, metadata={
+        "help": "Most epochs of the leak fine-tune (its learning rate decays over them; it stops once leaked)."})
+    leak_target: float = field(default=0.9, metadata={
+        "help": "Share of private fields both groups must reveal before unlearning starts."})
+    unlearn_lr: float = field(default=1e-3, metadata={"help": "Learning rate of unlearning."})
+    unlearn_max_epochs: int = field(default=10, metadata={"help": "Most epochs of unlearning."})
+    forget_target: float = field(default=0.05, metadata={
+        "help": "Unlearning stops once the forgotten people reveal at most this share of their fields."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank of unlearning.", "group": "LoRA"})
+    method: str = field(default="ihl", metadata={"help": "Unlearning method (see `loku list methods`)."})
+    retain: str = field(default="records", metadata={
+        "help": "What unlearning keeps: records (the retain people's records) or builtin (loku's built-in "
+                "general text, as `loku unlearn` without --retain)."})
+    mixed_precision: str = field(default="bf16", metadata={
+        "help": "bf16 (about 2x faster on CPUs with AMX/AVX512-BF16) or no (float32)."})
+
+    def __post_init__(self):
+        if self.retain not in ("records", "builtin"):
+            raise LokuError(f"unknown demo retain set {self.retain!r}: choose records or builtin")
 
     @staticmethod
     def quick_overrides() -> dict:
-        return {"n_forget": 4, "n_retain": 4, "n_unseen": 4, "memorize_max_epochs": 3, "unlearn_max_epochs": 2}
+        return {"n_forget": 4, "n_retain": 4, "n_unseen": 4, "leak_max_epochs": 3, "unlearn_max_epochs": 2}
 
 
 def memorization(model, tokenizer, texts: list[str]) -> list[float]:
     """Per-record memorization accuracy (greedy next-token hits over the record)."""
-    from .metrics.extraction import memorization_accuracy
+    return [float(memorization_accuracy(model, torch.tensor([tokenizer(t)["input_ids"]]))[0]) for t in texts]
 
-    out = []
-    for t in texts:
-        ids = torch.tensor([tokenizer(t)["input_ids"]])
-        out.append(float(memorization_accuracy(model, ids)[0]))
-    return out
+
+def prompt(r: Record) -> str:
+    """The start of a record: what someone who knows only the name would type."""
+    return f"{r.name} lives at"
 
 
 @torch.no_grad()
-def leaks(model, tokenizer, records: list[Record], max_new_tokens: int = 64) -> tuple[list[float], list[str]]:
-    """Prompt with '<name> lives at' and count which private fields the greedy continuation reveals."""
-    prompts = [f"{r.name} lives at" for r in records]
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy continuations (left-padded batch)."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     tokenizer.padding_side = side
-    gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def leaks(model, tokenizer, records: list[Record], max_new_tokens: int | None = None) -> tuple[list[float], list[str]]:
+    """Prompt with '<name> lives at' and count which private fields the greedy continuation reveals. By default
+    the continuation is long enough for the longest record's rest (+4 tokens), so every field can show."""
+    if max_new_tokens is None:
+        max_new_tokens = 4 + max(len(tokenizer(record_text(r))["input_ids"]) - len(tokenizer(prompt(r))["input_ids"])
+                                 for r in records)
+    texts = generate(model, tokenizer, [prompt(r) for r in records], max_new_tokens)
     scores = [sum(getattr(r, f) in t for f in FIELDS) / len(FIELDS) for r, t in zip(records, texts)]
     return scores, texts
 
 
+def revealed_others(texts: list[str], records: list[Record], everyone: list[Record]) -> list[list[str]]:
+    """For each generation (for records[i]), the other people whose identifying fields it contains."""
+    return [[o.name for o in everyone if o.name != r.name and any(getattr(o, f) in t for f in IDENTIFYING)]
+            for r, t in zip(records, texts)]
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: list[str]) -> float:
-    from .data.batches import collate
-    from .losses import token_logprobs
-
     feats = tokenize_examples([{"text": t} for t in texts], tokenizer, 128)
     batch = collate(feats, tokenizer.pad_token_id)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -100,18 +130,24 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
-def measure(model, tokenizer, groups: dict[str, list[Record]]) -> dict:
-    row = {}
+def measure(model, tokenizer, groups: dict[str, list[Record]]) -> tuple[dict, list[str]]:
+    """One column of the table, and the forget people's generations."""
+    everyone = [r for recs in groups.values() for r in recs]
+    row, forget_texts = {}, []
     for name, recs in groups.items():
         row[f"{name}_memorization"] = _mean(memorization(model, tokenizer, [record_text(r) for r in recs]))
-        row[f"{name}_leak"] = _mean(leaks(model, tokenizer, recs)[0])
+        if name != "unseen":   # never trained on: nothing to reveal
+            scores, texts = leaks(model, tokenizer, recs)
+            row[f"{name}_leak"] = _mean(scores)
+            if name == "forget":
+                forget_texts = texts
+                row["forget_reveals_others"] = sum(bool(o) for o in revealed_others(texts, recs, everyone))
     row["general_ppl"] = perplexity(model, tokenizer, GENERAL_TEXT)
-    return row
+    return row, forget_texts
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     from rich.console import Console
-    from rich.table import Table
 
     from .models import load_model
 
@@ -123,74 +159,97 @@ def run_demo(cfg: DemoConfig) -> dict:
               "unseen": people[cfg.n_forget + cfg.n_retain:]}
     console.print(f"[bold]1. Load[/] {cfg.model}")
     model, tokenizer = load_model(cfg.model)
-    base = measure(model, tokenizer, groups)
+    base, _ = measure(model, tokenizer, groups)
 
-    console.print(f"[bold]2. Leak[/]: fine-tune on {cfg.n_forget + cfg.n_retain} private records until memorized")
+    known = groups["forget"] + groups["retain"]
+    console.print(f"[bold]2. Leak[/]: fine-tune on {len(known)} private records until, prompted with a name, the "
+                  f"model reveals {cfg.leak_target:.0%} of their fields")
     curves: list[dict] = []
-    train_texts = [record_text(r) for r in groups["forget"] + groups["retain"]]
-    feats = tokenize_examples([{"text": t} for t in train_texts], tokenizer, 128)
 
-    def memorized(epoch, m):
-        row = {g: _mean(memorization(m, tokenizer, [record_text(r) for r in recs])) for g, recs in groups.items()}
-        curves.append({"phase": "memorize", "epoch": epoch, **row})
-        console.print(f"   epoch {epoch}: memorization forget {row['forget']:.3f} retain {row['retain']:.3f} "
-                      f"unseen {row['unseen']:.3f}")
-        return {"stop": row["forget"] >= cfg.memorize_target}
+    def memorization_row(m) -> dict:
+        return {g: _mean(memorization(m, tokenizer, [record_text(r) for r in recs])) for g, recs in groups.items()}
 
-    t_mem = time.time()
-    finetune(model, feats, tokenizer.pad_token_id, epochs=cfg.memorize_max_epochs, lr=cfg.memorize_lr,
-             batch_size=8, seed=cfg.seed, mixed_precision=cfg.mixed_precision, callback=memorized,
-             description="memorize")
-    t_mem = time.time() - t_mem
-    before = measure(model, tokenizer, groups)
-    samples_before = leaks(model, tokenizer, groups["forget"][:2])[1]
+    def leaked(epoch, m):
+        row = memorization_row(m)
+        row.update({f"{g}_leak": _mean(leaks(m, tokenizer, groups[g])[0]) for g in ("forget", "retain")})
+        curves.append({"phase": "leak", "epoch": epoch, **row})
+        console.print(f"   epoch {epoch}: fields revealed forget {row['forget_leak']:.2f} retain "
+                      f"{row['retain_leak']:.2f}; memorization forget {row['forget']:.3f} unseen {row['unseen']:.3f}")
+        return {"stop": min(row["forget_leak"], row["retain_leak"]) >= cfg.leak_target}
 
-    console.print(f"[bold]3. Unlearn[/] the {cfg.n_forget} forget records with {cfg.method} "
-                  "until they look like never-seen people")
+    t_leak = time.time()
+    model.requires_grad_(True)
+    feats = tokenize_examples([{"text": record_text(r)} for r in known], tokenizer, 128)
+    finetune(model, feats, tokenizer.pad_token_id, epochs=cfg.leak_max_epochs, lr=cfg.leak_lr,
+             batch_size=cfg.leak_batch_size, seed=cfg.seed, mixed_precision=cfg.mixed_precision, callback=leaked,
+             description="leak")
+    t_leak = time.time() - t_leak
+    before, texts_before = measure(model, tokenizer, groups)
+
+    console.print(f"[bold]3. Unlearn[/] the {cfg.n_forget} forget records with {cfg.method} until they are not "
+                  "revealed and look like never-seen people")
     threshold = before["unseen_memorization"]
 
     def forgotten(epoch, m):
-        row = {g: _mean(memorization(m, tokenizer, [record_text(r) for r in recs])) for g, recs in groups.items()}
+        row = memorization_row(m)
+        row["forget_leak"] = _mean(leaks(m, tokenizer, groups["forget"])[0])
         curves.append({"phase": "unlearn", "epoch": epoch, **row})
-        console.print(f"   epoch {epoch}: memorization forget {row['forget']:.3f} retain {row['retain']:.3f} "
-                      f"unseen {row['unseen']:.3f} (target: forget <= {threshold:.3f})")
-        return {"stop": row["forget"] <= threshold, **{f"{g}_memorization": v for g, v in row.items()}}
+        console.print(f"   epoch {epoch}: forget fields revealed {row['forget_leak']:.2f} (target <= "
+                      f"{cfg.forget_target:.2f}); memorization forget {row['forget']:.3f} retain {row['retain']:.3f} "
+                      f"(target: forget <= never-seen {threshold:.3f})")
+        done = row["forget_leak"] <= cfg.forget_target and row["forget"] <= threshold
+        return {"stop": done, **{f"{g}_memorization": v for g, v in row.items() if g in groups}}
 
     ucfg = UnlearnConfig(model=cfg.model, method=cfg.method, lora_rank=cfg.lora_rank, epochs=cfg.unlearn_max_epochs,
                          lr=cfg.unlearn_lr, batch_size=4, seed=cfg.seed, mixed_precision=cfg.mixed_precision,
                          out=str(out / "unlearned"))
+    retain = [record_text(r) for r in groups["retain"]] if cfg.retain == "records" else None  # None: built-in
     result = unlearn(ucfg, model, tokenizer, callbacks=[forgotten],
-                     forget=[record_text(r) for r in groups["forget"]],
-                     retain=[record_text(r) for r in groups["retain"]])
-    after = measure(result.model, tokenizer, groups)
-    samples_after = leaks(result.model, tokenizer, groups["forget"][:2])[1]
+                     forget=[record_text(r) for r in groups["forget"]], retain=retain)
+    after, texts_after = measure(result.model, tokenizer, groups)
+    others = revealed_others(texts_after, groups["forget"], people)
 
-    report = {"config": asdict(cfg), "init": ucfg.resolved_init, "base": base, "leaked": before, "unlearned": after,
-              "memorize_seconds": round(t_mem, 1), "unlearn_seconds": round(result.seconds, 1),
-              "unlearn_epochs": result.epochs_run, "total_seconds": round(time.time() - t0, 1),
-              "curves": curves, "samples": [
-                  {"prompt": f"{r.name} lives at", "truth": record_text(r), "before": b, "after": a}
-                  for r, b, a in zip(groups["forget"], samples_before, samples_after)]}
+    report = {"config": asdict(cfg), "init": ucfg.resolved_init, "retain": ucfg.retain or "records",
+              "base": base, "leaked": before, "unlearned": after,
+              "leak_seconds": round(t_leak, 1), "leak_epochs": sum(c["phase"] == "leak" for c in curves),
+              "unlearn_seconds": round(result.seconds, 1), "unlearn_epochs": result.epochs_run,
+              "total_seconds": round(time.time() - t0, 1), "curves": curves, "samples": [
+                  {"prompt": prompt(r), "truth": record_text(r), "before": b, "after": a, "reveals_others": o}
+                  for r, b, a, o in zip(groups["forget"], texts_before, texts_after, others)]}
     io.write_json(out / "report.json", report)
     plot_curves(curves, threshold, out / "curves.png")
     io.write_manifest(out)
+    print_report(console, cfg, report, ucfg.resolved_init)
+    return report
 
-    table = Table(title=f"loku demo: {cfg.model}, {cfg.method} ({ucfg.resolved_init} LoRA r={cfg.lora_rank})")
+
+def print_report(console, cfg: DemoConfig, report: dict, init: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"loku demo: {cfg.model}, {cfg.method} ({init} LoRA r={cfg.lora_rank}), retain: "
+                        f"{report['retain']}")
     for col in ("", "pretrained", "after leak", "after unlearning"):
         table.add_column(col, justify="right")
-    names = [("forget memorization", "forget_memorization"), ("forget fields leaked", "forget_leak"),
-             ("retain memorization", "retain_memorization"), ("retain fields leaked", "retain_leak"),
-             ("never-seen memorization", "unseen_memorization"), ("general-text perplexity", "general_ppl")]
-    for label, key in names:
-        table.add_row(label, *(f"{row[key]:.3f}" for row in (base, before, after)))
-    table.add_row("seconds", "", f"{t_mem:.0f}", f"{result.seconds:.0f}")
+    rows = [("forget fields revealed", "forget_leak"), ("forget memorization", "forget_memorization"),
+            ("retain fields revealed", "retain_leak"), ("retain memorization", "retain_memorization"),
+            ("never-seen memorization", "unseen_memorization"), ("general-text perplexity", "general_ppl")]
+    columns = (report["base"], report["leaked"], report["unlearned"])
+    for label, key in rows:
+        table.add_row(label, *(f"{c[key]:.3f}" if key != "general_ppl" else f"{c[key]:.1f}" for c in columns))
+    table.add_row("forgotten people's generations naming someone else", "",
+                  *(str(c["forget_reveals_others"]) for c in columns[1:]))
+    table.add_row("epochs / seconds", "", f"{report['leak_epochs']} / {report['leak_seconds']:.0f}",
+                  f"{report['unlearn_epochs']} / {report['unlearn_seconds']:.0f}")
     console.print(table)
-    for s in report["samples"]:
+    for s in report["samples"][:2]:
         console.print(f"[bold]{s['prompt']}[/]\n  before: {s['before'].strip()[:160]}\n  after:  "
                       f"{s['after'].strip()[:160]}")
+    n = sum(bool(s["reveals_others"]) for s in report["samples"])
+    console.print(f"after unlearning, {n} of {len(report['samples'])} generations for forgotten people reveal "
+                  "another person's address, phone, email or account")
+    out = Path(cfg.out)
     console.print(f"wrote {out}/report.json, {out}/curves.png, adapter in {out}/unlearned "
                   f"({report['total_seconds']:.0f} s in all)")
-    return report
 
 
 def plot_curves(curves: list[dict], threshold: float, path: Path) -> None:
@@ -199,16 +258,21 @@ def plot_curves(curves: list[dict], threshold: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8.5, 4))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
     xs = list(range(1, len(curves) + 1))
+    n_leak = sum(c["phase"] == "leak" for c in curves)
     for group, color in (("forget", "tab:red"), ("retain", "tab:blue"), ("unseen", "tab:gray")):
         ax.plot(xs, [c[group] for c in curves], marker="o", color=color, label=group)
-    n_mem = sum(c["phase"] == "memorize" for c in curves)
-    ax.axvline(n_mem + 0.5, color="black", linestyle=":", label="start of unlearning")
+        if group != "unseen":
+            pts = [(x, c[f"{group}_leak"]) for x, c in zip(xs, curves) if f"{group}_leak" in c]
+            bx.plot(*zip(*pts), marker="o", color=color, label=group)
     ax.axhline(threshold, color="tab:gray", linestyle="--", linewidth=0.8, label="never-seen level")
-    ax.set_xlabel("epoch (memorize, then unlearn)")
     ax.set_ylabel("memorization accuracy")
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    bx.set_ylabel("private fields revealed (prompt: name)")
+    for a in (ax, bx):
+        a.axvline(n_leak + 0.5, color="black", linestyle=":", label="start of unlearning")
+        a.set_xlabel("epoch (leak, then unlearn)")
+    bx.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
