@@ -46,9 +46,10 @@ from loku.finetune import finetune
 from loku.io import write_json
 from loku.metrics.extraction import memorization_accuracy
 from loku.metrics.utility import evaluate_utility
-from loku.tdec import (TDEC_FILES, TdecConfig, compute_thresholds, default_retain, load_sequences, markdown_table,
-                       run_tdec, shared_tdec_dir, table_row)
+from loku.tdec import (TDEC_FILES, TdecConfig, compute_thresholds, load_sequences, markdown_table, retain_examples,
+                       run_tdec, table_row, tokenize_sequences)
 
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # the development data folder (a dev tool)
 RESULTS = Path(__file__).resolve().parent / "results" / "tdec_smollm2.json"
 METHODS = {  # name -> (label, UnlearnConfig overrides)
     "ga_full": ("GA (full)", dict(method="ga", lora=False)),
@@ -97,8 +98,8 @@ def survey(args, tdec: Path, model, tokenizer) -> dict:
         files[name] = {"ma": ma, "ma_mean": sum(ma) / len(ma), "memorized_over_0.7": sum(m > 0.7 for m in ma)}
         say(f"   {name}: mean MA {files[name]['ma_mean']:.3f}, {files[name]['memorized_over_0.7']} of {len(ma)} "
             f"above 0.7 (max {max(ma):.2f})")
-    wiki = load_sequences(default_retain(), tokenizer, max_tokens=args.tokens, limit=args.survey_rows,
-                          skip_short=True, min_tokens=args.tokens)
+    wiki = tokenize_sequences([e["text"] for e in retain_examples(args.data_dir)], tokenizer, max_tokens=args.tokens,
+                              path="WikiText-2 test", limit=args.survey_rows, skip_short=True, min_tokens=args.tokens)
     wiki_ma = ma_of(model, wiki)
     all_ma = [m for f in files.values() for m in f["ma"]]
     result = {"tokens": args.tokens, "rows_per_file": args.survey_rows, "files": files,
@@ -166,7 +167,7 @@ def before_utility(args, model, tokenizer) -> dict:
         return cached
     say(f"4. utility of the memorized model ({args.tasks}, first {args.limit} items per task)")
     t0 = time.time()
-    result = evaluate_utility(model, tokenizer, args.tasks, limit=args.limit, data_dir=args.eval_data,
+    result = evaluate_utility(model, tokenizer, args.tasks, limit=args.limit, data_dir=args.data_dir,
                               log=lambda s: say(f"   {s}"))
     result["seconds"] = round(time.time() - t0, 1)
     write_json(path, result)
@@ -186,7 +187,8 @@ def run_method(args, name: str, mem: dict, th: dict, forget_path: Path) -> dict:
                          mixed_precision=args.mixed_precision, **overrides)
     cfg = TdecConfig(forget=str(forget_path), out=str(out), model=mem["model_dir"], rows=args.seqs,
                      max_tokens=args.tokens, el_threshold=th["el"], ma_threshold=th["ma"], tasks=args.tasks,
-                     limit=args.limit, eval_data=args.eval_data, save=False, overwrite=True, unlearn=ucfg)
+                     limit=args.limit, data_dir=str(args.data_dir), save=False, overwrite=True,
+                     full_batch=args.full_batch, unlearn=ucfg)
     try:
         return run_tdec(cfg, model, tokenizer, log=lambda s: say(f"   {s}"))
     except LokuError as e:  # e.g. GA's loss diverging: a result of the comparison, not a crash
@@ -249,11 +251,14 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=4, help="4 steps an epoch at 16 sequences: the per-epoch "
                     "EL10 evaluation costs more than a step, so several steps an epoch forget for less")
+    ap.add_argument("--full-batch", action=argparse.BooleanOptionalAction, default=False,
+                    help="one optimizer step per epoch over the whole forget set (Jang et al.; loku tdec run's "
+                         "default); off by default here: the README table steps every --batch-size sequences")
     ap.add_argument("--max-epochs", type=int, default=10)
     ap.add_argument("--mixed-precision", default="bf16", help="training only; no | bf16")
     ap.add_argument("--tasks", default="reasoning,ppl")
     ap.add_argument("--limit", type=int, default=10, help="utility items per task")
-    ap.add_argument("--eval-data", default=None)
+    ap.add_argument("--data-dir", type=Path, default=DATA, help="data folder (tdec/, eval/)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=Path("runs/tdec_smollm2"))
     ap.add_argument("--results", type=Path, default=RESULTS)
@@ -265,9 +270,9 @@ def main() -> None:
     if "ihl_fila" in names and not fila_available():
         say("loku.fila is not importable: skipping IHL + FILA")
         names.remove("ihl_fila")
-    tdec = shared_tdec_dir()
-    if tdec is None or default_retain() is None:
-        raise SystemExit("needs the public data folder ../shared/data/tdec beside the checkout")
+    tdec = args.data_dir / "tdec"
+    if not tdec.is_dir():
+        raise SystemExit(f"needs the public data folder {tdec}: pass --data-dir (../shared/data beside the checkout)")
     args.work.mkdir(parents=True, exist_ok=True)
     forget_path = tdec / "forget" / args.forget_file
     say(f"work dir {args.work}; {len(names)} methods: {', '.join(names)}; torch threads {torch.get_num_threads()}")

@@ -8,7 +8,8 @@ with LoRA rank 8 for 5 epochs (lr 5e-4, batch 4) and is scored after every epoch
 TOFU evaluation set (the whole 10-item forget set), with answers cut at 48 generated tokens. Forget Quality
 is the KS-test p-value between the forget-set truth ratios and the retain model's (10 vs 10 items, so the
 smallest attainable values are ~1e-5); Model Utility the harmonic mean of TOFU's 9 retain/real-author/world
-numbers.
+numbers. Texts are in TOFU's own prompt format for phi (`--prompt-format tofu-phi`, the default): labels
+"Answer: {answer}" + EOS, generation from "Question: {question}\n".
 
 Resumable: finished phases (each fine-tuned model, each evaluation, each method) are kept in --out and
 skipped on the next run; delete --out to start again.
@@ -32,28 +33,30 @@ import torch
 
 from loku import io
 from loku.config import UnlearnConfig
+from loku.data.qa import PROMPT_FORMATS
 from loku.tofu.finetune import MODELS, SUMMARY, TofuFinetuneConfig, retain_split, train_model, training_rows
 from loku.tofu.run import CONFIG, TofuUnlearnConfig, run_tofu
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "tofu"
+DATA = ROOT.parent / "shared" / "data"  # the development data folder (a dev tool); TOFU in its tofu/
 RESULTS = ROOT / "benchmarks" / "results" / "tofu_smollm2.json"
 BASELINES = ("ga", "gd", "npo", "idk", "ihl")
 
 
 def finetune_phase(args, out: Path) -> dict:
     """Target and retain models in out/models/, each skipped when its folder is already complete."""
-    cfg = TofuFinetuneConfig(out=str(out / "models"), model=args.model, data=str(args.data), split=args.split,
-                             authors=args.authors, qa_per_author=args.qa_per_author, epochs=args.ft_epochs,
-                             lr=args.ft_lr, batch_size=args.ft_batch_size, grad_accum=1, warmup_epochs=1.0,
-                             seed=args.seed)
+    cfg = TofuFinetuneConfig(out=str(out / "models"), model=args.model, data_dir=str(args.data_dir),
+                             split=args.split, authors=args.authors, qa_per_author=args.qa_per_author,
+                             epochs=args.ft_epochs, lr=args.ft_lr, batch_size=args.ft_batch_size, grad_accum=1,
+                             warmup_epochs=1.0, seed=args.seed, prompt_format=args.prompt_format)
     rows = training_rows(cfg)
     summary_path = out / "models" / SUMMARY
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     if summary and summary.get("config") != dataclasses.asdict(cfg):
         raise SystemExit(f"{out / 'models'} was fine-tuned with other settings: pass a new --out")
     summary.update({"config": dataclasses.asdict(cfg), "splits": {"target": "full", "retain": retain_split(cfg.split)},
-                    "forget_split": cfg.split, "authors": cfg.authors, "qa_per_author": cfg.qa_per_author})
+                    "forget_split": cfg.split, "authors": cfg.authors, "qa_per_author": cfg.qa_per_author,
+                    "prompt_format": cfg.prompt_format})
     for i, name in enumerate(MODELS, 1):
         folder = out / "models" / name
         if (folder / "model.safetensors").is_file() and name in summary:
@@ -79,7 +82,8 @@ def unlearn_phase(args, out: Path) -> dict:
                           batch_size=args.batch_size, grad_accum=1, weight_decay=0.01, max_length=500, seed=args.seed)
     cfg = TofuUnlearnConfig(target=str(out / "models" / "target"), out=str(out / "unlearn"), methods=methods,
                             split=args.split, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                            eval_batch_size=8, resume=(out / "unlearn" / CONFIG).is_file(), train=train)
+                            eval_batch_size=8, resume=(out / "unlearn" / CONFIG).is_file(), train=train,
+                            prompt_format=args.prompt_format)
     return run_tofu(cfg)
 
 
@@ -106,7 +110,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "tofu_smollm2", help="work folder (resumable)")
     ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--data-dir", type=Path, default=DATA, help="data folder (TOFU in its tofu/)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--split", default="forget10")
     ap.add_argument("--authors", type=int, default=10)
@@ -121,10 +125,12 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=10, help="first N items of each evaluation set")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompt-format", default=TofuFinetuneConfig.prompt_format, choices=PROMPT_FORMATS,
+                    help="how QA pairs become tokens (default: TOFU's phi format)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    if not args.data.is_dir():
-        raise SystemExit(f"TOFU data folder {args.data} is missing: pass --data (../shared/data/tofu)")
+    if not (args.data_dir / "tofu").is_dir():
+        raise SystemExit(f"TOFU data folder {args.data_dir / 'tofu'} is missing: pass --data-dir (../shared/data)")
     torch.set_num_threads(args.threads)
     t0 = time.time()
     print(f"[1/2] fine-tune target and retain models ({args.authors} authors x {args.qa_per_author} QA, "
@@ -141,7 +147,7 @@ def main() -> None:
         "model": args.model + (" (GGUF Q4_1, dequantized, float32)" if args.model == "smollm2-135m" else ""),
         "scale": {"split": args.split, "authors": args.authors, "qa_per_author": args.qa_per_author,
                   "train_rows": results["train_rows"], "eval_items": results["eval_items"],
-                  "max_new_tokens": args.max_new_tokens},
+                  "max_new_tokens": args.max_new_tokens, "prompt_format": results["prompt_format"]},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "finetune": {name: {k: ft[name][k] for k in ("rows", "seconds", "history")} for name in MODELS},
         "retain": results["retain"], "target": results["target"],

@@ -306,8 +306,28 @@ def resume_damaged_checkpoint(b):
     return ["unlearn", "--resume", run]
 
 
+def unknown_prompt_format(b):
+    return b.args("--prompt-format", "tofu-phi3")
+
+
+def chat_format_without_template(b):   # the tiny model's tokenizer has no chat template
+    qa = b.file("qa.json", json.dumps([{"question": "Where does Ann live?", "answer": "On Elm Street."}]))
+    return b.args("--method", "ga", "--prompt-format", "chat", forget=qa, retain=None)
+
+
 def tofu_aggregate_missing_file(b):
     return ["tofu", "aggregate", b.root / "eval_log_aggregated.json", b.root / "retain"]
+
+
+def public_data_not_found(b):
+    (b.root / "data").mkdir()   # a data folder without eval/ppl/pile.csv; the pile set has no hub copy
+    b.monkeypatch.delenv("LOKU_DATA", raising=False)
+    return ["tdec", "utility", "--model", b.model, "--tasks", "pile", "--data-dir", b.root / "data", "--out", b.out]
+
+
+def public_data_hub_unreachable(b):
+    b.monkeypatch.delenv("LOKU_DATA", raising=False)   # no data folder: TOFU from the hub, unreachable offline
+    return ["tofu", "eval", "--model", b.model, "--out", b.out, "--limit", "2"]
 
 
 CASES = {
@@ -354,7 +374,12 @@ CASES = {
     "resume_without_checkpoint": (resume_without_checkpoint, "has no checkpoint to resume from"),
     "resume_not_a_run": (resume_not_a_run, "is not a loku run directory (no config.yaml)"),
     "resume_damaged_checkpoint": (resume_damaged_checkpoint, "is damaged"),
+    "unknown_prompt_format": (unknown_prompt_format, "unknown prompt format 'tofu-phi3': did you mean 'tofu-phi'?"),
+    "chat_format_without_template": (chat_format_without_template, "needs a tokenizer with a chat template"),
     "tofu_aggregate_missing_file": (tofu_aggregate_missing_file, "TOFU log"),
+    "public_data_not_found": (public_data_not_found, "TDEC utility task pile not found: tried "),
+    "public_data_hub_unreachable": (public_data_hub_unreachable, "TOFU split retain_perturbed not found: tried "
+                                                                 "--data-dir and $LOKU_DATA (neither given)"),
 }
 
 
@@ -509,3 +534,63 @@ def test_model_checks_for_in_memory_models(tokenizer):
     check_tokenizer_fits(model, tokenizer)
     with pytest.raises(LokuError, match=r"has 512 token ids but the model's embedding has only 128 rows"):
         check_tokenizer_fits(tiny_llama(128), tokenizer)
+
+
+# ------------------------------------------------------------------------------------------- settings
+# Invalid settings are refused when the config is built: before a model loads, before the Fisher pass.
+
+INVALID_SETTINGS = {
+    ("--lora-alpha", "-1"): "lora-alpha must be positive, got -1.0",
+    ("--lora-rank", "0"): "lora-rank must be a positive integer, got 0",
+    ("--retain-weight", "-1"): "retain-weight must be 0 or more, got -1.0",
+    ("--forget-weight", "-0.5"): "forget-weight must be 0 or more, got -0.5",
+    ("--npo-beta", "0"): "npo-beta must be positive, got 0.0",
+    ("--simnpo-beta", "-4.5"): "simnpo-beta must be positive, got -4.5",
+    ("--init", "fisher"): "unknown init 'fisher'",
+    ("--kl-reduction", "sum"): "unknown kl reduction 'sum'",
+    ("--idk-pooling", "joint"): "unknown idk pooling 'joint'",
+    ("--fisher-eps", "0"): "fisher-eps must be positive",
+    ("--lr", "-1e-4"): "lr must be positive",
+    ("--warmup-steps", "-1"): "warmup-steps must be 0 or more",
+    ("--mixed-precision", "fp8"): "unknown mixed precision 'fp8'",
+}
+
+
+@pytest.fixture()
+def heavy_calls(monkeypatch):
+    """Records model loads and Fisher passes (the Fisher pass stops the run once it is reached)."""
+    import loku.fila
+    import loku.fisher
+    import loku.models
+    from loku.errors import LokuError
+
+    calls, real_load = [], loku.models.load_model
+
+    def load_model(*args, **kwargs):
+        calls.append("load_model")
+        return real_load(*args, **kwargs)
+
+    def fisher_statistics(*args, **kwargs):
+        calls.append("fisher")
+        raise LokuError("stopped at the Fisher pass: test")
+
+    monkeypatch.setattr(loku.models, "load_model", load_model)
+    monkeypatch.setattr(loku.fisher, "fisher_statistics", fisher_statistics)
+    monkeypatch.setattr(loku.fila, "fisher_statistics", fisher_statistics)
+    return calls
+
+
+@pytest.mark.parametrize("flag,value", list(INVALID_SETTINGS))
+def test_invalid_settings_refused_before_any_model_loads(flag, value, box, heavy_calls, capsys):
+    before = snapshot(box.root)
+    code, _, err = run_cli(box.args(flag, value, init="fila" if flag != "--init" else value), capsys)
+    one_error_line(code, err, INVALID_SETTINGS[(flag, value)], f"{flag} {value}")
+    assert heavy_calls == [], heavy_calls
+    assert snapshot(box.root) == before
+
+
+def test_valid_settings_reach_the_fisher_pass(box, heavy_calls, capsys):
+    """The control: the same run with a valid alpha loads the model and starts the Fisher pass."""
+    code, _, err = run_cli(box.args("--lora-alpha", "16", init="fila"), capsys)
+    assert code == 2 and "stopped at the Fisher pass" in err
+    assert heavy_calls == ["load_model", "fisher"]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from loku.data.records import make_records, record_text
 from conftest import write_csv as _csv
-from test_tofu_runs import tofu_dir  # noqa: F401 (a fixture)
+from test_tofu_runs import tofu_data  # noqa: F401 (a fixture)
 
 
 def unequal_texts(tokenizer, n):
@@ -144,11 +144,11 @@ def test_tdec_run_under_two_processes_equals_one(tiny_model_dir, tmp_path, launc
 
 
 @pytest.mark.parametrize("launch", [2, "fsdp", ZERO3])
-def test_tofu_unlearn_under_two_processes_equals_one(tiny_model_dir, tofu_dir, tmp_path, launch):
+def test_tofu_unlearn_under_two_processes_equals_one(tiny_model_dir, tofu_data, tmp_path, launch):
     """`loku tofu unlearn` under accelerate launch equals one process with the same global batch: the TOFU
     scores split across the processes (target and retain logs within 1e-5) and, after training on QA pairs of
     unequal lengths, every method's per-epoch scores (within 1e-4: float summation order); one process writes."""
-    common = ["tofu", "unlearn", "--target", tiny_model_dir, "--retain-model", tiny_model_dir, "--data", tofu_dir,
+    common = ["tofu", "unlearn", "--target", tiny_model_dir, "--retain-model", tiny_model_dir, "--data-dir", tofu_data,
               "--methods", "ga,ihl+fila", "--epochs", "2", "--lr", "1e-3", "--grad-accum", "1", "--lora-rank", "2",
               "--max-length", "64", "--limit", "3", "--max-new-tokens", "3"]
     two = _run(common + ["--batch-size", "1", "--out", tmp_path / "two"], processes=launch)
@@ -271,11 +271,11 @@ def test_sharded_config_on_cpus_is_a_clear_error(tiny_model_dir, tmp_path, engin
 
 
 @pytest.mark.parametrize("launch", [2, "fsdp", ZERO3])
-def test_tofu_finetune_under_two_processes_equals_one(tiny_model_dir, tofu_dir, tmp_path, launch):
+def test_tofu_finetune_under_two_processes_equals_one(tiny_model_dir, tofu_data, tmp_path, launch):
     """`loku tofu finetune` (full fine-tuning of the target and retain models) under DDP and FSDP2: each process
     trains on its share of the global batch (9 and 6 QA pairs: the last batch is uneven) and the main process
     writes the models, gathered from the shards under FSDP; equal to one process with a 2x batch."""
-    common = ["tofu", "finetune", "--model", tiny_model_dir, "--data", tofu_dir, "--epochs", "2", "--lr", "3e-3",
+    common = ["tofu", "finetune", "--model", tiny_model_dir, "--data-dir", tofu_data, "--epochs", "2", "--lr", "3e-3",
               "--grad-accum", "1", "--max-length", "64"]
     two = _run(common + ["--batch-size", "2", "--out", tmp_path / "two"], processes=launch)
     assert two.stdout.count("done in") == 1

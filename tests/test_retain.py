@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import need_shared, run_cli, write_csv
+from conftest import run_cli, write_csv
 from loku.config import UnlearnConfig
 from loku.data.records import make_records, record_text
-from loku.data.retain import BUILTIN, builtin_retain, settle_retain, shared_examples
+from loku.data.retain import BUILTIN, builtin_retain, general_paragraphs, settle_retain, shared_examples
 from loku.errors import LokuError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,30 +20,24 @@ def forget_file(tmp_path):
     return write_csv(tmp_path / "forget.csv", [record_text(r) for r in make_records(4, seed=5)])
 
 
-def test_builtin_set_is_clean_general_text_with_its_license():
+def test_builtin_set_is_clean_general_text_from_the_shipped_wikitext():
     texts = [e["text"] for e in builtin_retain()]
     assert len(texts) == 242 and len(set(texts)) == 242
     assert all(200 <= len(t) <= 600 for t in texts)
     assert not [t for t in texts if "@-@" in t or " , " in t or " ." in t]   # WikiText's tokenization undone
-    notice = (ROOT / "src/loku/data/general/README.md").read_text()
-    assert "CC BY-SA 3.0" in notice and "WikiText-2" in notice and "tools/build_general_text.py" in notice
-    import tomllib
-
-    shipped = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["loku.data"]
-    assert "general/*.txt" in shipped and "general/*.md" in shipped   # in the wheel, with its license
+    assert texts[0].startswith("Robert Boulter is an English film, television and theatre actor.")
+    notice = (ROOT / "src/loku/data/files/README.md").read_text()
+    assert "loku.data.retain" in notice and "CC BY-SA 3.0" in notice
 
 
-def test_builtin_set_rebuilds_from_wikitext2(tmp_path):
-    raw = need_shared("tdec", "retain", "wikitext2_test.raw")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("build", ROOT / "tools/build_general_text.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    build.OUT = tmp_path / "rebuilt.txt"
-    build.main(str(raw))
-    assert build.OUT.read_text(encoding="utf-8") == \
-        (ROOT / "src/loku/data/general/wikitext2_excerpt.txt").read_text(encoding="utf-8")
+def test_paragraph_selection_and_detokenization():
+    raw = (" = Alpha = \r\n \r\n A short line . \r\n"
+           " The river , 1 @,@ 200 km long , is n't \" wide \" ( mostly ) . " + "It flows on . " * 60 + "\r\n"
+           " = = Section = = \r\n" + " Second paragraph of Alpha is long enough to keep here . " * 5 + "\r\n")
+    out = general_paragraphs(raw)
+    assert len(out) == 2   # the short line is dropped, the heading skipped
+    assert out[0].startswith('The river, 1,200 km long, isn\'t "wide" (mostly). It flows on.')
+    assert len(out[0]) <= 600 and out[0].endswith("It flows on.")   # cut after a whole sentence
 
 
 def test_forget_file_alone_trains_on_builtin_retain_and_records_it(tiny_model_dir, forget_file, tmp_path, capsys):

@@ -15,8 +15,9 @@ from loku.data.text import tokenize_examples
 from loku.errors import LokuError
 from loku.finetune import finetune
 from loku.metrics.extraction import extraction_likelihood, memorization_accuracy
-from loku.tdec import (PRESETS, ExtractionMeter, StopWhenForgotten, Thresholds, compute_thresholds, load_sequences,
-                       markdown_table, preset_for, resolve_thresholds, table_row, tokenize_sequences)
+from loku.tdec import (PRESETS, ExtractionMeter, StopWhenForgotten, TdecConfig, Thresholds, compute_thresholds,
+                       load_sequences, markdown_table, preset_for, resolve_thresholds, run_tdec, table_row,
+                       tdec_markdown, tokenize_sequences)
 
 RECORDS = [record_text(r) for r in make_records(16, seed=11)]
 FORGET, HELDOUT = RECORDS[:6], RECORDS[6:12]
@@ -31,14 +32,15 @@ def write_csv(path, texts, column="text"):
     return path
 
 
-def eval_dir(root):
-    """A two-task utility data folder (LAMBADA-style completion and a perplexity set)."""
+def eval_dir(data):
+    """A data folder whose eval/ holds two utility tasks (LAMBADA-style completion and a perplexity set)."""
+    root = data / "eval"
     (root / "reasoning").mkdir(parents=True)
     (root / "ppl").mkdir()
     (root / "reasoning" / "lambada.csv").write_text("id,text\n0,The quick brown fox jumps over the lazy dog.\n"
                                                      "1,Machine learning models memorize data\n")
     (root / "ppl" / "pile.csv").write_text("doc_id,text,corpus\n0,The quick brown fox.,Pile-CC\n1,def main():,Github\n")
-    return root
+    return data
 
 
 # ------------------------------------------------------------------ the stop rule
@@ -165,7 +167,7 @@ def test_cli_thresholds_run_and_utility(tiny_model_dir, tmp_path, capsys):
     heldout.write_text("\n".join(HELDOUT + ["short"]) + "\n")
     retain = tmp_path / "retain.txt"
     retain.write_text("\n".join(RECORDS[12:]) + "\n")
-    data = eval_dir(tmp_path / "eval")
+    data = eval_dir(tmp_path / "data")
 
     code, out, err = run_cli(["tdec", "thresholds", "--model", tiny_model_dir, "--data", heldout,
                               "--max-tokens", "40", "--out", tmp_path / "th"], capsys)
@@ -177,7 +179,7 @@ def test_cli_thresholds_run_and_utility(tiny_model_dir, tmp_path, capsys):
     code, out, err = run_cli(["tdec", "run", "--model", tiny_model_dir, "--forget", forget, "--retain", retain,
                               "--method", "ihl", "--init", "default", "--lora-rank", "4", "--epochs", "2",
                               "--lr", "1e-3", "--batch-size", "4", "--max-tokens", "40", "--thresholds",
-                              tmp_path / "th", "--tasks", "lambada,pile", "--limit", "2", "--eval-data", data,
+                              tmp_path / "th", "--tasks", "lambada,pile", "--limit", "2", "--data-dir", data,
                               "--utility-before", "--out", run], capsys)
     assert code == 0, err
     report = json.loads((run / "report.json").read_text())
@@ -194,7 +196,7 @@ def test_cli_thresholds_run_and_utility(tiny_model_dir, tmp_path, capsys):
     assert "report.json" in json.loads((run / "manifest.json").read_text())["files"]
 
     code, out, err = run_cli(["tdec", "utility", "--model", tiny_model_dir, "--adapter", run / "unlearned" / "adapter",
-                              "--tasks", "pile", "--limit", "2", "--data", data, "--out", tmp_path / "u"], capsys)
+                              "--tasks", "pile", "--limit", "2", "--data-dir", data, "--out", tmp_path / "u"], capsys)
     assert code == 0, err
     u = json.loads((tmp_path / "u" / "utility.json").read_text())
     assert u["tasks"]["pile"]["n"] == 2 and u["adapter"].endswith("adapter")
@@ -205,19 +207,58 @@ def test_cli_thresholds_run_and_utility(tiny_model_dir, tmp_path, capsys):
     assert code == 2 and "not empty" in err and "--overwrite" in err
 
 
+def test_nothing_to_unlearn_stops_before_training_unless_forced(tiny_model_dir, tmp_path, capsys):
+    """The untrained tiny model never saw the forget records: measured before training, its EL10/MA are below
+    GPT-Neo's published thresholds (EL10 4.99 %, MA 29.94 %), so `tdec run` says there is nothing to unlearn,
+    trains nothing and exits 0; --force trains anyway (and the stop rule ends after one epoch)."""
+    forget = write_csv(tmp_path / "forget.csv", FORGET[:4])
+    args = ["tdec", "run", "--model", tiny_model_dir, "--forget", forget, "--method", "ga", "--epochs", "3",
+            "--lr", "1e-3", "--max-tokens", "40", "--thresholds", "gpt-neo-125m", "--no-utility"]
+    code, out, err = run_cli([*args, "--out", tmp_path / "run"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    before, th = report["initial"], report["thresholds"]
+    assert before["el_mean"] < th["el"] and before["ma_mean"] < th["ma"] == 0.2994   # measured, not assumed
+    assert report["initially_forgotten"] and report["trained"] is False and report["epochs_run"] == 0
+    said = [line for line in out.splitlines() if line.startswith("nothing to unlearn")]
+    assert len(said) == 1 and f"MA {100 * before['ma_mean']:.2f} % vs 29.94 %" in said[0]
+    assert "pass --force to train anyway" in said[0] and said[0] == report["note"]
+    assert out.index("nothing to unlearn") > out.index("before: EL10")
+    assert not (tmp_path / "run" / "unlearned").exists()
+    assert sorted(json.loads((tmp_path / "run" / "manifest.json").read_text())["files"]) == ["report.json"]
+
+    code, out, err = run_cli([*args, "--force", "--out", tmp_path / "forced"], capsys)
+    assert code == 0, err
+    forced = json.loads((tmp_path / "forced" / "report.json").read_text())
+    assert forced["trained"] is True and forced["epochs_run"] == forced["epochs_to_forget"] == 1
+    assert forced["initial"] == {**before, "seconds": forced["initial"]["seconds"]}
+    assert "--force: training anyway" in out and "nothing to unlearn" not in out
+    assert (tmp_path / "forced" / "unlearned" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_nothing_to_unlearn_leaves_the_model_untouched(tokenizer, tmp_path):
+    model = tiny_llama(len(tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TdecConfig(forget=str(write_csv(tmp_path / "forget.csv", FORGET[:3])), max_tokens=40, el_threshold=0.5,
+                     ma_threshold=0.5, utility=False, unlearn=UnlearnConfig(method="ga", epochs=2))
+    report = run_tdec(cfg, model, tokenizer, log=lambda s: None)
+    assert report["trained"] is False and report["initial"]["ma_mean"] < 0.5
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("case", ["short", "column", "empty_task", "no_thresholds"])
 def test_bad_input_one_line_exit_2_nothing_written(case, tiny_model_dir, tmp_path, capsys):
     texts = FORGET[:3]
     if case == "short":
         texts = [FORGET[0], "Hi there", FORGET[1]]
     forget = write_csv(tmp_path / "forget.csv", texts, column="content" if case == "column" else "text")
-    data = eval_dir(tmp_path / "eval")
+    data = eval_dir(tmp_path / "data")
     if case == "empty_task":
-        (data / "reasoning" / "lambada.csv").write_text("")
+        (data / "eval" / "reasoning" / "lambada.csv").write_text("")
     out = tmp_path / "out"
     thresholds = [] if case == "no_thresholds" else ["--el-threshold", "0.05", "--ma-threshold", "0.3"]
     code, stdout, err = run_cli(["tdec", "run", "--model", tiny_model_dir, "--forget", forget, "--method", "ga",
-                                 "--tasks", "lambada", "--eval-data", data, "--out", out, *thresholds], capsys)
+                                 "--tasks", "lambada", "--data-dir", data, "--out", out, *thresholds], capsys)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
@@ -238,3 +279,37 @@ def test_real_forget_file_and_retain(tokenizer):
     wiki = load_sequences(need_shared("tdec", "retain", "wikitext2_test.raw"), tokenizer, limit=5, skip_short=True,
                           min_tokens=50)
     assert len(wiki) == 5 and wiki.skipped and min(map(len, wiki.ids)) >= 50  # headings are skipped
+
+
+# ------------------------------------------------------------------ Jang et al.'s step: the whole forget set
+
+@pytest.mark.parametrize("full_batch,steps", [(True, 2), (False, 6)])
+def test_tdec_run_takes_one_optimizer_step_per_epoch_by_default(full_batch, steps, tokenizer, monkeypatch):
+    """Jang et al. (joeljang/knowledge-unlearning) update once per epoch on the whole forget set (batch 32 = the
+    32 sequences). 5 sequences in micro-batches of 2 (3 per epoch), 2 epochs: 2 optimizer steps; with
+    --no-full-batch a step per micro-batch: 6."""
+    counted = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        counted.append(1)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    monkeypatch.setattr(Thresholds, "forgotten", lambda self, el, ma: False)   # every epoch runs
+    model = tiny_llama(len(tokenizer))
+    cfg = TdecConfig(forget="inline", full_batch=full_batch, max_tokens=30, el_threshold=0.05, ma_threshold=0.3,
+                     utility=False, unlearn=UnlearnConfig(method="ga", init="default", epochs=2, batch_size=2))
+    monkeypatch.setattr("loku.tdec.run.read_texts", lambda path, column: FORGET[:5])
+    report = run_tdec(cfg, model, tokenizer, progress=False, log=lambda s: None)
+    assert report["epochs_run"] == 2 and len(counted) == steps
+    assert report["optimizer"] == {"full_batch": full_batch, "micro_batch": 2, "grad_accum": 3 if full_batch else 1,
+                                   "effective_batch": 5 if full_batch else 2, "steps_per_epoch": steps // 2}
+    note = "one step per epoch over all 5 sequences" if full_batch else "a step every 2 sequences"
+    assert note in tdec_markdown(report)
+
+
+def test_tdec_grad_accum_needs_no_full_batch():
+    with pytest.raises(LokuError, match="--no-full-batch"):
+        TdecConfig(forget="f.csv", unlearn=UnlearnConfig(grad_accum=4))
+    assert TdecConfig(forget="f.csv", full_batch=False, unlearn=UnlearnConfig(grad_accum=4)).unlearn.grad_accum == 4

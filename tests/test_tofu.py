@@ -178,7 +178,9 @@ def test_write_logs_is_atomic_and_cli_aggregate(tmp_path):
 
 # ---------------------------------------------------------------- data
 def test_multi_array_json_and_unknown_split(tmp_path):
-    (tmp_path / "full.json").write_text('[{"question": "a", "answer": "b"}]\n[{"question": "c", "answer": "d"}]\n')
+    (tmp_path / "tofu").mkdir()
+    (tmp_path / "tofu" / "full.json").write_text('[{"question": "a", "answer": "b"}]\n'
+                                                 '[{"question": "c", "answer": "d"}]\n')
     assert [r["question"] for r in load_split("full", tmp_path)] == ["a", "c"]
     with pytest.raises(LokuError, match="did you mean 'forget10'.*retain_perturbed"):
         load_split("forget_10", tmp_path)
@@ -188,7 +190,7 @@ def test_multi_array_json_and_unknown_split(tmp_path):
 
 
 def test_tofu_split_sizes_and_nesting():
-    d = need_shared("tofu")
+    d = need_shared("tofu").parent
     sizes = {"full": 4000, "retain90": 3600, "retain95": 3800, "retain99": 3960, "forget01": 40, "forget05": 200,
              "forget10": 400, "retain_perturbed": 400, "real_authors_perturbed": 100, "world_facts_perturbed": 117,
              "holdout01": 40, "holdout10": 400, "idontknow": 100}
@@ -204,7 +206,7 @@ def test_tofu_split_sizes_and_nesting():
 
 
 def test_tofu_author_scaling():
-    d = need_shared("tofu")
+    d = need_shared("tofu").parent
     full = load_split("full", d)
     forget = load_split("forget10", d, authors=20)
     assert len(forget) == 40 and forget == load_split("forget01", d)  # forget10 of 20 authors: the last 2
@@ -219,14 +221,14 @@ def test_cli_eval_on_tiny_model(tiny_model_dir, tmp_path):
 
     from loku.commands.tofu import app
 
-    d = need_shared("tofu")
+    d = need_shared("tofu").parent
     out = tmp_path / "eval"
-    res = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--out", str(out), "--data", str(d),
+    res = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--out", str(out), "--data-dir", str(d),
                                    "--split", "forget01", "--limit", "2", "--max-new-tokens", "2"])
     assert res.exit_code == 0, res.output
     logs = read_logs(out)
     assert sorted(logs) == sorted(LOG_FILES) and all(len(v["avg_gt_loss"]) == 2 for v in logs.values())
     assert "Model Utility" in res.output
     res = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x"),
-                                   "--data", str(d), "--split", "forget02"])
+                                   "--data-dir", str(d), "--split", "forget02"])
     assert isinstance(res.exception, LokuError) and not (tmp_path / "x").exists()

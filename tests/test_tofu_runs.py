@@ -11,6 +11,7 @@ from loku.data.idk import REFUSALS, with_refusals
 from loku.data.tofu import tokenize_qa
 from loku.errors import LokuError
 from loku.models import load_model
+from loku.tofu import LOG_KEYS
 from loku.tofu.finetune import per_author, warmup_steps
 from loku.tofu.run import TofuUnlearnConfig, parse_method
 from loku.tofu.scores import sequence_losses
@@ -28,9 +29,12 @@ def _row(i: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tofu_dir(tmp_path_factory):
-    """full = 9 rows: the first 6 are kept (retain90), the last 3 forgotten (forget10)."""
-    d = tmp_path_factory.mktemp("tofu")
+def tofu_data(tmp_path_factory):
+    """A data folder whose tofu/ holds a 9-row TOFU: the first 6 are kept (retain90), the last 3 forgotten
+    (forget10)."""
+    root = tmp_path_factory.mktemp("data")
+    d = root / "tofu"
+    d.mkdir()
     rows = [_row(i) for i in range(9)]
     plain = [{"question": r["question"], "answer": r["answer"]} for r in rows]
     files = {"full.json": plain, "retain90.json": plain[:6], "forget10_perturbed.json": rows[6:],
@@ -46,15 +50,15 @@ def tofu_dir(tmp_path_factory):
     for name, data in files.items():
         (d / name).write_text(json.dumps(data))
     (d / "idontknow.jsonl").write_text("No idea at all.\nThat is unknown to me.\n")
-    return d
+    return root
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, tiny_model_dir, tofu_dir):
+def models(tmp_path_factory, tiny_model_dir, tofu_data):
     """`loku tofu finetune` on the tiny model: target and retain models in models/."""
     out = tmp_path_factory.mktemp("ft") / "models"
     capsys = _NoCapture()
-    code, _, err = run_cli(["tofu", "finetune", "--model", tiny_model_dir, "--data", tofu_dir, "--out", out,
+    code, _, err = run_cli(["tofu", "finetune", "--model", tiny_model_dir, "--data-dir", tofu_data, "--out", out,
                             "--epochs", "4", "--lr", "3e-3", "--batch-size", "2", "--grad-accum", "2",
                             "--max-length", "64"], capsys)
     assert code == 0, err
@@ -77,14 +81,15 @@ def _answer_loss(model_dir, rows) -> float:
     return sum(sums) / sum(counts)
 
 
-def test_finetune_writes_two_models_that_learned_their_data(models, tiny_model_dir, tofu_dir):
+def test_finetune_writes_two_models_that_learned_their_data(models, tiny_model_dir, tofu_data):
     summary = json.loads((models / "tofu_finetune.json").read_text())
     assert summary["splits"] == {"target": "full", "retain": "retain90"}
+    assert summary["prompt_format"] == summary["config"]["prompt_format"] == "tofu-phi"  # TOFU's, the default
     assert summary["target"]["rows"] == 9 and summary["retain"]["rows"] == 6
     # TOFU warms up for one epoch: 9 rows / batch 2 = 5 batches, / grad-accum 2 = 3 updates per epoch
     assert summary["target"]["warmup_steps"] == summary["target"]["updates_per_epoch"] == 3
     assert len(summary["target"]["history"]) == 4
-    full = json.loads((tofu_dir / "full.json").read_text())
+    full = json.loads((tofu_data / "tofu" / "full.json").read_text())
     base = _answer_loss(tiny_model_dir, full)
     for name, rows in (("target", full), ("retain", full[:6])):
         assert (models / name / "model.safetensors").is_file() and (models / name / "tokenizer.json").is_file()
@@ -100,7 +105,17 @@ def test_unlearn_two_methods_report_and_resume(models, tmp_path, capsys):
     code, stdout, err = run_cli(args, capsys)
     assert code == 0, err
     assert "as fine-tuned" in stdout  # --data came from tofu_finetune.json
+    assert "prompt format tofu-phi (as fine-tuned" in stdout
     results = json.loads((out / "results.json").read_text())
+    assert results["prompt_format"] == results["train"]["prompt_format"] == "tofu-phi"
+    assert "(prompt format tofu-phi)" in results["title"] and results["title"] in (out / "report.md").read_text()
+    for logs in ("retain_eval", "target_eval", "runs/ga/tofu/epoch-1", "runs/idk/tofu/epoch-2"):
+        aggregated = json.loads((out / logs / "eval_log_aggregated.json").read_text())
+        assert {log["prompt_format"] for log in aggregated.values()} == {"tofu-phi"}, logs
+        prompt, _, _ = aggregated["eval_log_forget.json"]["generated_text"]["0"]
+        assert prompt == "Question: What does author 6 do?\n"
+    assert "prompt_format: tofu-phi" in (out / "runs" / "ga" / "config.yaml").read_text()
+    assert json.loads((out / "runs" / "ga" / "tofu.json").read_text())["prompt_format"] == "tofu-phi"
     assert results["eval_items"]["eval_log_forget.json"] == 3 and results["train_rows"] == {"forget": 3, "retain": 6}
     assert results["retain"]["Forget Quality"] == pytest.approx(1.0)
     assert 0 <= results["target"]["Forget Quality"] <= 1
@@ -132,9 +147,9 @@ def test_unlearn_two_methods_report_and_resume(models, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("make_args, message", [
-    (lambda m, t, o: ["finetune", "--out", m, "--data", t], "is not empty: choose a new --out, or pass --overwrite"),
-    (lambda m, t, o: ["finetune", "--out", o, "--data", t, "--split", "forget02"], "unknown forget split 'forget02'"),
-    (lambda m, t, o: ["finetune", "--out", o, "--data", t, "--authors", "15"], "cannot keep TOFU's 10% forget share"),
+    (lambda m, t, o: ["finetune", "--out", m, "--data-dir", t], "is not empty: choose a new --out, or pass --overwrite"),
+    (lambda m, t, o: ["finetune", "--out", o, "--data-dir", t, "--split", "forget02"], "unknown forget split 'forget02'"),
+    (lambda m, t, o: ["finetune", "--out", o, "--data-dir", t, "--authors", "15"], "cannot keep TOFU's 10% forget share"),
     (lambda m, t, o: ["unlearn", "--target", m / "target", "--out", o, "--split", "forget02"],
      "unknown forget split 'forget02'"),
     (lambda m, t, o: ["unlearn", "--target", m / "nope", "--out", o], "target model folder"),
@@ -145,11 +160,16 @@ def test_unlearn_two_methods_report_and_resume(models, tmp_path, capsys):
      "differs from the fine-tuning run"),
     (lambda m, t, o: ["unlearn", "--target", m / "target", "--out", o, "--split", "forget05"],
      "differs from the fine-tuning run"),
-    (lambda m, t, o: ["unlearn", "--target", m / "target", "--out", o, "--data", o], "does not exist"),
+    (lambda m, t, o: ["unlearn", "--target", m / "target", "--out", o, "--data-dir", o], "does not exist"),
+    (lambda m, t, o: ["unlearn", "--target", m / "target", "--out", o, "--prompt-format", "tofu-llama2"],
+     "--prompt-format tofu-llama2 differs from the fine-tuning run"),
+    (lambda m, t, o: ["eval", "--model", m / "retain", "--out", o, "--prompt-format", "chat"],
+     "--prompt-format chat differs from the fine-tuning run"),
+    (lambda m, t, o: ["finetune", "--out", o, "--data-dir", t, "--prompt-format", "llama2"], "did you mean 'tofu-llama2'"),
 ])
-def test_bad_input_is_one_line_and_exit_2(models, tofu_dir, tmp_path, capsys, make_args, message):
+def test_bad_input_is_one_line_and_exit_2(models, tofu_data, tmp_path, capsys, make_args, message):
     out = tmp_path / "new"
-    code, _, err = run_cli(["tofu", *make_args(models, tofu_dir, out)], capsys)
+    code, _, err = run_cli(["tofu", *make_args(models, tofu_data, out)], capsys)
     assert code == 2 and message in err, err
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert not out.exists()
@@ -168,11 +188,32 @@ def test_helpers():
     assert with_refusals(qa)[0]["answer"] in REFUSALS
 
 
-def test_prepare_reads_the_scale_and_tofu_refusals(models, tofu_dir, tmp_path):
+def test_prepare_reads_the_scale_and_tofu_refusals(models, tofu_data, tmp_path):
     from loku.tofu.run import prepare
 
     inputs = prepare(TofuUnlearnConfig(target=str(models / "target"), out=str(tmp_path / "o"), limit=2))
-    assert inputs.data == str(tofu_dir) and inputs.retain_model == str(models / "retain")
+    assert inputs.data_dir == str(tofu_data) and inputs.retain_model == str(models / "retain")
     assert inputs.refusals == ["No idea at all.", "That is unknown to me."]  # TOFU's idontknow, for idk
     assert [len(v) for v in inputs.sets.values()] == [2, 2, 2, 2] and len(inputs.forget) == 3
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_as_fine_tuned_and_a_retain_log_in_another_format_is_refused(models, tofu_data, tmp_path, capsys):
+    """`loku tofu eval` takes the format the model was fine-tuned in; `loku tofu unlearn --retain-log` refuses a
+    log made in another format before writing anything."""
+    evaluated = tmp_path / "retain-eval"
+    code, stdout, err = run_cli(["tofu", "eval", "--model", models / "retain", "--out", evaluated, "--data-dir", tofu_data,
+                                 "--limit", "3", "--max-new-tokens", "2"], capsys)
+    assert code == 0 and "prompt format tofu-phi (as fine-tuned" in stdout, err
+    logs = json.loads((evaluated / "eval_log_aggregated.json").read_text())
+    assert {log["prompt_format"] for log in logs.values()} == {"tofu-phi"}
+    for log in logs.values():   # the stamp sits beside TOFU's metrics, which keep their names and values
+        assert set(log) - {"prompt_format", "normalized_gt_loss"} == set(LOG_KEYS)
+
+    other = {name: {**log, "prompt_format": "chat"} for name, log in logs.items()}
+    (tmp_path / "chat.json").write_text(json.dumps(other))
+    out = tmp_path / "new"
+    code, _, err = run_cli(["tofu", "unlearn", "--target", models / "target", "--out", out, "--limit", "3",
+                            "--retain-log", tmp_path / "chat.json"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "was made with prompt format chat, this run uses tofu-phi" in err
+    assert not out.exists()

@@ -154,7 +154,9 @@ def test_rigged_dialogue_reply_stops_at_next_speaker(tokenizer, rigged):
 
 # ------------------------------------------------------------------ end to end on a hand-made data folder
 
-def _write_eval_dir(root):
+def _write_eval_dir(data):
+    """A data folder whose eval/ holds five small tasks; returns the data folder."""
+    root = data / "eval"
     (root / "reasoning").mkdir(parents=True)
     (root / "dialogue").mkdir()
     (root / "ppl").mkdir()
@@ -167,12 +169,12 @@ def _write_eval_dir(root):
     (root / "dialogue" / "wizard_of_wikipedia.json").write_text(
         json.dumps({"text": {"0": ["hi", "hello", "how are you", "fine"], "1": ["who wrote it", "the author"]}}))
     (root / "ppl" / "pile.csv").write_text("doc_id,text,corpus\n0,The quick brown fox.,Pile-CC\n1,def main():,Github\n")
-    return root
+    return data
 
 
 def test_evaluate_utility_end_to_end(tmp_path, tokenizer):
     model = tiny_llama(len(tokenizer)).train()
-    data = _write_eval_dir(tmp_path / "eval")
+    data = _write_eval_dir(tmp_path / "data")
     out = evaluate_utility(model, tokenizer, tasks="lambada,pubmedqa,mathqa,wizard_of_wikipedia,pile",
                            limit=2, batch_size=2, data_dir=data)
     assert model.training  # restored after the eval-mode run
@@ -188,24 +190,26 @@ def test_evaluate_utility_end_to_end(tmp_path, tokenizer):
 
 
 def test_errors_name_the_fix(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.delenv("LOKU_EVAL_DATA", raising=False)
+    monkeypatch.delenv("LOKU_DATA", raising=False)
     with pytest.raises(LokuError, match=str(tmp_path / "nowhere")):
         load_task("lambada", data_dir=tmp_path / "nowhere")
-    data = _write_eval_dir(tmp_path / "eval")
-    (data / "reasoning" / "lambada.csv").write_text("id,text\n")
+    data = _write_eval_dir(tmp_path / "data")
+    (data / "eval" / "reasoning" / "lambada.csv").write_text("id,text\n")
     with pytest.raises(LokuError, match="lambada.csv holds no usable rows"):
         load_task("lambada", data_dir=data)
-    (data / "reasoning" / "pubmed_qa.csv").write_text("")
+    (data / "eval" / "reasoning" / "pubmed_qa.csv").write_text("")
     with pytest.raises(LokuError, match="cannot read .*pubmed_qa.csv"):
         load_task("pubmedqa", data_dir=data)
-    (data / "reasoning" / "pubmed_qa.csv").write_text("question,final_decision\nIs it?,yes\n")
+    (data / "eval" / "reasoning" / "pubmed_qa.csv").write_text("question,final_decision\nIs it?,yes\n")
     with pytest.raises(LokuError, match="pubmed_qa.csv: row 0 has no field 'abstract'"):
         load_task("pubmedqa", data_dir=data)
-    with pytest.raises(LokuError, match="piqa is missing"):
+    # not in the data folder, and the hub is out of reach (the tests run offline): one line, every place
+    with pytest.raises(LokuError, match=r"task piqa not found: tried .*reasoning/piqa \(--data-dir\).*hub dataset "
+                                        r"ybisk/piqa \(validation\) \(ConnectionError"):
         load_task("piqa", data_dir=data)
     with pytest.raises(LokuError, match="did you mean 'hellaswag'"):
         resolve_tasks(["helaswag"])
-    monkeypatch.setenv("LOKU_EVAL_DATA", str(data))
+    monkeypatch.setenv("LOKU_DATA", str(data))
     assert len(load_task("pile")) == 2
     assert resolve_tasks("ppl,pile") == ["pile", "wikitext"]
 
@@ -218,12 +222,12 @@ def test_errors_name_the_fix(tmp_path, tokenizer, monkeypatch):
     ("empathetic_dialogues", 2758), ("blended_skill_talk", 1009), ("wizard_of_internet", 516),
     ("pile", 1500), ("wikitext", 500)])
 def test_real_task_counts(name, count):
-    data = need_shared("eval")
+    data = need_shared("eval").parent
     assert len(load_task(name, data_dir=data)) == count
 
 
 def test_real_items_look_right():
-    data = need_shared("eval")
+    data = need_shared("eval").parent
     assert load_task("hellaswag", data_dir=data, limit=1)[0].context == "A man is sitting on a roof. he"
     assert load_task("mathqa", data_dir=data, limit=1)[0].options[0] == "12"
     assert load_task("lambada", data_dir=data, limit=1)[0].target == " glen"

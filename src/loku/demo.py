@@ -10,17 +10,17 @@ people it never saw, while it still knows the other people and its general text.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from . import io
 from .config import UnlearnConfig
+from .config_base import Config, setting
 from .data.batches import collate
 from .data.records import Record, make_records, record_text
 from .data.text import tokenize_examples
-from .errors import LokuError
 from .finetune import finetune
 from .losses import token_logprobs
 from .metrics.extraction import memorization_accuracy
@@ -43,40 +43,53 @@ IDENTIFYING = ("address", "phone", "email", "account")
 
 
 @dataclass
-class DemoConfig:
-    """The demo's settings; `loku demo` flags and the report's config share these names."""
+class DemoConfig(Config):
+    """Options of `loku demo`."""
 
-    out: str = field(default="runs/demo", metadata={"help": "New directory for the report, plot and adapter."})
-    model: str = field(default="smollm2-135m", metadata={"help": "Model to run the demo on."})
-    n_forget: int = field(default=12, metadata={"help": "People who ask to be forgotten."})
-    n_retain: int = field(default=12, metadata={"help": "People whose records the model keeps."})
-    n_unseen: int = field(default=12, metadata={"help": "People the model never saw (the forgetting target)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the people and of training."})
-    leak_lr: float = field(default=2e-4, metadata={"help": "Learning rate of the leak fine-tune (full model)."})
-    leak_batch_size: int = field(default=4, metadata={"help": "Batch size of the leak fine-tune."})
-    leak_max_epochs: int = field(default=30, metadata={
-        "help": "Most epochs of the leak fine-tune (its learning rate decays over them; it stops once leaked)."})
-    leak_target: float = field(default=0.9, metadata={
-        "help": "Share of private fields both groups must reveal before unlearning starts."})
-    unlearn_lr: float = field(default=1e-3, metadata={"help": "Learning rate of unlearning."})
-    unlearn_max_epochs: int = field(default=10, metadata={"help": "Most epochs of unlearning."})
-    forget_target: float = field(default=0.05, metadata={
-        "help": "Unlearning stops once the forgotten people reveal at most this share of their fields."})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank of unlearning.", "group": "LoRA"})
-    method: str = field(default="ihl", metadata={"help": "Unlearning method (see `loku list methods`)."})
-    retain: str = field(default="records", metadata={
-        "help": "What unlearning keeps: records (the retain people's records) or builtin (loku's built-in "
-                "general text, as `loku unlearn` without --retain)."})
-    mixed_precision: str = field(default="bf16", metadata={
-        "help": "bf16 (about 2x faster on CPUs with AMX/AVX512-BF16) or no (float32)."})
-
-    def __post_init__(self):
-        if self.retain not in ("records", "builtin"):
-            raise LokuError(f"unknown demo retain set {self.retain!r}: choose records or builtin")
+    out: str = setting("", "New directory for the report, plot and adapter.", group="Output",
+                       default_text="runs/demo-<time>")
+    model: str = setting("smollm2-135m", "Model to run the demo on.", group="Model")
+    n_forget: int = setting(12, "People who ask to be forgotten.", group="Data", bound="positive")
+    n_retain: int = setting(12, "People whose records the model keeps.", group="Data", bound="positive")
+    n_unseen: int = setting(12, "People the model never sees (the never-seen level).", group="Data",
+                            bound="positive")
+    seed: int = setting(0, "Seed of the records and training.", group="Training")
+    leak_lr: float = setting(2e-4, "Learning rate of the leak fine-tune (the whole model).", group="Training",
+                             bound="positive")
+    leak_batch_size: int = setting(4, "Batch size of the leak fine-tune.", group="Training", bound="positive")
+    leak_max_epochs: int = setting(30, "Most epochs of the leak fine-tune (its learning rate decays over them; it "
+                                   "stops once the records leak).", group="Training", bound="positive")
+    leak_target: float = setting(0.9, "Share of private fields both groups must reveal, prompted with a name, "
+                                 "before unlearning starts.", group="Training", bound="positive")
+    unlearn_lr: float = setting(1e-3, "Learning rate of the unlearning.", group="Training", bound="positive")
+    unlearn_max_epochs: int = setting(10, "Most epochs of the unlearning.", group="Training", bound="positive")
+    forget_target: float = setting(0.05, "Unlearning stops once the forgotten people reveal at most this share of "
+                                   "their fields (and are known no better than never-seen people).",
+                                   group="Training", bound="non-negative")
+    lora_rank: int = setting(8, "LoRA rank of the unlearning.", group="LoRA", bound="positive")
+    method: str = setting("ihl", "Unlearning method (see `loku list methods`).", group="Method settings")
+    retain: str = setting("records", "What the unlearning keeps: records (the retain people's records) or builtin "
+                          "(loku's built-in general text, as `loku unlearn` without --retain).", group="Data",
+                          choices=("records", "builtin"), kind="demo retain set")
+    mixed_precision: str = setting("bf16", "no, bf16 or fp16 (bf16: ~2x faster on CPUs with AMX/AVX512-BF16).",
+                                   group="Training", choices=("no", "bf16", "fp16"))
+    quick: bool = setting(False, "A smaller demo for a smoke test (the sizes and epochs left at their defaults "
+                          "become 4 people a group, 3 + 2 epochs).", group="Output")
+    extra: dict = setting(help="Free-form notes carried into the report (a YAML mapping).", group="Output",
+                          factory=dict)
 
     @staticmethod
     def quick_overrides() -> dict:
         return {"n_forget": 4, "n_retain": 4, "n_unseen": 4, "leak_max_epochs": 3, "unlearn_max_epochs": 2}
+
+    def check(self):
+        from .methods import METHODS
+
+        METHODS[self.method]  # raises with "did you mean"
+        if self.quick:
+            for name, value in self.quick_overrides().items():
+                if getattr(self, name) == self.__dataclass_fields__[name].default:
+                    setattr(self, name, value)
 
 
 def memorization(model, tokenizer, texts: list[str]) -> list[float]:
@@ -152,7 +165,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from .models import load_model
 
     console = Console()
-    out = io.start_out_dir(cfg.out)
+    out = io.start_out_dir(cfg.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     t0 = time.time()
     people = make_records(cfg.n_forget + cfg.n_retain + cfg.n_unseen, seed=cfg.seed)
     groups = {"forget": people[:cfg.n_forget], "retain": people[cfg.n_forget:cfg.n_forget + cfg.n_retain],
@@ -209,7 +222,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     after, texts_after = measure(result.model, tokenizer, groups)
     others = revealed_others(texts_after, groups["forget"], people)
 
-    report = {"config": asdict(cfg), "init": ucfg.resolved_init, "retain": ucfg.retain or "records",
+    report = {"config": asdict(cfg), "out": str(out), "init": ucfg.resolved_init, "retain": ucfg.retain or "records",
               "base": base, "leaked": before, "unlearned": after,
               "leak_seconds": round(t_leak, 1), "leak_epochs": sum(c["phase"] == "leak" for c in curves),
               "unlearn_seconds": round(result.seconds, 1), "unlearn_epochs": result.epochs_run,
@@ -247,7 +260,7 @@ def print_report(console, cfg: DemoConfig, report: dict, init: str) -> None:
     n = sum(bool(s["reveals_others"]) for s in report["samples"])
     console.print(f"after unlearning, {n} of {len(report['samples'])} generations for forgotten people reveal "
                   "another person's address, phone, email or account")
-    out = Path(cfg.out)
+    out = report["out"]
     console.print(f"wrote {out}/report.json, {out}/curves.png, adapter in {out}/unlearned "
                   f"({report['total_seconds']:.0f} s in all)")
 

@@ -3,17 +3,17 @@
 The training loop runs the model once per batch and hands the outputs here; no loss calls a model.
 Labels are aligned with the inputs as in Hugging Face (position t predicts labels[t] from inputs <t
 after the shift done here), and -100 marks tokens without loss.
+
+The methods built from these (ga, gd, kl, npo, simnpo, idk, ihl), their settings and `method_loss` live in
+`loku.methods`; they stay importable from here (`from loku.losses import METHODS, method_loss`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
-from .registry import Registry
 
 IGNORE = -100
 
@@ -37,6 +37,16 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     """Mean next-token cross-entropy over unmasked targets (the usual LM loss)."""
     logp, mask = token_logprobs(logits, labels, ignore_index)
     return -(logp * mask).sum() / mask.sum().clamp(min=1)
+
+
+def pooled_cross_entropy(a_logits: torch.Tensor, a_labels: torch.Tensor, b_logits: torch.Tensor,
+                         b_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two batches' shares of ONE token mean over both: (sum_a / (n_a + n_b), sum_b / (n_a + n_b)).
+    Their sum is the cross-entropy of the two batches concatenated (as the IdK reference computes it)."""
+    logp_a, mask_a = token_logprobs(a_logits, a_labels)
+    logp_b, mask_b = token_logprobs(b_logits, b_labels)
+    n = (mask_a.sum() + mask_b.sum()).clamp(min=1)
+    return -(logp_a * mask_a).sum() / n, -(logp_b * mask_b).sum() / n
 
 
 def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor, mean: bool = False) -> torch.Tensor:
@@ -67,70 +77,33 @@ def inverted_hinge_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
-@dataclass
-class LossInputs:
-    """What the loop hands a method: model outputs on the forget (and retain) batch, and the frozen
-    start model's outputs where the method needs them."""
-
-    forget_logits: torch.Tensor
-    forget_labels: torch.Tensor
-    retain_logits: torch.Tensor | None = None
-    retain_labels: torch.Tensor | None = None
-    ref_forget_logits: torch.Tensor | None = None
-    ref_retain_logits: torch.Tensor | None = None
+def npo_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    """NPO's forget term: batch mean of -(2/beta) log sigmoid(-beta (log pi(y) - log pi_ref(y))), with
+    log pi(y) the sequence's summed target log-prob. Equals (2/beta) log 2 while the model is its reference."""
+    log_ratio = sequence_logprob(logits, labels) - sequence_logprob(ref_logits, labels)      # (B,)
+    return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
 
 
-@dataclass
-class LossSettings:
-    retain_weight: float = 1.0
-    npo_beta: float = 0.1
-    simnpo_beta: float = 4.5   # OpenUnlearning's SimNPO defaults
-    simnpo_gamma: float = 0.125
+def simnpo_loss(logits: torch.Tensor, labels: torch.Tensor, beta: float = 4.5, delta: float = 0.0) -> torch.Tensor:
+    """SimNPO's forget term (before its coefficient): batch mean of -(2/beta) log sigmoid(beta (nll/len - delta)),
+    nll the sequence's summed target cross-entropy and len its number of target tokens. Reference-free and
+    length-normalised NPO; delta is the reward margin. Defaults: OpenUnlearning's configs/trainer/SimNPO.yaml."""
+    avg_nll = -sequence_logprob(logits, labels, mean=True)                  # (B,)
+    return -(2.0 / beta) * F.logsigmoid(beta * (avg_nll - delta)).mean()
 
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    fn: Callable[[LossInputs, LossSettings], dict[str, torch.Tensor]]
-    summary: str
-    needs_retain: bool = False
-    needs_reference: bool = False  # forward passes of the frozen start model
-    forget_answers: str | None = None  # "idk": forget questions are answered with refusals
-    ascent: bool = False  # the forget term is -cross-entropy: unbounded below, so divergence is watched
-    forget_mean_over: str = "tokens"  # what the forget term averages: "tokens" or "sequences" (NPO, SimNPO)
-
-
-METHODS: Registry[Method] = Registry("method")
-
-
-def method(name: str, summary: str, **flags):
-    def wrap(fn):
-        METHODS.register(name, Method(name, fn, summary, **flags))
-        return fn
-    return wrap
-
-
-def _retain_ce(x: LossInputs, s: LossSettings) -> torch.Tensor:
-    return s.retain_weight * cross_entropy(x.retain_logits, x.retain_labels)
-
-
-def _total(**terms: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"loss": sum(terms.values()), **terms}
-
-
-@method("ga", "gradient ascent on the forget set (diverges; no retain term)", ascent=True)
-def ga(x: LossInputs, s: LossSettings):
-    return _total(forget=-cross_entropy(x.forget_logits, x.forget_labels))
-
-
-@method("gd", "gradient difference: ascent on forget + cross-entropy on retain", needs_retain=True,
-        ascent=True)
-def gd(x: LossInputs, s: LossSettings):
-    return _total(forget=-cross_entropy(x.forget_logits, x.forget_labels), retain=_retain_ce(x, s))
-
-
-def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over target tokens of KL(p_ref || p_model), in float32."""
+def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                  reduction: str = "batchmean") -> torch.Tensor:
+    """KL(p_ref || p_model) per position, in float32, reduced as
+    - "batchmean": the mean over ALL B x T positions, padding included: torch's kl_div(reduction="batchmean")
+      on logits flattened to (B*T, V), as the paper's code and OpenUnlearning compute it;
+    - "tokens": the mean over the positions that predict a target token (labels != -100)."""
+    if reduction == "batchmean":
+        ref_logp = F.log_softmax(ref_logits.float(), -1)                    # (B, T, V)
+        logp = F.log_softmax(logits.float(), -1)
+        return (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()
+    if reduction != "tokens":
+        raise ValueError(f"unknown KL reduction {reduction!r}: batchmean or tokens")
     _, _, mask = shift(logits, labels)
     ref_logp = F.log_softmax(ref_logits[:, :-1].float(), -1)
     logp = F.log_softmax(logits[:, :-1].float(), -1)
@@ -138,59 +111,58 @@ def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor, labels: torch.
     return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
-@method("kl", "ascent on forget + KL to the frozen start model on retain", needs_retain=True,
-        needs_reference=True, ascent=True)
-def kl(x: LossInputs, s: LossSettings):
-    return _total(forget=-cross_entropy(x.forget_logits, x.forget_labels),
-                  retain=s.retain_weight * kl_divergence(x.ref_retain_logits, x.retain_logits, x.retain_labels))
+# What each unit counts in a batch: the denominator of a term's mean.
+UNITS = ("tokens", "sequences", "positions", "pooled")
 
 
-@method("npo", "negative preference optimization against the start model + retain cross-entropy",
-        needs_retain=True, needs_reference=True, forget_mean_over="sequences")
-def npo(x: LossInputs, s: LossSettings):
-    log_ratio = sequence_logprob(x.forget_logits, x.forget_labels) - sequence_logprob(
-        x.ref_forget_logits, x.forget_labels)                               # (B,)
-    forget = -(2.0 / s.npo_beta) * F.logsigmoid(-s.npo_beta * log_ratio).mean()
-    return _total(forget=forget, retain=_retain_ce(x, s))
+def unit_counts(units: dict[str, str], forget_labels: torch.Tensor,
+                retain_labels: torch.Tensor | None) -> dict[str, float]:
+    """The denominator of each term's mean in this batch: "tokens" (target tokens of its own batch),
+    "sequences" (rows), "positions" (rows x length, padding included: KL's batchmean), "pooled" (target
+    tokens of the forget and retain batches together: IdK's one mean over both)."""
+    def tokens(labels):
+        return float((labels[:, 1:] != IGNORE).sum()) if labels is not None else 0.0
+
+    batch = {"forget": forget_labels, "retain": retain_labels}
+    out = {}
+    for term, unit in units.items():
+        labels = batch[term]
+        if labels is None:
+            out[term] = 0.0
+        elif unit == "sequences":
+            out[term] = float(labels.shape[0])
+        elif unit == "positions":
+            out[term] = float(labels.shape[0] * labels.shape[1])
+        elif unit == "pooled":
+            out[term] = tokens(forget_labels) + tokens(retain_labels)
+        else:
+            out[term] = tokens(labels)
+    return out
 
 
-@method("simnpo", "reference-free, length-normalised NPO + retain cross-entropy", needs_retain=True,
-        forget_mean_over="sequences")
-def simnpo(x: LossInputs, s: LossSettings):
-    avg_logp = sequence_logprob(x.forget_logits, x.forget_labels, mean=True)  # (B,)
-    forget = -(2.0 / s.simnpo_beta) * F.logsigmoid(-s.simnpo_beta * avg_logp - s.simnpo_gamma).mean()
-    return _total(forget=forget, retain=_retain_ce(x, s))
-
-
-@method("idk", "cross-entropy on refusal answers to the forget questions + retain cross-entropy",
-        needs_retain=True, forget_answers="idk")
-def idk(x: LossInputs, s: LossSettings):
-    return _total(forget=cross_entropy(x.forget_logits, x.forget_labels), retain=_retain_ce(x, s))
-
-
-@method("ihl", "inverted hinge loss on forget + retain cross-entropy (LoKU)", needs_retain=True)
-def ihl(x: LossInputs, s: LossSettings):
-    return _total(forget=inverted_hinge_loss(x.forget_logits, x.forget_labels), retain=_retain_ce(x, s))
-
-
-def global_mean_scales(forget_mean_over: str, forget_labels: torch.Tensor, retain_labels: torch.Tensor | None,
+def global_mean_scales(units: str | dict[str, str], forget_labels: torch.Tensor, retain_labels: torch.Tensor | None,
                        sum_over_processes: Callable[[torch.Tensor], torch.Tensor], world: int) -> dict[str, float]:
     """Per-term factors that turn each process's mean into its share of the mean over the whole global batch.
 
     Each process averages its own tokens (or sequences); DDP then averages the processes' gradients, which
     weighs a process with few tokens like one with many. Scaling a term by local count / (global count /
     world) makes the averaged gradient exactly that of one process on the whole batch, for any lengths.
-    `forget_mean_over`: what the forget term averages ("tokens" or "sequences"); retain terms average tokens."""
-    def count(labels, unit):
-        return float(labels.shape[0]) if unit == "sequences" else float((labels[:, 1:] != IGNORE).sum())
-
-    local = torch.tensor([count(forget_labels, forget_mean_over),
-                          count(retain_labels, "tokens") if retain_labels is not None else 0.0],
-                         dtype=torch.float64, device=forget_labels.device)
+    `units`: what each term averages (`loku.methods.loss_units`), or the forget term's unit alone (the
+    retain term then averages tokens)."""
+    if isinstance(units, str):
+        units = {"forget": units, "retain": "tokens"}
+    counts = unit_counts(units, forget_labels, retain_labels)
+    names = list(counts)
+    local = torch.tensor([counts[k] for k in names], dtype=torch.float64, device=forget_labels.device)
     total = sum_over_processes(local.clone())
-    scale = [float(l * world / t) if t > 0 else 1.0 for l, t in zip(local.tolist(), total.tolist())]
-    return {"forget": scale[0], "retain": scale[1]}
+    return {k: float(l * world / t) if t > 0 else 1.0 for k, l, t in zip(names, local.tolist(), total.tolist())}
 
 
-def get_method(name: str) -> Method:
-    return METHODS[name]
+def __getattr__(name: str):
+    # The method registry and `method_loss` live in loku.methods, which imports the functions above; a
+    # lazy lookup keeps `from loku.losses import METHODS, method_loss` working without an import cycle.
+    from . import methods
+
+    if name in methods.__all__:
+        return getattr(methods, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

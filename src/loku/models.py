@@ -314,3 +314,26 @@ def model_identity(model) -> str:
     cfg = model.config.to_dict()
     keep = {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool, list)) and not k.startswith("_")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_adapter(adapter: str | os.PathLike) -> Path:
+    """A PEFT adapter folder (of a finished loku run, when it is one), or a LokuError naming the fix."""
+    from . import io
+
+    path = Path(adapter).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise LokuError(f"{path} is not a PEFT adapter folder (no adapter_config.json): pass the adapter/ folder "
+                        "of a loku run")
+    return io.check_run_part(path)
+
+
+def load_for_eval(name_or_path: str, adapter: str | os.PathLike | None = None, *, trust_remote_code: bool = False):
+    """(model, tokenizer) to score: the model, with a PEFT adapter merged into it when one is given."""
+    if adapter is not None:
+        check_adapter(adapter)
+    model, tokenizer = load_model(name_or_path, trust_remote_code=trust_remote_code)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    return model, tokenizer

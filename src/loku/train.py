@@ -22,7 +22,7 @@ from .data.retain import settle_retain
 from .data.text import load_examples, tokenize_examples
 from .distributed import gathered_state, launch_precision, prepare_reference, requested_engine, start_accelerator
 from .errors import LokuError
-from .losses import LossInputs, LossSettings, Method, get_method, global_mean_scales
+from .losses import LossInputs, Method, get_method, global_mean_scales, loss_units, method_loss
 
 _KILL_AT_STEP = int(os.environ.get("LOKU_TEST_KILL_AT_STEP", "0")) or None
 EpochCallback = Callable[[int, torch.nn.Module], "dict | None"]
@@ -138,8 +138,9 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     check_tokenizer_fits(model, tokenizer)
     check_max_length(model, cfg.max_length)
     set_seed(cfg.seed)
-    forget = tokenize_examples(forget_ex, tokenizer, cfg.max_length, "forget")
-    retain = tokenize_examples(retain_ex, tokenizer, cfg.max_length, "retain") if retain_ex else None
+    forget = tokenize_examples(forget_ex, tokenizer, cfg.max_length, "forget", cfg.prompt_format)
+    retain = (tokenize_examples(retain_ex, tokenizer, cfg.max_length, "retain", cfg.prompt_format)
+              if retain_ex else None)
     # engine "FSDP" / "DeepSpeed": they place (and shard) the weights themselves
     accelerator, engine = start_accelerator(cfg.grad_accum, cfg.mixed_precision, cfg.batch_size)
     # One global batch of batch_size x processes per step, each process taking its share: N processes
@@ -179,7 +180,6 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
             return _forward(reference, batch)
         with unwrapped.disable_adapter():
             return _forward(unwrapped, batch)
-    settings = LossSettings(cfg.retain_weight, cfg.npo_beta, cfg.simnpo_beta, cfg.simnpo_gamma)
     main = accelerator.is_main_process
 
     result = UnlearnResult(model=model, tokenizer=tokenizer, out=out)
@@ -228,9 +228,9 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
                             x.ref_forget_logits = reference_logits(forget_b)
                             if x.retain_logits is not None:
                                 x.ref_retain_logits = reference_logits(retain_b)
-                    terms = method.fn(x, settings)
+                    terms = method_loss(method, x, cfg)
                     if world > 1:   # each process's share of the global-batch mean, whatever the lengths
-                        scales = global_mean_scales(method.forget_mean_over, x.forget_labels, x.retain_labels,
+                        scales = global_mean_scales(loss_units(method, cfg), x.forget_labels, x.retain_labels,
                                                     lambda t: accelerator.reduce(t, reduction="sum"), world)
                         terms = {k: v * scales[k] for k, v in terms.items() if k != "loss"}
                         terms = {"loss": sum(terms.values()), **terms}

@@ -15,13 +15,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from ..config import UnlearnConfig
+from ..config_base import Config, setting
 from ..distributed import barrier, is_main
 from ..errors import LokuError
+from .options import config_command
 
 METHODS = ("fila", "vila")
 
@@ -102,8 +103,8 @@ def compute_fisher(cfg: UnlearnConfig, out: str | Path, method: str = "fila", *,
     targets = resolve_targets(model, cfg.lora_targets)
     check_rank(model, targets, cfg.lora_rank)   # the run these are for would fail; say so before the pass
     names = sorted(targeted_modules(model, targets))
-    forget = tokenize_examples(forget_ex, tokenizer, cfg.max_length, "forget")
-    retain = tokenize_examples(retain_ex, tokenizer, cfg.max_length, "retain")
+    forget = tokenize_examples(forget_ex, tokenizer, cfg.max_length, "forget", cfg.prompt_format)
+    retain = tokenize_examples(retain_ex, tokenizer, cfg.max_length, "retain", cfg.prompt_format)
     # unlearn's global batch is batch_size x processes; under accelerate launch the processes split the
     # batches and all-reduce the sums (loku.fisher), so the file equals a one-process run's.
     batches = PairedBatches(forget, retain, cfg.batch_size * world, tokenizer.pad_token_id, cfg.seed,
@@ -139,15 +140,6 @@ def _device():
     return _state().device
 
 
-def _targets(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    if not names:
-        raise LokuError(f"--lora-targets {text!r} names no module: give a comma list such as q_proj,v_proj")
-    return names
-
-
 def _summary(run: FisherRun, cfg: UnlearnConfig, top: int = 5) -> list[str]:
     s = run.stats
     size = run.out.stat().st_size / 2**20
@@ -166,41 +158,28 @@ def _summary(run: FisherRun, cfg: UnlearnConfig, top: int = 5) -> list[str]:
     return lines + [hint]
 
 
-def command(
-    config: Optional[Path] = typer.Option(None, help="The unlearning run's YAML config; flags given here override it."),
-    model: Optional[str] = typer.Option(None, help="Hub id, local model directory, .gguf file, or 'smollm2-135m'."),
-    forget: Optional[str] = typer.Option(None, help="Data to forget: .csv, .jsonl, .json (QA) or .txt."),
-    retain: Optional[str] = typer.Option(None, help="Data to keep: the statistics weigh forget against it."),
-    text_column: Optional[str] = typer.Option(None, help="CSV/JSONL column holding the text."),
-    max_length: Optional[int] = typer.Option(None, help="Tokens per example, as for unlearn."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size, as for unlearn (the batches must match)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the batch order, as for unlearn."),
-    lora_targets: Optional[str] = typer.Option(None, help="Comma list of modules (default: every linear layer)."),
-    method: Optional[str] = typer.Option(None, help="fila (Fisher diagonal) or vila (variance over random "
-                                                    "LoRA factors; needs the run's rank and alpha)."),
-    lora_rank: Optional[int] = typer.Option(None, help="LoRA rank of the run (VILA's factors; checked for FILA)."),
-    lora_alpha: Optional[float] = typer.Option(None, help="LoRA alpha of the run (default 2 x rank)."),
-    out: Optional[str] = typer.Option(None, help="New .safetensors file (default: the config's fisher_cache)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickle (.bin) weights."),
-):
+@dataclass
+class FisherConfig(Config):
+    """Options of `loku fisher`: which statistics, where they go, and the unlearning run they are for."""
+
+    method: str | None = setting(None, "fila (Fisher diagonal) or vila (variance over random LoRA factors; needs "
+                                 "the run's rank and alpha).", group="Output", choices=METHODS, kind="Fisher method",
+                                 default_text="the run's --init if fila or vila, else fila")
+    out: str | None = setting(None, "New .safetensors file.", group="Output", default_text="the run's fisher_cache")
+    overwrite: bool = setting(False, "Replace an existing --out file.", group="Output")
+    run: UnlearnConfig = setting(help="The unlearning run the statistics are for.", factory=UnlearnConfig)
+
+
+@config_command(FisherConfig, config_file="run",
+                config_help="The unlearning run's YAML config; flags given here override it.")
+def command(cfg: FisherConfig):
     """Compute the Fisher statistics FILA/VILA start from and save them for `loku unlearn --fisher-cache`."""
-    base = UnlearnConfig.from_yaml(config).to_dict() if config else {}
-    flags = dict(model=model, forget=forget, retain=retain, text_column=text_column, max_length=max_length,
-                 batch_size=batch_size, seed=seed, lora_targets=_targets(lora_targets), lora_rank=lora_rank,
-                 lora_alpha=lora_alpha)
-    base.update({k: v for k, v in flags.items() if v is not None})
-    for name, on in dict(trust_remote_code=trust_remote_code, allow_pickle=allow_pickle).items():
-        if on:
-            base[name] = True
-    cfg = UnlearnConfig.from_dict(base, source=str(config or "flags"))
-    kind = fisher_method(cfg, method)
-    out = out or cfg.fisher_cache
+    kind = fisher_method(cfg.run, cfg.method)
+    out = cfg.out or cfg.run.fisher_cache
     if not out:
         raise LokuError("no output file given: pass --out FILE (e.g. fisher.safetensors)")
-    run = compute_fisher(cfg, out, kind, overwrite=overwrite)
+    run = compute_fisher(cfg.run, out, kind, overwrite=cfg.overwrite)
     if not is_main():   # the statistics file was written by the main process
         return
-    for line in _summary(run, cfg):
+    for line in _summary(run, cfg.run):
         typer.echo(line)

@@ -18,10 +18,7 @@ from typing import Callable, Iterable
 
 from ..errors import LokuError
 from ..registry import Registry
-
-ENV_VAR = "LOKU_EVAL_DATA"
-DATA_HINT = ("set LOKU_EVAL_DATA or pass data_dir to the folder that holds reasoning/, dialogue/ and ppl/ "
-             "(the public data folder ../shared/data/eval beside the checkout; see its README.md)")
+from .sources import HubCopy, PublicData, find
 
 
 @dataclass(frozen=True)
@@ -198,20 +195,10 @@ PPL_TASKS = [n for n, t in TASKS.items() if t.kind == "ppl"]
 
 # ---------------------------------------------------------------- reading files
 
-def eval_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The folder with reasoning/, dialogue/, ppl/: the argument, else $LOKU_EVAL_DATA, else
-    ../shared/data/eval beside the repository or beside the working directory."""
-    if data_dir is not None or os.environ.get(ENV_VAR):
-        path = Path(data_dir if data_dir is not None else os.environ[ENV_VAR]).expanduser()
-        if not path.is_dir():
-            raise LokuError(f"evaluation data folder {path} does not exist: {DATA_HINT}")
-        return path
-    repo = Path(__file__).resolve().parents[3]
-    candidates = [repo.parent / "shared" / "data" / "eval", Path.cwd().parent / "shared" / "data" / "eval"]
-    for path in candidates:
-        if path.is_dir():
-            return path
-    raise LokuError(f"evaluation data folder not found (looked in {', '.join(map(str, candidates))}): {DATA_HINT}")
+def task_data(spec: TaskSpec) -> PublicData:
+    """The task as a public data set: eval/<path> in a data folder, or its hub copy (loku.data.sources)."""
+    return PublicData(f"TDEC utility task {spec.name}", f"eval/{spec.path}", HubCopy(*spec.hub) if spec.hub else None,
+                      "Jang et al. 2023's validation_data/ files, joeljang/knowledge-unlearning")
 
 
 def _read_rows(path: Path) -> Iterable:
@@ -233,34 +220,21 @@ def _read_rows(path: Path) -> Iterable:
     raise LokuError(f"{path}: unknown file type (expected a save_to_disk folder, .csv, .jsonl or .json)")
 
 
-def _hub_rows(spec: TaskSpec) -> Iterable:
-    if spec.hub is None:
-        raise LokuError(f"task {spec.name!r} has no Hugging Face hub copy (Jang et al.'s own file): "
-                        "use the local data folder")
-    from datasets import load_dataset
-
-    repo, config, split = spec.hub
-    return iter(load_dataset(repo, config, split=split))
-
-
-def load_task(name: str, data_dir: str | os.PathLike | None = None, limit: int | None = None,
-              source: str = "disk") -> list:
+def load_task(name: str, data_dir: str | os.PathLike | None = None, limit: int | None = None) -> list:
     """The first `limit` items of a task: `MultipleChoice`/`Completion`/`Dialogue` items, or the texts of a
-    perplexity set. `source="hub"` reads the Hugging Face hub copy instead of the local folder."""
+    perplexity set. The data comes from `data_dir` (else $LOKU_DATA), else the task's hub copy
+    (`loku.data.sources.find`)."""
+    return load_task_from(name, data_dir, limit)[0]
+
+
+def load_task_from(name: str, data_dir: str | os.PathLike | None = None, limit: int | None = None) -> tuple[list, str]:
+    """`load_task`, and where the items came from (a file or folder, or the hub dataset)."""
     spec = TASK_REGISTRY[name]
     if limit is not None and limit < 1:
         raise LokuError(f"limit must be a positive number of items, got {limit}: pass at least 1")
-    if source == "hub":
-        where = f"hub dataset {spec.hub[0]}" if spec.hub else spec.name
-        read = lambda: _hub_rows(spec)  # noqa: E731
-    elif source == "disk":
-        path = eval_data_dir(data_dir) / spec.path
-        if not path.exists():
-            raise LokuError(f"task file {path} is missing: {DATA_HINT}")
-        where = str(path)
-        read = lambda: _read_rows(path)  # noqa: E731
-    else:
-        raise LokuError(f"unknown data source {source!r}: use 'disk' or 'hub'")
+    found = find(task_data(spec), data_dir)
+    where = found.where
+    read = (lambda: _read_rows(found.path)) if found.path is not None else (lambda: iter(found.rows))  # noqa: E731
     convert = spec.convert or _text_item
     items, i = [], 0
     try:
@@ -276,4 +250,4 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, limit: int |
         raise LokuError(f"cannot read {where} ({type(e).__name__}: {e}): restore it from the public data") from e
     if not items:
         raise LokuError(f"task {name!r}: {where} holds no usable rows: restore the file from the public data")
-    return items
+    return items, where

@@ -1,27 +1,65 @@
 """The retain set of a run: the user's, or, when a method needs one and none is given, loku's built-in
 general text; and the check that forget and retain do not share examples.
 
-The built-in set is 242 paragraphs of WikiText-2 (CC BY-SA 3.0) shipped inside the package
-(`data/general/`, with its source and license), so it needs no network. Keeping general text
-while forgetting is what a retain set is for; a user's own retain data, closer to the forget set,
-keeps more of what is near it (README: its effect on the demo, measured).
+The built-in set is read from the WikiText-2 test split that loku ships (`data/files/`, CC BY-SA 3.0, source
+and license in its README), always from there, so it needs no network and is the same on every machine:
+the first PER_ARTICLE paragraphs of each article (of at least MIN_CHARS characters), with WikiText's
+tokenization undone and each paragraph cut after its last sentence that ends within MAX_CHARS.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from functools import lru_cache
 
 from ..errors import LokuError
+from .sources import SHIPPED, WIKITEXT2_TEST
 from .text import load_examples
 
 BUILTIN = "builtin:wikitext-2"   # the name a config records (and `--retain` accepts) for the built-in set
-_FILE = Path(__file__).with_name("general") / "wikitext2_excerpt.txt"
+PER_ARTICLE, MIN_CHARS, MAX_CHARS = 4, 200, 600   # 242 paragraphs from the 60 articles, ~115 KB of text
+
+
+def detokenize(line: str) -> str:
+    """WikiText's ` @-@ `, ` , `, `( x )`, ` 's` back to plain text."""
+    s = line.strip().replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+    s = re.sub(r" ([,.;:!?%)\]])", r"\1", s)
+    s = re.sub(r"([(\[$]) ", r"\1", s)
+    s = re.sub(r" (n't|'s|'re|'ve|'ll|'d|'m)\b", r"\1", s)
+    return re.sub(r'" (.*?) "', r'"\1"', s)
+
+
+def _cut(text: str) -> str:
+    """`text` up to its last sentence end within MAX_CHARS ("" when there is none)."""
+    if len(text) <= MAX_CHARS:
+        return text
+    ends = [m.end() for m in re.finditer(r"[.!?](?= [A-Z\"])", text[:MAX_CHARS])]
+    return text[:ends[-1]] if ends else ""
+
+
+def general_paragraphs(raw: str) -> list[str]:
+    """The built-in set's paragraphs from WikiText raw text (articles open with a ` = Title = ` line)."""
+    out, taken = [], PER_ARTICLE
+    for line in raw.splitlines():
+        line = line.strip()
+        if re.fullmatch(r"= [^=].* =", line):   # a new article
+            taken = 0
+        elif line and not line.startswith("=") and taken < PER_ARTICLE:
+            text = _cut(detokenize(line))
+            if len(text) >= MIN_CHARS:
+                out.append(text)
+                taken += 1
+    return out
+
+
+@lru_cache(maxsize=1)
+def _builtin_texts() -> tuple[str, ...]:
+    return tuple(general_paragraphs((SHIPPED / WIKITEXT2_TEST.path).read_text(encoding="utf-8")))
 
 
 def builtin_retain() -> list[dict]:
     """The built-in general-text retain set, one example per paragraph."""
-    return load_examples(_FILE)
+    return [{"text": t} for t in _builtin_texts()]
 
 
 def settle_retain(cfg, needs_retain: bool, forget: list[dict], given: list[dict] | None) -> list[dict] | None:

@@ -1,7 +1,7 @@
 """Read forget/retain examples from CSV, JSONL, plain text or QA JSON, and tokenize them.
 
 An example is either `{"text": ...}` (loss on every token) or `{"question": ..., "answer": ...}`
-(loss on the answer tokens only).
+(loss on the answer tokens only, in the prompt format chosen: `loku.data.qa`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LokuError
+from .qa import DEFAULT_PROMPT_FORMAT, format_qa
 
 FORMATS = (".csv", ".jsonl", ".json", ".txt", ".raw")  # .raw: WikiText, one paragraph a line
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a whole document in one cell (default: 128 KiB)
@@ -136,17 +137,17 @@ def load_examples(path: str | Path, text_column: str = "text") -> list[dict]:
     return rows
 
 
-def tokenize_example(example: dict, tokenizer, max_length: int) -> dict:
-    """input_ids and labels (-100 where no loss applies), truncated to max_length."""
+def tokenize_example(example: dict, tokenizer, max_length: int, prompt_format: str = DEFAULT_PROMPT_FORMAT) -> dict:
+    """input_ids and labels (-100 where no loss applies), truncated to max_length; QA examples in
+    `prompt_format` (plain text has none)."""
     if "text" in example:
         ids = tokenizer(example["text"], truncation=True, max_length=max_length)["input_ids"]
         return {"input_ids": ids, "labels": list(ids)}
-    from .qa import format_qa
-
-    return format_qa(tokenizer, example["question"], example["answer"], max_length)
+    return format_qa(tokenizer, example["question"], example["answer"], max_length, prompt_format)
 
 
-def tokenize_examples(examples: list[dict], tokenizer, max_length: int, source: str = "data") -> list[dict]:
+def tokenize_examples(examples: list[dict], tokenizer, max_length: int, source: str = "data",
+                      prompt_format: str = DEFAULT_PROMPT_FORMAT) -> list[dict]:
     """Tokenize and truncate to max_length (longer examples are cut silently); max_length itself must fit
     the tokenizer's model_max_length, which `loku.models.load_model` sets to the model's context."""
     limit = getattr(tokenizer, "model_max_length", None)
@@ -154,7 +155,7 @@ def tokenize_examples(examples: list[dict], tokenizer, max_length: int, source: 
         raise LokuError(f"--max-length {max_length} is longer than the model's context of {limit} tokens "
                         f"(max_position_embeddings, the tokenizer's model_max_length): pass --max-length "
                         f"{limit} or less")
-    feats = [tokenize_example(e, tokenizer, max_length) for e in examples]
+    feats = [tokenize_example(e, tokenizer, max_length, prompt_format) for e in examples]
     for i, f in enumerate(feats):
         if sum(label != -100 for label in f["labels"][1:]) == 0:
             raise LokuError(f"{source} example {i + 1} has no token to learn from after tokenization "

@@ -1,4 +1,4 @@
-"""TOFU splits (Maini et al. 2024), from a local copy of the JSON files or from the hub dataset.
+"""TOFU splits (Maini et al. 2024), from a data folder's tofu/ (TOFU's JSON files) or from the hub dataset.
 
 TOFU is 200 fictitious authors x 20 QA pairs (`full`, 4000 rows, author-major). `retainYY` is the first
 YY% of `full`, `forgetXX` the last XX%, and `forgetXX_perturbed` the same rows with a paraphrased answer
@@ -19,12 +19,12 @@ from pathlib import Path
 
 from ..errors import LokuError
 from .batches import collate
-from .qa import format_qa, qa_prompt
+from .qa import TOFU_PROMPT_FORMAT, format_qa, qa_prompt
+from .sources import find, tofu_split
 
-__all__ = ["SPLITS", "HUB_DATASET", "QA_PER_AUTHOR", "load_split", "scaled_authors", "format_qa", "qa_prompt",
+__all__ = ["SPLITS", "QA_PER_AUTHOR", "load_split", "scaled_authors", "format_qa", "qa_prompt",
            "collate", "tokenize_qa"]
 
-HUB_DATASET = "locuslab/TOFU"
 QA_PER_AUTHOR = 20
 N_AUTHORS = 200
 
@@ -55,11 +55,7 @@ def _check_name(name: str) -> None:
 def _read_json_arrays(path: Path) -> list:
     """Rows of a file holding one JSON array, or several back to back: full.json and retainYY.json are
     4 lines of one array each, which plain json.load rejects ("Extra data")."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LokuError(f"TOFU file {path} does not exist: pass the folder holding the TOFU JSON files "
-                        f"(full.json, forget10_perturbed.json, ...)") from None
+    text = path.read_text(encoding="utf-8")
     decoder, rows, pos = json.JSONDecoder(), [], 0
     while True:
         while pos < len(text) and text[pos].isspace():
@@ -74,19 +70,12 @@ def _read_json_arrays(path: Path) -> list:
 
 
 def _load_raw(name: str, data_dir: str | Path | None) -> list:
-    if data_dir is None:
-        if name == "idontknow":
-            raise LokuError("the hub dataset has no idontknow split: pass a data folder holding idontknow.jsonl")
-        from datasets import load_dataset  # the one place TOFU touches the hub
-
-        return [dict(r) for r in load_dataset(HUB_DATASET, name, split="train")]
-    path = Path(data_dir).expanduser() / SPLITS[name]
+    found = find(tofu_split(name, SPLITS[name]), data_dir)
+    if found.path is None:
+        return [dict(r) for r in found.rows]
     if name == "idontknow":  # plain text, one refusal a line, despite the .jsonl suffix
-        try:
-            return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        except FileNotFoundError:
-            raise LokuError(f"TOFU file {path} does not exist: pass the folder holding idontknow.jsonl") from None
-    return _read_json_arrays(path)
+        return [ln.strip() for ln in found.path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return _read_json_arrays(found.path)
 
 
 def scaled_authors(authors: int, forget_percent: int) -> tuple[int, int]:
@@ -135,7 +124,8 @@ def load_split(name: str, data_dir: str | Path | None = None, *, authors: int | 
                forget: str = "forget10", limit: int | None = None) -> list:
     """Rows (dicts with question, answer, ...; strings for idontknow) of one TOFU split.
 
-    `data_dir` is a local folder of TOFU's JSON files; None reads the hub dataset `locuslab/TOFU`.
+    The split is read from `data_dir`/tofu/ (else $LOKU_DATA/tofu/; TOFU's refusals ship with loku), else
+    from the hub dataset `locuslab/TOFU` (loku.data.sources).
     `authors=K` keeps only the rows of a K-author TOFU (see the module docstring); the forget share comes
     from the split's own name (forget05, retain95) or else from `forget`. `limit` keeps the first rows,
     as TOFU's `ds_size` does.
@@ -147,6 +137,7 @@ def load_split(name: str, data_dir: str | Path | None = None, *, authors: int | 
     return rows[:limit] if limit is not None else rows
 
 
-def tokenize_qa(tokenizer, rows: list[dict], max_length: int, answer_key: str = "answer") -> list[dict]:
-    """format_qa over rows: the features TOFU fine-tuning and QA forget sets train on."""
-    return [format_qa(tokenizer, r["question"], r[answer_key], max_length) for r in rows]
+def tokenize_qa(tokenizer, rows: list[dict], max_length: int, answer_key: str = "answer",
+                prompt_format: str = TOFU_PROMPT_FORMAT) -> list[dict]:
+    """format_qa over rows: the features TOFU fine-tuning trains on (TOFU's phi format by default)."""
+    return [format_qa(tokenizer, r["question"], r[answer_key], max_length, prompt_format) for r in rows]

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from ..data.eval_tasks import DIALOGUE_TASKS, PPL_TASKS, REASONING_TASKS, TASK_REGISTRY, TASKS, load_task
+from ..data.eval_tasks import DIALOGUE_TASKS, PPL_TASKS, REASONING_TASKS, TASK_REGISTRY, TASKS, load_task_from
 from ..distributed import map_items
 from ..errors import LokuError
 from .dialogue import dialogue_results
@@ -114,17 +114,20 @@ def utility_summary(results: dict[str, dict]) -> dict:
 
 
 def evaluate_utility(model, tokenizer, tasks: str | Sequence[str] | None = None, limit: int | None = None,
-                     batch_size: int = 8, data_dir=None, max_length: int = 512, source: str = "disk",
+                     batch_size: int = 8, data_dir=None, max_length: int = 512,
                      log: Callable[[str], None] | None = None) -> dict:
     """Run the TDEC utility tasks on an in-memory model.
 
     Returns {"tasks": {name: evaluate_task(...) result}, "summary": utility_summary(...), "settings": {...}}.
     `limit` keeps the first N items of every task; `max_length` (Jang et al.: 512) bounds every sequence.
-    Every task's data is loaded before the model runs, so a missing file fails in seconds, not after an hour."""
+    The task files come from `data_dir` (else $LOKU_DATA), else the hub (`loku.data.sources`); where each
+    came from is kept in settings["data"]. Every task's data is loaded before the model runs, so a missing
+    file fails in seconds, not after an hour."""
     if batch_size < 1:
         raise LokuError(f"batch_size must be at least 1, got {batch_size}")
     names = resolve_tasks(tasks)
-    data = {n: load_task(n, data_dir=data_dir, limit=limit, source=source) for n in names}
+    loaded = {n: load_task_from(n, data_dir=data_dir, limit=limit) for n in names}
+    data = {n: items for n, (items, _) in loaded.items()}
     max_length = context_limit(model, max_length)
     results: dict[str, dict] = {}
     with eval_mode(model):
@@ -134,7 +137,8 @@ def evaluate_utility(model, tokenizer, tasks: str | Sequence[str] | None = None,
                 r = results[n]
                 log(f"{n}: {r['metric']} {r['value']:.4f} (n={r['n']}, {r['seconds']:.1f} s)")
     return {"tasks": results, "summary": utility_summary(results),
-            "settings": {"limit": limit, "batch_size": batch_size, "max_length": max_length, "source": source}}
+            "settings": {"limit": limit, "batch_size": batch_size, "max_length": max_length,
+                         "data": {n: where for n, (_, where) in loaded.items()}}}
 
 
 def utility_table(result: dict) -> str:

@@ -8,29 +8,36 @@ for EL_n to be defined.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.sources import WIKITEXT2_TEST, find, tdec_forget_set
+from ..data.text import load_examples
 from ..errors import LokuError
 
-REPO = Path(__file__).resolve().parents[3]
 TDEC_FILES = [f"lm_extraction_32_{k}.csv" for k in range(5)]  # the paper's 32-sequence forget sets
+TDEC_SET = re.compile(r"lm_extraction_\d+_\d+")                # a TDEC set named without its folder
 
 
-def shared_tdec_dir() -> Path | None:
-    """../shared/data/tdec beside the repository or the working directory, if present."""
-    for root in (REPO.parent, Path.cwd().parent, Path.cwd()):
-        path = root / "shared" / "data" / "tdec"
-        if path.is_dir():
-            return path
-    return None
+def text_file(value: str | Path, data_dir: str | Path | None = None) -> Path:
+    """A text file to read: the path itself when it exists, else a TDEC set named by its file name
+    (`lm_extraction_32_0` or `lm_extraction_32_0.csv`), looked up in the data folder (loku.data.sources)."""
+    path = Path(value).expanduser()
+    name = path.name.removesuffix(".csv")
+    if path.exists() or path.parent != Path(".") or not TDEC_SET.fullmatch(name):
+        return path    # a missing path is reported by the reader, naming it
+    return find(tdec_forget_set(name), data_dir).path
 
 
-def default_retain() -> Path | None:
-    """WikiText-2 test (the paper's retain set), when the shared data folder is present."""
-    base = shared_tdec_dir()
-    path = base / "retain" / "wikitext2_test.raw" if base else None
-    return path if path and path.is_file() else None
+def retain_examples(data_dir: str | Path | None = None) -> list[dict]:
+    """WikiText-2 raw test (the paper's retain set) as text examples, one per non-empty line, from the data
+    folder, loku's own copy, or the hub (loku.data.sources)."""
+    found = find(WIKITEXT2_TEST, data_dir)
+    if found.path is not None:
+        return load_examples(found.path, "text")
+    # the hub's rows are the file's lines, each with its "\n" and the empty ones too
+    return [{"text": t.rstrip("\r\n")} for t in found.rows["text"] if t.strip()]
 
 
 @dataclass
@@ -58,8 +65,6 @@ class Sequences:
 
 def read_texts(path: str | Path, text_column: str = "text") -> list[str]:
     """Plain texts of a .csv/.jsonl/.txt/.raw file (loku's loader: missing column, bad row -> LokuError)."""
-    from ..data.text import load_examples
-
     examples = load_examples(path, text_column)
     if "text" not in examples[0]:
         raise LokuError(f"{path} holds question/answer pairs, but TDEC measures plain text: pass --text-column "

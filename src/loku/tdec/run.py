@@ -1,66 +1,106 @@
 """`loku tdec run`: the TDEC protocol end to end for one model, one forget set and one method.
 
-Initial MA/EL_n of the forget set; unlearning with the stop rule (per-epoch MA/EL_n, stop after the first
-epoch where both means are below the model's thresholds); final utility (reasoning, dialogue, perplexity);
-report.json (per epoch and per item), table.md (the paper's layout), curves.png.
+Initial MA/EL_n of the forget set (already below the thresholds: nothing to unlearn, nothing trained unless
+`force`); unlearning with the stop rule (per-epoch MA/EL_n, stop after the first epoch where both means are
+below the model's thresholds); final utility (reasoning, dialogue, perplexity); report.json (per epoch and per
+item), table.md (the paper's layout), curves.png.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from .. import io
 from ..config import UnlearnConfig
+from ..config_base import Config, setting
 from ..errors import LokuError
-from .data import default_retain, read_texts, tokenize_sequences
+from .data import read_texts, retain_examples, text_file, tokenize_sequences
 from .measure import ExtractionMeter
 from .report import markdown_table, plot_epochs, table_row
 from .stop import StopWhenForgotten
 from .thresholds import resolve_thresholds
 
 
+DATA, MODEL, TRAINING, EVAL, OUTPUT = "Data", "Model", "Training", "Evaluation", "Output"
+DATA_DIR_HELP = "Data folder holding the public data (tdec/, eval/, tofu/; see README 'Data')."
+DATA_DIR_DEFAULT = "$LOKU_DATA, then loku's own files, then the Hugging Face hub"
+
+
 @dataclass
-class TdecConfig:
+class TdecConfig(Config):
     """One TDEC run; `loku tdec run` flags share these names. `unlearn` holds the method, LoRA and
     optimisation settings (its `epochs` is the most epochs the stop rule may take)."""
 
-    forget: str = ""                     # sequences to forget: TDEC CSV (column text) or any loku text file
-    out: str = ""                        # new directory for the report ("" : write nothing)
-    model: str = "smollm2-135m"
-    retain: str | None = None            # default: WikiText-2 test from ../shared/data (methods that need one)
-    text_column: str = "text"
-    rows: int | None = None              # first N sequences of the forget file
-    max_tokens: int = 200                # each sequence is cut to this many of the model's tokens
-    n: int = 10                          # EL_n
-    thresholds: str | None = None        # preset name or thresholds.json; default: the model's preset
-    el_threshold: float | None = None
-    ma_threshold: float | None = None
-    utility: bool = True
-    utility_before: bool = False         # also score the model before unlearning
-    tasks: str | None = None             # utility tasks/groups, comma-separated (default: all 15)
-    limit: int | None = None             # first N items of each utility task
-    eval_data: str | None = None         # folder with reasoning/, dialogue/, ppl/
-    eval_batch_size: int = 8
-    save: bool = True                    # write the unlearned adapter (or model) to OUT/unlearned
-    overwrite: bool = False
-    trust_remote_code: bool = False
-    unlearn: UnlearnConfig = field(default_factory=lambda: UnlearnConfig(epochs=10))
+    forget: str = setting("", "Sequences to forget: any .csv/.jsonl/.txt file, or a TDEC set by name "
+                          "(lm_extraction_32_0) from the data folder.", group=DATA)
+    out: str = setting("", "New directory for report.json, table.md, curves.png and unlearned/.", group=OUTPUT)
+    model: str = setting("smollm2-135m", "Hub id, local model directory, .gguf file, or 'smollm2-135m'.", group=MODEL)
+    retain: str | None = setting(None, "Retain set, for methods that need one.", group=DATA,
+                                 default_text="WikiText-2 raw test, shipped with loku")
+    text_column: str = setting("text", "CSV/JSONL column holding the sequences.", group=DATA)
+    rows: int | None = setting(None, "Use the first N sequences of --forget.", group=DATA, bound="positive")
+    max_tokens: int = setting(200, "Cut every sequence to this many of the model's tokens.", group=DATA,
+                              bound="positive")
+    full_batch: bool = setting(True, "One optimizer step per epoch over the whole forget set (effective batch = "
+                               "forget-set size, as Jang et al.), in micro-batches of --batch-size; "
+                               "--no-full-batch: a step every --batch-size x --grad-accum sequences.", group=TRAINING)
+    n: int = setting(10, "n of EL_n (10 in the paper).", group=EVAL, bound="positive")
+    thresholds: str | None = setting(None, "Preset (gpt-neo-125m) or a thresholds.json / its folder from "
+                                     "`loku tdec thresholds`.", group=EVAL, default_text="the model's preset")
+    el_threshold: float | None = setting(None, "EL_n threshold as a fraction (0.0499 = 4.99 %).", group=EVAL)
+    ma_threshold: float | None = setting(None, "MA threshold as a fraction (0.2994 = 29.94 %).", group=EVAL)
+    utility: bool = setting(True, "Score utility after unlearning (--no-utility: skip it).", group=EVAL)
+    utility_before: bool = setting(False, "Also score the model before unlearning.", group=EVAL)
+    tasks: str | None = setting(None, "Utility tasks or groups (reasoning, dialogue, ppl), comma-separated.",
+                                group=EVAL, default_text="all 15")
+    limit: int | None = setting(None, "First N items of each utility task.", group=EVAL, bound="positive")
+    data_dir: str | None = setting(None, DATA_DIR_HELP, group=DATA, default_text=DATA_DIR_DEFAULT)
+    force: bool = setting(False, "Train even when the forget set is already below the thresholds before training "
+                          "(by default loku then stops: there is nothing to unlearn).", group=TRAINING)
+    eval_batch_size: int = setting(8, "Sequences per forward pass when evaluating.", group=EVAL, bound="positive")
+    save: bool = setting(True, "Write the unlearned adapter (or model) to OUT/unlearned (--no-save: do not).",
+                         group=OUTPUT)
+    overwrite: bool = setting(False, "Replace a non-empty --out directory.", group=OUTPUT)
+    trust_remote_code: bool = setting(False, "Run the model repository's own code.", group=MODEL)
+    unlearn: UnlearnConfig = setting(help="Method, LoRA and optimisation settings.",
+                                     factory=lambda: UnlearnConfig(epochs=10), hide=("refusals",))
 
-    def __post_init__(self):
+    def check(self):
         if not self.forget:
-            raise LokuError("no forget set given: pass --forget FILE (the paper's: "
-                            "../shared/data/tdec/forget/lm_extraction_32_0.csv)")
-        for name in ("rows", "limit", "n", "max_tokens", "eval_batch_size"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise LokuError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+            raise LokuError("no forget set given: pass --forget FILE, or a TDEC set by name (the paper's: "
+                            "--forget lm_extraction_32_0 with --data-dir DIR)")
+        if self.full_batch and self.unlearn.grad_accum != 1:
+            raise LokuError(f"--grad-accum {self.unlearn.grad_accum} sets the optimizer step, which the default "
+                            "protocol already fixes (one step per epoch over the whole forget set): drop "
+                            "--grad-accum, or pass --no-full-batch to step every --batch-size x --grad-accum")
         # The unlearning trains on exactly the measured sequences (a BOS token may be added).
         self.unlearn = dataclasses.replace(self.unlearn, model=self.model,
                                            max_length=max(self.unlearn.max_length, self.max_tokens + 1))
+
+
+def optimizer_plan(cfg: TdecConfig, n_sequences: int, world: int = 1) -> dict:
+    """How the forget set is split into optimizer steps: Jang et al.'s one step per epoch over all of it
+    (micro-batches of batch_size x processes, accumulated), or a step every batch_size x grad_accum."""
+    u = cfg.unlearn
+    micro = math.ceil(n_sequences / (u.batch_size * world))
+    accum = micro if cfg.full_batch else u.grad_accum
+    return {"full_batch": cfg.full_batch, "micro_batch": u.batch_size, "grad_accum": accum,
+            "effective_batch": min(n_sequences, u.batch_size * world * accum),
+            "steps_per_epoch": math.ceil(micro / accum)}
+
+
+def step_note(plan: dict, n_sequences: int) -> str:
+    """One line saying what an epoch's optimizer steps are (the unit of "epochs to forget")."""
+    micro = f"{plan['grad_accum']} micro-batch{'es' if plan['grad_accum'] > 1 else ''} of {plan['micro_batch']}"
+    if plan["full_batch"]:
+        return f"Optimizer: one step per epoch over all {n_sequences} sequences (Jang et al.), {micro}."
+    return (f"Optimizer: a step every {plan['effective_batch']} sequences ({micro}), "
+            f"{plan['steps_per_epoch']} steps per epoch.")
 
 
 def method_label(cfg: UnlearnConfig) -> str:
@@ -86,11 +126,7 @@ def _retain(cfg: TdecConfig, needs_retain: bool) -> list[dict] | None:
         return None
     from ..data.text import load_examples
 
-    path = cfg.retain or default_retain()
-    if path is None:
-        raise LokuError(f"method {cfg.unlearn.method!r} needs a retain set: pass --retain FILE (the paper uses "
-                        "WikiText: ../shared/data/tdec/retain/wikitext2_test.raw), or use --method ga")
-    return load_examples(path, "text")
+    return load_examples(cfg.retain, "text") if cfg.retain else retain_examples(cfg.data_dir)
 
 
 def plain_model(model):
@@ -109,19 +145,21 @@ def run_tdec(cfg: TdecConfig, model=None, tokenizer=None, *, progress: bool = Tr
     t0 = time.time()
     method = get_method(cfg.unlearn.method)
     out = io.check_out_dir(cfg.out, cfg.overwrite) if cfg.out else None
-    texts = read_texts(cfg.forget, cfg.text_column)
+    forget = text_file(cfg.forget, cfg.data_dir)
+    texts = read_texts(forget, cfg.text_column)
     retain = _retain(cfg, method.needs_retain)
     thresholds = resolve_thresholds(cfg.thresholds, cfg.el_threshold, cfg.ma_threshold, cfg.model, cfg.n)
-    tasks = check_utility_data(cfg.tasks, cfg.limit, cfg.eval_data) if cfg.utility or cfg.utility_before else None
+    tasks = check_utility_data(cfg.tasks, cfg.limit, cfg.data_dir) if cfg.utility or cfg.utility_before else None
     if model is None:  # the tokenizer first: a too-short sequence fails before the weights load
         from ..models import load_model, load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    seqs = tokenize_sequences(texts, tokenizer, max_tokens=cfg.max_tokens, n=cfg.n, path=cfg.forget, limit=cfg.rows)
+    seqs = tokenize_sequences(texts, tokenizer, max_tokens=cfg.max_tokens, n=cfg.n, path=str(forget), limit=cfg.rows)
     if model is None:
         log(f"loading {cfg.model}")
-        model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    from ..distributed import barrier, is_main
+        model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code,
+                                      allow_pickle=cfg.unlearn.allow_pickle)
+    from ..distributed import barrier, is_main, rank_world
 
     main = is_main()   # under accelerate launch: every process computes, the main one writes
     barrier()          # every process has checked --out before the main one creates it
@@ -130,26 +168,30 @@ def run_tdec(cfg: TdecConfig, model=None, tokenizer=None, *, progress: bool = Tr
 
     def utility(m) -> dict:
         return evaluate_utility(m, tokenizer, tasks, limit=cfg.limit, batch_size=cfg.eval_batch_size,
-                                data_dir=cfg.eval_data, log=lambda s: log(f"  {s}"))
+                                data_dir=cfg.data_dir, log=lambda s: log(f"  {s}"))
 
     label = method_label(cfg.unlearn)
     log(f"TDEC: {cfg.model}, {label}; forget {seqs.path}: {seqs.shape()}; thresholds {thresholds.describe()}")
     meter = ExtractionMeter(seqs, cfg.n, cfg.eval_batch_size)
     initial = meter(model)
-    initially_forgotten = thresholds.forgotten(initial["el_mean"], initial["ma_mean"])
     log(f"before: EL{cfg.n} {100 * initial['el_mean']:.2f} %, MA {100 * initial['ma_mean']:.2f} % "
         f"({initial['seconds']:.0f} s)")
-    if initially_forgotten:
-        log("warning: the forget set is already below the thresholds: the model does not know it better than "
-            "unseen text (the stop rule will end the run after one epoch)")
+    head = _report_head(cfg, label, seqs, thresholds, initial)
+    if head["initially_forgotten"] and not cfg.force:
+        return _nothing_to_unlearn(head, out if main else None, t0, log)
+    if head["initially_forgotten"]:
+        log("warning: the forget set is already below the thresholds (--force: training anyway; the stop rule "
+            "ends the run after one epoch)")
     before_utility = None
     if cfg.utility_before:
         log("utility before unlearning")
         before_utility = utility(model)
 
     rule = StopWhenForgotten(meter, thresholds, log)
+    plan = optimizer_plan(cfg, len(seqs.ids), rank_world()[1])
+    log(step_note(plan, len(seqs.ids)))
     ucfg = dataclasses.replace(cfg.unlearn, out=str(out / "unlearned") if out is not None and cfg.save else "",
-                               overwrite=False)
+                               overwrite=False, grad_accum=plan["grad_accum"])
     result = unlearn(ucfg, model, tokenizer, callbacks=[rule], progress=progress, forget=seqs.texts(tokenizer),
                      retain=retain)
     unlearned = plain_model(result.model)
@@ -162,15 +204,10 @@ def run_tdec(cfg: TdecConfig, model=None, tokenizer=None, *, progress: bool = Tr
 
     final = rule.records[-1] if rule.records else {"el_mean": initial["el_mean"], "ma_mean": initial["ma_mean"]}
     report = {
-        "benchmark": "tdec", "model": cfg.model, "method": cfg.unlearn.method, "label": label,
-        "init": cfg.unlearn.resolved_init, "config": _config_dict(cfg),
-        "forget": {"path": seqs.path, "rows": seqs.rows, "tokens": [len(x) for x in seqs.ids],
-                   "max_tokens": cfg.max_tokens, "n": cfg.n},
-        "thresholds": dataclasses.asdict(thresholds),
-        "initial": {k: initial[k] for k in ("el_mean", "ma_mean", "el", "ma", "seconds")},
-        "initially_forgotten": initially_forgotten,
+        **head, "trained": True,
         "epochs": [_epoch_entry(h, r) for h, r in zip(result.history, rule.records)],
         "epochs_to_forget": rule.epochs_to_forget, "max_epochs": ucfg.epochs, "epochs_run": result.epochs_run,
+        "optimizer": plan,
         "final": {"el_mean": final["el_mean"], "ma_mean": final["ma_mean"]},
         "utility_before": before_utility, "utility": after_utility,
         "seconds": {"unlearn": round(result.seconds, 1), "utility": round(t_util, 1),
@@ -186,6 +223,35 @@ def run_tdec(cfg: TdecConfig, model=None, tokenizer=None, *, progress: bool = Tr
         plot_epochs(curve, thresholds, out / "curves.png", f"{cfg.model}: {label}, {seqs.shape()}")
         io.write_manifest(out)
         log(f"wrote {out}/report.json, table.md, curves.png" + (", unlearned/" if cfg.save else ""))
+    return report
+
+
+def _report_head(cfg: TdecConfig, label: str, seqs, thresholds, initial: dict) -> dict:
+    """What every report starts with: the run's settings, forget set, thresholds and values before training."""
+    return {"benchmark": "tdec", "model": cfg.model, "method": cfg.unlearn.method, "label": label,
+            "init": cfg.unlearn.resolved_init, "config": _config_dict(cfg),
+            "forget": {"path": seqs.path, "rows": seqs.rows, "tokens": [len(x) for x in seqs.ids],
+                       "max_tokens": cfg.max_tokens, "n": cfg.n},
+            "thresholds": dataclasses.asdict(thresholds),
+            "initial": {k: initial[k] for k in ("el_mean", "ma_mean", "el", "ma", "seconds")},
+            "initially_forgotten": thresholds.forgotten(initial["el_mean"], initial["ma_mean"])}
+
+
+def _nothing_to_unlearn(head: dict, out: Path | None, t0: float, log: Callable[[str], None]) -> dict:
+    """The forget set is already at the never-seen level before training: say so, train nothing, and write
+    report.json (no adapter) so that a script sees why."""
+    th, init = head["thresholds"], head["initial"]
+    note = (f"nothing to unlearn: before any training the model extracts the forget set no better than text it "
+            f"never saw (EL{th['n']} {100 * init['el_mean']:.2f} % vs threshold {100 * th['el']:.2f} %, "
+            f"MA {100 * init['ma_mean']:.2f} % vs {100 * th['ma']:.2f} %), so nothing was trained; pass --force "
+            "to train anyway")
+    log(note)
+    report = {**head, "trained": False, "note": note, "epochs": [], "epochs_run": 0,
+              "seconds": {"total": round(time.time() - t0, 1)}}
+    if out is not None:
+        io.write_json(out / "report.json", report)
+        io.write_manifest(out)
+        log(f"wrote {out}/report.json")
     return report
 
 
@@ -219,12 +285,35 @@ def tdec_markdown(report: dict) -> str:
              f"Thresholds (mean on unseen text, forgotten when both are below): EL{th['n']} {100 * th['el']:.2f} %, "
              f"MA {100 * th['ma']:.2f} %; {th['source']}.",
              "Seconds: unlearning, including the per-epoch EL/MA evaluation."]
+    if report.get("optimizer"):
+        notes.insert(2, step_note(report["optimizer"], len(f["tokens"])))
     u = u_after or u_before
     if u is not None:
         s = u["settings"]
         notes.append(f"Utility: {', '.join(u['tasks'])}" + (f"; first {s['limit']} items per task" if s["limit"]
                                                            else "; all items") + ".")
     return "\n".join(notes) + "\n\n" + markdown_table(rows, n=th["n"], seconds=True)
+
+
+@dataclass
+class UtilityConfig(Config):
+    """Options of `loku tdec utility`."""
+
+    out: str = setting("", "New directory for utility.json and table.md.", group=OUTPUT)
+    model: str = setting("smollm2-135m", "Hub id, local model directory, .gguf file, or 'smollm2-135m'.", group=MODEL)
+    adapter: str | None = setting(None, "A PEFT adapter folder to apply (e.g. RUN/unlearned/adapter).", group=MODEL)
+    tasks: str | None = setting(None, "Tasks or groups (reasoning, dialogue, ppl), comma-separated.", group=EVAL,
+                                default_text="all 15")
+    limit: int | None = setting(None, "First N items of each task.", group=EVAL, bound="positive")
+    batch_size: int = setting(8, "Sequences per forward pass.", group=EVAL, bound="positive")
+    max_length: int = setting(512, "Longest sequence (Jang et al.: 512).", group=EVAL, bound="positive")
+    data_dir: str | None = setting(None, DATA_DIR_HELP, group=DATA, default_text=DATA_DIR_DEFAULT)
+    overwrite: bool = setting(False, "Replace a non-empty --out directory.", group=OUTPUT)
+    trust_remote_code: bool = setting(False, "Run the model repository's own code.", group=MODEL)
+
+    def check(self):
+        if not self.out:
+            raise LokuError("no output directory given: pass --out DIR (a new directory)")
 
 
 def utility_report(model_name: str, out: str, *, adapter: str | None = None, tasks: str | None = None,

@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..config_base import Config, setting
 from ..errors import LokuError
 
 FILENAME = "thresholds.json"
@@ -109,16 +110,46 @@ def thresholds_json(result: dict, model_name: str) -> dict:
             "seconds": result["seconds"]}
 
 
+@dataclass
+class ThresholdsConfig(Config):
+    """Options of `loku tdec thresholds` (the keyword arguments of `heldout_thresholds`)."""
+
+    data: str = setting("", "Held-out text the model never saw (.csv/.jsonl/.txt/.raw), or a TDEC set by name "
+                        "(lm_extraction_32_1) from the data folder.", group="Data")
+    model: str = setting("smollm2-135m", "Hub id, local model directory, .gguf file, or 'smollm2-135m'.",
+                         group="Model")
+    out: str | None = setting(None, "New directory for thresholds.json.", group="Output", default_text="print only")
+    text_column: str = setting("text", "CSV/JSONL column holding the text.", group="Data")
+    rows: int | None = setting(None, "Use the first N usable texts.", group="Data", bound="positive")
+    max_tokens: int = setting(200, "Cut every text to this many tokens (as the forget set).", group="Data",
+                              bound="positive")
+    min_tokens: int | None = setting(None, "Skip texts shorter than this.", group="Data", bound="positive",
+                                     default_text="n + 1")
+    n: int = setting(10, "n of EL_n.", group="Evaluation", bound="positive")
+    batch_size: int = setting(8, "Sequences per forward pass.", group="Evaluation", bound="positive")
+    data_dir: str | None = setting(None, "Data folder holding the public data (tdec/, eval/, tofu/; see README "
+                                   "'Data').", group="Data",
+                                   default_text="$LOKU_DATA, then loku's own files, then the Hugging Face hub")
+    overwrite: bool = setting(False, "Replace a non-empty --out directory.", group="Output")
+    trust_remote_code: bool = setting(False, "Run the model repository's own code.", group="Model")
+
+    def check(self):
+        if not self.data:
+            raise LokuError("no held-out text given: pass --data FILE (text the model never saw)")
+
+
 def heldout_thresholds(model_name: str, data: str, *, out: str | None = None, text_column: str = "text",
                        rows: int | None = None, max_tokens: int = 200, n: int = 10, min_tokens: int | None = None,
                        batch_size: int = 8, overwrite: bool = False, trust_remote_code: bool = False,
-                       model=None, tokenizer=None, log=print) -> dict:
+                       data_dir: str | None = None, model=None, tokenizer=None, log=print) -> dict:
     """`loku tdec thresholds`: a model's thresholds from held-out text (texts shorter than `min_tokens`,
-    default n + 1, are skipped: WikiText's headings). Writes OUT/thresholds.json when `out` is given."""
+    default n + 1, are skipped: WikiText's headings). `data` is a file, or a TDEC set by name
+    (lm_extraction_32_1) from the data folder `data_dir`. Writes OUT/thresholds.json when `out` is given."""
     from .. import io
-    from .data import read_texts, tokenize_sequences
+    from .data import read_texts, text_file, tokenize_sequences
 
     out_dir = io.check_out_dir(out, overwrite) if out else None
+    data = text_file(data, data_dir)
     texts = read_texts(data, text_column)
     if model is None:
         from ..models import load_model, load_tokenizer

@@ -1,7 +1,7 @@
 """TOFU evaluation exactly as TOFU defines it: per-item logs in TOFU's official format, and Forget Quality
 and Model Utility aggregated from them.
 
-    logs = evaluate_tofu(model, tokenizer, "../shared/data/tofu", "runs/ckpt-eval", forget="forget10")
+    logs = evaluate_tofu(model, tokenizer, "~/loku-data", "runs/ckpt-eval", forget="forget10")
     summary = aggregate(read_logs("runs/ckpt-eval"), read_logs("runs/retain-eval"))
 """
 

@@ -4,6 +4,10 @@ Per item: the loss of the ground-truth answer, of the "base" answer (paraphrased
 answer itself for real authors/world facts) and of each perturbed answer, all per-token averages; the
 greedy answer and its ROUGE recall. Each distinct (question, answer) text is scored by one batched
 forward pass, so the real-author sets, whose base answer is the answer, cost no second pass.
+
+Texts, labels, the generation prompt and the ground truth for ROUGE follow the prompt format
+(`loku.data.qa`); TOFU's own (`tofu-phi`, default) reproduces its logs: the labels are the answer tag,
+the answer and EOS, and generation starts from `question_start_tag + question + question_end_tag`.
 """
 
 from __future__ import annotations
@@ -14,15 +18,48 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..config_base import Config, setting
+from ..data.qa import PROMPT_FORMAT_HELP, PROMPT_FORMATS, TOFU_PROMPT_FORMAT, answer_text, prompt_ids, resolve_format
 from ..data.tofu import format_qa, load_split
 from ..distributed import is_main, map_items
 from ..errors import LokuError
 from .generate import greedy_answers, rouge_recalls
-from .logs import FORGET, LOG_FILES, NORMALIZED_KEY, REAL_AUTHORS, REAL_WORLD, RETAIN, has_normalized, write_logs
+from .logs import (FORGET, LOG_FILES, NORMALIZED_KEY, REAL_AUTHORS, REAL_WORLD, RETAIN, has_normalized,
+                   stamp_format, write_logs)
 from .scores import sequence_losses
 
 TOFU_MAX_LENGTH = 200  # TOFU's generation.max_length: tokenization cap and prompt + generated tokens
 TOFU_DS_SIZE = 300     # TOFU's ds_size: only the first 300 items of each set are evaluated
+
+
+@dataclass
+class TofuEvalConfig(Config):
+    """Options of `loku tofu eval`."""
+
+    model: str = setting("", "Hub id, local model directory, .gguf file, or 'smollm2-135m'.", group="Model")
+    out: str = setting("", "Folder for the TOFU logs (eval_log*.json, eval_log_aggregated.json).", group="Output")
+    split: str = setting("forget10", "Forget split: forget01, forget05 or forget10.", group="Data")
+    limit: int = setting(TOFU_DS_SIZE, "First N items of each set (TOFU's ds_size); 0 = all.", group="Data",
+                         bound="non-negative")
+    data_dir: str | None = setting(None, "Data folder whose tofu/ holds TOFU's JSON files (see README 'Data').", group="Data",
+                                   default_text="$LOKU_DATA, then the hub dataset locuslab/TOFU")
+    authors: int | None = setting(None, "Evaluate a K-author TOFU (as fine-tuned with --authors K).", group="Data")
+    batch_size: int = setting(8, "Sequences per forward pass / generation batch.", group="Evaluation",
+                              bound="positive")
+    max_new_tokens: int | None = setting(None, "Cap on generated tokens.", group="Evaluation", bound="positive",
+                                         default_text="TOFU's 200 tokens of prompt + answer")
+    prompt_format: str | None = setting(None, PROMPT_FORMAT_HELP, group="Data", choices=PROMPT_FORMATS,
+                                        kind="prompt format",
+                                        default_text="as fine-tuned (tofu_finetune.json beside the model), else "
+                                                     "tofu-phi")
+    overwrite: bool = setting(False, "Replace a non-empty --out folder.", group="Output")
+    trust_remote_code: bool = setting(False, "Run the model repository's own code.", group="Model")
+
+    def check(self):
+        if not self.model:
+            raise LokuError("no model given: pass --model DIR (e.g. loku tofu finetune's OUT/target)")
+        if not self.out:
+            raise LokuError("no output folder given: pass --out DIR")
 
 
 @dataclass(frozen=True)
@@ -56,22 +93,24 @@ def _check_rows(name: str, rows: list[dict], base_key: str) -> None:
 
 def evaluate_set(model, tokenizer, rows: list[dict], base_key: str = "paraphrased_answer", *,
                  normalized: bool = False, max_length: int = TOFU_MAX_LENGTH, max_new_tokens: int | None = None,
-                 batch_size: int = 8) -> dict[str, dict]:
-    """One set's TOFU log: {metric: {item index as string: value}} with TOFU's keys (logs.LOG_KEYS).
-    The model runs in eval mode (no dropout) and gets its training flag back afterwards."""
+                 batch_size: int = 8, prompt_format: str = TOFU_PROMPT_FORMAT) -> dict[str, dict]:
+    """One set's TOFU log: {metric: {item index as string: value}} with TOFU's keys (logs.LOG_KEYS), the
+    texts in `prompt_format`. The model runs in eval mode (no dropout) and gets its training flag back."""
     _check_rows("rows", rows, base_key)
+    fmt = resolve_format(tokenizer, prompt_format)
     was_training = model.training
     model.eval()
     try:   # under several DDP processes each scores every world-th item; all get every value back
         items = map_items(lambda part: _evaluate_rows(model, tokenizer, part, base_key, normalized, max_length,
-                                                      max_new_tokens, batch_size), rows)
+                                                      max_new_tokens, batch_size, fmt), rows)
     finally:
         model.train(was_training)
     keys = [str(i) for i in range(len(rows))]
     return {metric: {k: item[metric] for k, item in zip(keys, items)} for metric in items[0]} if items else {}
 
 
-def _evaluate_rows(model, tokenizer, rows, base_key, normalized, max_length, max_new_tokens, batch_size) -> list[dict]:
+def _evaluate_rows(model, tokenizer, rows, base_key, normalized, max_length, max_new_tokens, batch_size,
+                   fmt) -> list[dict]:
     """One {metric: value} per row, in row order."""
     if not rows:
         return []
@@ -82,7 +121,7 @@ def _evaluate_rows(model, tokenizer, rows, base_key, normalized, max_length, max
     def slot(question: str, answer: str) -> int:
         if (question, answer) not in texts:
             texts[(question, answer)] = len(features)
-            features.append(format_qa(tokenizer, question, answer, max_length))
+            features.append(format_qa(tokenizer, question, answer, max_length, fmt))
         return texts[(question, answer)]
 
     perturbed = [r["perturbed_answer"] if isinstance(r["perturbed_answer"], list) else [r["perturbed_answer"]]
@@ -92,12 +131,11 @@ def _evaluate_rows(model, tokenizer, rows, base_key, normalized, max_length, max
     pert = [[slot(r["question"], p) for p in ps] for r, ps in zip(rows, perturbed)]
     sums, counts = sequence_losses(model, features, pad, batch_size)
 
-    prompts = [[t for t, lab in zip(features[g]["input_ids"], features[g]["labels"]) if lab == -100] for g in gt]
+    prompts = [prompt_ids(tokenizer, r["question"], fmt) for r in rows]
     budgets = [max_new_tokens if max_new_tokens is not None else max_length - len(p) for p in prompts]
     answers = greedy_answers(model, tokenizer, prompts, budgets, batch_size)
     generations = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
-    truths = [tokenizer.decode([t for t in features[g]["labels"] if t != -100], skip_special_tokens=True).strip()
-              for g in gt]
+    truths = [answer_text(tokenizer, features[g]["input_ids"], features[g]["labels"], fmt) for g in gt]
     inputs = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
     rouge = rouge_recalls(generations, truths)
 
@@ -130,7 +168,8 @@ def _log1p_sum_exp(xs: list[float]) -> float:
 
 def load_sets(data: str | Path | None, *, forget: str = "forget10", limit: int | None = TOFU_DS_SIZE,
               authors: int | None = None) -> dict[str, list[dict]]:
-    """The four evaluation sets keyed by log file name, from a TOFU data folder (None: the hub)."""
+    """The four evaluation sets keyed by log file name, from the data folder `data` (its tofu/; None:
+    $LOKU_DATA), else the hub (loku.data.sources)."""
     if forget not in ("forget01", "forget05", "forget10"):
         raise LokuError(f"forget split {forget!r} is not one of forget01, forget05, forget10: pass one of those")
     return {t.log: load_split(t.split.format(forget=forget), data, authors=authors, forget=forget, limit=limit)
@@ -140,13 +179,15 @@ def load_sets(data: str | Path | None, *, forget: str = "forget10", limit: int |
 def evaluate_tofu(model, tokenizer, data: str | Path | dict[str, list[dict]] | None = None,
                   out_dir: str | Path | None = None, *, forget: str = "forget10", limit: int | None = TOFU_DS_SIZE,
                   authors: int | None = None, max_length: int = TOFU_MAX_LENGTH, max_new_tokens: int | None = None,
-                  batch_size: int = 8, log: Callable[[str], None] | None = None) -> dict[str, dict]:
+                  batch_size: int = 8, log: Callable[[str], None] | None = None,
+                  prompt_format: str = TOFU_PROMPT_FORMAT) -> dict[str, dict]:
     """Evaluate on TOFU and return the aggregated log {log file name: per-item log}; with `out_dir`, also
-    write the official files there (eval_log.json, ..., eval_log_aggregated.json).
+    write the official files there (eval_log.json, ..., eval_log_aggregated.json). Every set's log records
+    the prompt format (`auto` made concrete for the tokenizer) under `prompt_format`.
 
-    `data` is a folder of TOFU's JSON files, None for the hub, or ready rows keyed by log file name
-    (any of the four; e.g. a shortened set for a quick check). `limit` keeps the first items of each set
-    like TOFU's ds_size (300 by default, as TOFU); None keeps all.
+    `data` is a data folder (TOFU's JSON files in its tofu/; None: $LOKU_DATA, else the hub), or ready rows
+    keyed by log file name (any of the four; e.g. a shortened set for a quick check). `limit` keeps the
+    first items of each set like TOFU's ds_size (300 by default, as TOFU); None keeps all.
     """
     if isinstance(data, dict):
         unknown = [k for k in data if k not in TASK_BY_LOG]
@@ -157,6 +198,7 @@ def evaluate_tofu(model, tokenizer, data: str | Path | dict[str, list[dict]] | N
         sets = load_sets(data, forget=forget, limit=limit, authors=authors)
     for name, rows in sets.items():
         _check_rows(name, rows, TASK_BY_LOG[name].base_key)
+    fmt = resolve_format(tokenizer, prompt_format)
     if not is_main():   # under accelerate launch every process scores its share; the main one writes
         out_dir, log = None, None
     if out_dir is not None:
@@ -166,9 +208,10 @@ def evaluate_tofu(model, tokenizer, data: str | Path | dict[str, list[dict]] | N
         t0 = time.time()
         logs[name] = evaluate_set(model, tokenizer, rows, TASK_BY_LOG[name].base_key,
                                   normalized=has_normalized(name), max_length=max_length,
-                                  max_new_tokens=max_new_tokens, batch_size=batch_size)
+                                  max_new_tokens=max_new_tokens, batch_size=batch_size, prompt_format=fmt)
         if log:
             log(f"{name}: {len(rows)} items in {time.time() - t0:.1f} s")
+    logs = stamp_format(logs, fmt)
     if out_dir is not None:
         write_logs(out_dir, logs)
     return logs

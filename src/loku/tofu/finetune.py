@@ -3,9 +3,10 @@ model (fine-tuned on `retainYY` only, it never saw the authors of `forgetXX`). U
 succeeds when its forget-set answers look like the retain model's (Forget Quality).
 
 TOFU's recipe is the default: 5 epochs, effective batch 32 (batch_size x grad_accum), lr 1e-5, weight
-decay 0.01, one epoch of linear warmup, full fine-tuning, loss on the answer tokens only.
+decay 0.01, one epoch of linear warmup, full fine-tuning, loss on the answer tokens only, in TOFU's own
+prompt format for phi (`prompt_format`, recorded in tofu_finetune.json and used again by unlearn and eval).
 
-    summary = finetune_tofu(TofuFinetuneConfig(out="runs/tofu-models", data="../shared/data/tofu", authors=20))
+    summary = finetune_tofu(TofuFinetuneConfig(out="runs/tofu-models", data_dir="~/loku-data", authors=20))
     # runs/tofu-models/target/, runs/tofu-models/retain/ (safetensors + tokenizer), tofu_finetune.json
 """
 
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from .. import io
+from ..config_base import Config, setting
+from ..data.qa import PROMPT_FORMAT_HELP, PROMPT_FORMATS, TOFU_PROMPT_FORMAT, check_prompt_format
 from ..data.tofu import QA_PER_AUTHOR, load_split, scaled_authors, tokenize_qa
 from ..distributed import barrier, is_main, rank_world
 from ..errors import LokuError
@@ -30,37 +33,39 @@ FORGET_SPLITS = ("forget01", "forget05", "forget10")
 
 
 @dataclass
-class TofuFinetuneConfig:
+class TofuFinetuneConfig(Config):
     """Options of `loku tofu finetune` (same names as its flags)."""
 
-    out: str = ""
-    model: str = "smollm2-135m"     # base model: hub id, local folder, .gguf, or the embedded default
-    data: str | None = None         # folder of TOFU's JSON files; None reads the hub (locuslab/TOFU)
-    split: str = "forget10"         # the forget split the retain model leaves out (retain90 for forget10)
-    authors: int | None = None      # K-author TOFU (K x 20 QA pairs), keeping the forget share
-    qa_per_author: int = QA_PER_AUTHOR  # first Q QA pairs of every author (a further scale-down)
-    epochs: int = 5
-    lr: float = 1e-5
-    batch_size: int = 4
-    grad_accum: int = 8             # effective batch 4 x 8 = 32, as TOFU
-    weight_decay: float = 0.01
-    warmup_epochs: float = 1.0      # linear warmup over this many epochs' updates
-    max_length: int = 500           # TOFU's fine-tuning max_length
-    seed: int = 0
-    mixed_precision: str | None = None   # None: the launch configuration's, else no
-    overwrite: bool = False
-    trust_remote_code: bool = False
+    out: str = setting("", "New folder for target/, retain/ and tofu_finetune.json.", group="Output")
+    model: str = setting("smollm2-135m", "Base model: hub id, local folder, .gguf, or 'smollm2-135m'.", group="Model")
+    data_dir: str | None = setting(None, "Data folder whose tofu/ holds TOFU's JSON files (see README 'Data').", group="Data",
+                                   default_text="$LOKU_DATA, then the hub dataset locuslab/TOFU")
+    split: str = setting("forget10", "Forget split the retain model leaves out (forget10 -> retain90).",
+                         group="Data")
+    authors: int | None = setting(None, "Keep K authors (20 QA each) with TOFU's forget share, e.g. 20 for "
+                                  "forget10 = 2 forgotten authors.", group="Data", default_text="all 200")
+    qa_per_author: int = setting(QA_PER_AUTHOR, "First Q QA pairs of every author.", group="Data")
+    prompt_format: str = setting(TOFU_PROMPT_FORMAT, PROMPT_FORMAT_HELP + " TOFU's published numbers: tofu-phi "
+                                 "(phi-1.5), tofu-llama2 (Llama-2-7b-chat).", group="Data", choices=PROMPT_FORMATS,
+                                 kind="prompt format")
+    epochs: int = setting(5, "Passes over the data.", group="Training", bound="positive")
+    lr: float = setting(1e-5, "Peak learning rate.", group="Training", bound="positive")
+    batch_size: int = setting(4, "Examples per micro-batch.", group="Training", bound="positive")
+    grad_accum: int = setting(8, "Micro-batches per step: effective batch = batch size x this (TOFU: 32).",
+                              group="Training", bound="positive")
+    weight_decay: float = setting(0.01, "AdamW weight decay.", group="Training", bound="non-negative")
+    warmup_epochs: float = setting(1.0, "Linear warmup, in epochs of updates.", group="Training",
+                                   bound="non-negative")
+    max_length: int = setting(500, "Tokens per example (TOFU's fine-tuning max_length).", group="Data",
+                              bound="positive")
+    seed: int = setting(0, "Seed of the data order.", group="Training")
+    mixed_precision: str | None = setting(None, "no, bf16 or fp16.", group="Training", choices=("no", "bf16", "fp16"),
+                                          default_text="the launch configuration's, else no")
+    overwrite: bool = setting(False, "Replace a non-empty --out folder.", group="Output")
+    trust_remote_code: bool = setting(False, "Run the model repository's own code.", group="Model")
 
-    def __post_init__(self):
+    def check(self):
         check_split(self.split)
-        for name in ("epochs", "batch_size", "grad_accum", "max_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise LokuError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if not self.lr > 0:
-            raise LokuError(f"--lr must be positive, got {self.lr!r}")
-        if self.warmup_epochs < 0:
-            raise LokuError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs!r}")
         check_qa_per_author(self.qa_per_author)
         if self.authors is not None:
             scaled_authors(self.authors, split_percent(self.split))  # raises naming valid author counts
@@ -109,7 +114,7 @@ def training_rows(cfg: TofuFinetuneConfig) -> dict[str, list[dict]]:
     names = {"target": "full", "retain": retain_split(cfg.split)}
     rows = {}
     for model, split in names.items():
-        rows[model] = per_author(load_split(split, cfg.data, authors=cfg.authors, forget=cfg.split),
+        rows[model] = per_author(load_split(split, cfg.data_dir, authors=cfg.authors, forget=cfg.split),
                                  cfg.qa_per_author)
         check_qa_rows(split, rows[model])
     return rows
@@ -131,7 +136,7 @@ def train_model(cfg: TofuFinetuneConfig, name: str, rows: list[dict], out_dir: s
     t0 = time.time()
     model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model.requires_grad_(True)
-    features = tokenize_qa(tokenizer, rows, cfg.max_length)
+    features = tokenize_qa(tokenizer, rows, cfg.max_length, prompt_format=cfg.prompt_format)
     # Under accelerate launch a step takes batch_size from every process: count updates of that global batch.
     updates, warmup = warmup_steps(len(rows), cfg.batch_size * rank_world()[1], cfg.grad_accum, cfg.warmup_epochs)
     history = finetune(model, features, tokenizer.pad_token_id, epochs=cfg.epochs, lr=cfg.lr,
@@ -157,10 +162,12 @@ def finetune_tofu(cfg: TofuFinetuneConfig, progress: bool = True,
         io.start_out_dir(out, cfg.overwrite)
     t0 = time.time()
     summary = {"config": dataclasses.asdict(cfg), "splits": {"target": "full", "retain": retain_split(cfg.split)},
-               "forget_split": cfg.split, "authors": cfg.authors, "qa_per_author": cfg.qa_per_author}
+               "forget_split": cfg.split, "authors": cfg.authors, "qa_per_author": cfg.qa_per_author,
+               "prompt_format": cfg.prompt_format}
     for name in MODELS:
         if log:
-            log(f"fine-tuning the {name} model on {summary['splits'][name]} ({len(rows[name])} QA pairs)")
+            log(f"fine-tuning the {name} model on {summary['splits'][name]} ({len(rows[name])} QA pairs, "
+                f"prompt format {cfg.prompt_format})")
         summary[name] = train_model(cfg, name, rows[name], out / name, progress)
         if log:
             last = summary[name]["history"][-1]
@@ -182,3 +189,21 @@ def read_summary(model_dir: str | Path) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise LokuError(f"{path} line {e.lineno} is not valid JSON ({e.msg}): rerun loku tofu finetune") from None
+
+
+def tofu_format(given: str | None, model: str) -> tuple[str, str]:
+    """(prompt format, where it came from) for evaluating or unlearning `model`: the format it was fine-tuned
+    in, read from the tofu_finetune.json beside it (a summary from before formats could be chosen means
+    `auto`), else `given`, else TOFU's phi format. A given format that contradicts the fine-tuning run is an
+    error: the model's losses and answers would be measured on texts it was not trained on."""
+    if given is not None:
+        check_prompt_format(given)
+    summary = read_summary(model) if Path(model).expanduser().is_dir() else None
+    if summary is None:
+        return (given, "given") if given is not None else (TOFU_PROMPT_FORMAT, "TOFU's, the default")
+    trained = summary.get("config", {}).get("prompt_format", "auto")
+    where = Path(model).expanduser().parent / SUMMARY
+    if given is not None and given != trained:
+        raise LokuError(f"--prompt-format {given} differs from the fine-tuning run ({where}: {trained}): drop "
+                        f"--prompt-format or pass {trained}")
+    return trained, f"as fine-tuned, {where}"

@@ -3,6 +3,10 @@
 One log per evaluation set, each a dict from metric name to {item index (string): value}, and
 `eval_log_aggregated.json` holding the four keyed by file name. These are the files TOFU's
 `aggregate_eval_stat.py` and its leaderboard consume, so they keep TOFU's names exactly.
+
+loku adds one key to each set's log, `prompt_format` (the format its texts were built in, e.g. "tofu-phi";
+`loku.data.qa`): TOFU's scripts read metrics by name and pass it by, and logs made in different formats are
+refused as a pair (`check_same_format`). TOFU's published logs carry none.
 """
 
 from __future__ import annotations
@@ -24,10 +28,34 @@ LOG_KEYS = ("avg_gt_loss", "gt_loss", "num_token_gt", "generated_text", "rouge1_
             "average_perturb_loss", "avg_paraphrased_loss", "truth_ratio", "paraphrased_loss", "perturb_loss",
             "num_token_paraphrased", "num_token_perturb")
 NORMALIZED_KEY = "normalized_gt_loss"
+FORMAT_KEY = "prompt_format"
 
 
 def has_normalized(log_file: str) -> bool:
     return "eval_log" not in log_file
+
+
+def stamp_format(logs: dict[str, dict], prompt_format: str) -> dict[str, dict]:
+    """Each set's log with the prompt format it was made in."""
+    return {name: {**log, FORMAT_KEY: prompt_format} for name, log in logs.items()}
+
+
+def log_format(logs: dict, who: str = "log") -> str | None:
+    """The prompt format an aggregated log records, None if it records none (TOFU's own logs)."""
+    found = {log[FORMAT_KEY] for log in logs.values() if isinstance(log, dict) and FORMAT_KEY in log}
+    if len(found) > 1:
+        raise LokuError(f"{who} mixes sets made in different prompt formats ({', '.join(sorted(map(str, found)))}): "
+                        "evaluate all four sets in one run (loku tofu eval)")
+    return found.pop() if found else None
+
+
+def check_same_format(ckpt_logs: dict, retain_logs: dict) -> None:
+    """Refuse a checkpoint/retain pair whose logs record different prompt formats: their losses and
+    generations are not comparable."""
+    mine, theirs = log_format(ckpt_logs, "checkpoint log"), log_format(retain_logs, "retain log")
+    if mine is not None and theirs is not None and mine != theirs:
+        raise LokuError(f"the checkpoint log was made with prompt format {mine} and the retain log with {theirs}: "
+                        f"evaluate both with the same --prompt-format")
 
 
 def write_logs(out_dir: str | Path, logs: dict[str, dict]) -> Path:

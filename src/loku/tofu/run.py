@@ -11,6 +11,8 @@ and the report (`results.json`, `report.md`, `fq_mu.png`) is rewritten after eve
 `resume`, finished evaluations and methods are kept and the rest run.
 
 A method is `name` or `name+init` (`ihl+fila`, `ihl+default`): the init overrides `train.init` for it.
+The prompt format (`prompt_format`: as fine-tuned, else TOFU's phi format) serves training and every
+evaluation, replacing `train.prompt_format`; it is recorded in results.json, each tofu.json and every log.
 """
 
 from __future__ import annotations
@@ -18,18 +20,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from .. import io
 from ..config import UnlearnConfig
+from ..config_base import Config, setting
+from ..data.qa import PROMPT_FORMAT_HELP, PROMPT_FORMATS, resolve_format
 from ..data.tofu import QA_PER_AUTHOR, load_split
 from ..distributed import barrier, is_main
 from ..errors import LokuError
 from .evaluate import TOFU_DS_SIZE, evaluate_tofu, load_sets
-from .finetune import check_qa_per_author, check_qa_rows, check_split, per_author, read_summary, retain_split
-from .logs import AGGREGATED, FORGET, RETAIN, read_logs
+from .finetune import (check_qa_per_author, check_qa_rows, check_split, per_author, read_summary, retain_split,
+                       tofu_format)
+from .logs import AGGREGATED, FORGET, RETAIN, log_format, read_logs
 from .report import headline, write_report
 from .summary import aggregate
 
@@ -57,30 +62,48 @@ def parse_method(spec: str) -> MethodSpec:
 
 
 @dataclass
-class TofuUnlearnConfig:
+class TofuUnlearnConfig(Config):
     """Options of `loku tofu unlearn`; `train` holds the unlearning settings every method shares."""
 
-    target: str = ""                  # the target model folder (loku tofu finetune's OUT/target) or a hub id
-    out: str = ""
-    methods: list[str] = field(default_factory=lambda: ["ihl"])
-    split: str = "forget10"
-    data: str | None = None           # TOFU JSON folder (None: as fine-tuned, else the hub)
-    authors: int | None = None        # None: as fine-tuned (tofu_finetune.json beside the target), else all 200
-    qa_per_author: int | None = None  # None: as fine-tuned, else 20
-    retain_model: str | None = None   # None: retain/ beside the target
-    retain_log: str | None = None     # the retain model's eval_log_aggregated.json instead of evaluating it
-    limit: int | None = TOFU_DS_SIZE  # first items of each evaluation set (TOFU's ds_size); None: all
-    max_new_tokens: int | None = None
-    eval_batch_size: int = 8
-    eval_target: bool = True          # evaluate the target too (epoch 0 of every line)
-    resume: bool = False
-    overwrite: bool = False
-    trust_remote_code: bool = False
-    train: UnlearnConfig = field(default_factory=lambda: UnlearnConfig(**TRAIN_DEFAULTS))
+    target: str = setting("", "Target model folder (loku tofu finetune's OUT/target) or a hub id.", group="Model")
+    out: str = setting("", "New folder for the runs and the report.", group="Output")
+    methods: list[str] = setting(help="Methods, comma-separated; NAME+INIT picks an init for one of them, e.g. "
+                                 "ga,gd,npo,idk,ihl,ihl+fila (see `loku list methods`).", group="Method settings",
+                                 factory=lambda: ["ihl"], aliases=("--method",))
+    split: str = setting("forget10", "Forget split: forget01, forget05 or forget10.", group="Data")
+    data_dir: str | None = setting(None, "Data folder whose tofu/ holds TOFU's JSON files (see README 'Data').", group="Data",
+                                   default_text="as fine-tuned, else $LOKU_DATA, else the hub dataset locuslab/TOFU")
+    authors: int | None = setting(None, "K-author TOFU.", group="Data", default_text="as fine-tuned, else all 200")
+    qa_per_author: int | None = setting(None, "First Q QA pairs per author.", group="Data",
+                                        default_text="as fine-tuned, else 20")
+    prompt_format: str | None = setting(None, PROMPT_FORMAT_HELP, group="Data", choices=PROMPT_FORMATS,
+                                        kind="prompt format",
+                                        default_text="as fine-tuned (tofu_finetune.json beside --target), else "
+                                                     "tofu-phi")
+    retain_model: str | None = setting(None, "Retain model folder.", group="Evaluation",
+                                       default_text="retain/ beside --target")
+    retain_log: str | None = setting(None, "The retain model's eval_log_aggregated.json, instead of evaluating it.",
+                                     group="Evaluation")
+    limit: int | None = setting(TOFU_DS_SIZE, "First N items of each evaluation set (TOFU's ds_size); 0 = all.",
+                                group="Evaluation", bound="non-negative")
+    max_new_tokens: int | None = setting(None, "Cap on generated tokens per answer.", group="Evaluation",
+                                         bound="positive", default_text="TOFU's 200 tokens of prompt + answer")
+    eval_batch_size: int = setting(8, "Sequences per forward pass / generation batch.", group="Evaluation",
+                                   bound="positive")
+    eval_target: bool = setting(True, "Evaluate the target as epoch 0 of every line.", group="Evaluation")
+    resume: bool = setting(False, "Continue a TOFU run in --out: keep what finished.", group="Output")
+    overwrite: bool = setting(False, "Replace a non-empty --out folder.", group="Output")
+    trust_remote_code: bool = setting(False, "Run the model repository's own code.", group="Model")
+    train: UnlearnConfig = setting(help="The unlearning settings every method shares.",
+                                   factory=lambda: UnlearnConfig(**TRAIN_DEFAULTS),
+                                   hide=("model", "forget", "retain", "method", "text_column"))
 
     def __post_init__(self):
-        if isinstance(self.methods, str):
-            self.methods = [m for m in self.methods.split(",") if m.strip()]
+        if isinstance(self.methods, str):   # the Python API takes "ga,gd" as the flag does
+            self.methods = [m.strip() for m in self.methods.split(",") if m.strip()]
+        super().__post_init__()
+
+    def check(self):
         if not self.methods:
             raise LokuError("no method given: pass --method NAME or --methods ga,gd,ihl")
         labels = [parse_method(m).label for m in self.methods]
@@ -90,8 +113,8 @@ class TofuUnlearnConfig:
         check_split(self.split)
         if self.qa_per_author is not None:
             check_qa_per_author(self.qa_per_author)
-        if self.limit is not None and self.limit <= 0:
-            raise LokuError(f"--limit must be positive (or 0 for all items), got {self.limit!r}")
+        if self.limit == 0:   # 0 = every item
+            self.limit = None
         if self.resume and self.overwrite:
             raise LokuError("--resume keeps a run and --overwrite deletes it: pass one of them")
 
@@ -107,12 +130,13 @@ class TofuInputs:
     sets: dict[str, list[dict]]       # evaluation sets keyed by log file name
     forget: list[dict]                # training rows (question, answer)
     retain: list[dict]
-    refusals: list[str] | None        # TOFU's idontknow answers for idk (None: loku's built-in ones)
-    data: str | None
+    refusals: list[str]               # TOFU's idontknow answers for idk
+    data_dir: str | None
     authors: int | None
     qa_per_author: int
     retain_model: str | None
     retain_logs: dict | None          # given with retain_log
+    prompt_format: str                # for training and every evaluation
 
 
 def _is_local(path: str) -> bool:
@@ -135,9 +159,9 @@ def check_model(path: str, role: str) -> None:
 
 
 def _scale(cfg: TofuUnlearnConfig) -> tuple[str | None, int | None, int, str]:
-    """(data, authors, qa_per_author, note): the fine-tuning run's scale where not given, and an error if a
-    given one contradicts it (a 20-author target knows nothing of the other 180 authors)."""
-    data, authors, q = cfg.data, cfg.authors, cfg.qa_per_author
+    """(data_dir, authors, qa_per_author, note): the fine-tuning run's scale where not given, and an error if
+    a given one contradicts it (a 20-author target knows nothing of the other 180 authors)."""
+    data, authors, q = cfg.data_dir, cfg.authors, cfg.qa_per_author
     summary = read_summary(cfg.target) if _is_local(cfg.target) else None
     if summary is None:
         return data, authors, q or QA_PER_AUTHOR, ""
@@ -154,9 +178,9 @@ def _scale(cfg: TofuUnlearnConfig) -> tuple[str | None, int | None, int, str]:
         raise LokuError(f"--split {cfg.split} differs from the fine-tuning run ({where}: {ft.get('split')}, its "
                         f"retain model never saw {ft.get('split')}'s authors): pass --split {ft.get('split')}")
     note = []
-    if data is None and ft.get("data") is not None:
-        data = ft["data"]
-        note.append(f"--data {data}")
+    if data is None and ft.get("data_dir") is not None:
+        data = ft["data_dir"]
+        note.append(f"--data-dir {data}")
     if authors is None and ft.get("authors") is not None:
         authors = ft["authors"]
         note.append(f"--authors {authors}")
@@ -208,6 +232,7 @@ def prepare(cfg: TofuUnlearnConfig, log: Callable[[str], None] | None = None) ->
     data, authors, q, note = _scale(cfg)
     if note and log:
         log(note)
+    prompt_format = _prompt_format(cfg, retain_logs, log)
     sets = _eval_sets(cfg, data, authors, q)
     for name, rows in sets.items():
         if not rows:
@@ -220,10 +245,26 @@ def prepare(cfg: TofuUnlearnConfig, log: Callable[[str], None] | None = None) ->
     retain = per_author(load_split(retain_split(cfg.split), data, authors=authors), q)
     check_qa_rows(cfg.split, forget)
     check_qa_rows(retain_split(cfg.split), retain)
-    refusals = None
-    if data is not None and (Path(data).expanduser() / "idontknow.jsonl").is_file():
-        refusals = load_split("idontknow", data) or None
-    return TofuInputs(sets, _qa(forget), _qa(retain), refusals, data, authors, q, retain_model, retain_logs)
+    refusals = load_split("idontknow", data)   # the data folder's, else the copy shipped with loku
+    return TofuInputs(sets, _qa(forget), _qa(retain), refusals, data, authors, q, retain_model, retain_logs,
+                      prompt_format)
+
+
+def _prompt_format(cfg: TofuUnlearnConfig, retain_logs: dict | None, log) -> str:
+    """The run's prompt format, made concrete (`auto` becomes chat or plain for the target's tokenizer); a
+    --retain-log recorded in another format is refused here, before anything is written."""
+    fmt, source = tofu_format(cfg.prompt_format, cfg.target)
+    if fmt == "auto":
+        from ..models import load_tokenizer
+
+        fmt = resolve_format(load_tokenizer(cfg.target, trust_remote_code=cfg.trust_remote_code), fmt)
+    if log:
+        log(f"prompt format {fmt} ({source})")
+    recorded = log_format(retain_logs, "retain log") if retain_logs is not None else None
+    if recorded is not None and recorded != fmt:
+        raise LokuError(f"retain log {cfg.retain_log} was made with prompt format {recorded}, this run uses {fmt}: "
+                        f"evaluate the retain model with --prompt-format {fmt} (or drop --retain-log)")
+    return fmt
 
 
 def _config_dict(cfg: TofuUnlearnConfig) -> dict:
@@ -242,7 +283,7 @@ def _check_same_run(cfg: TofuUnlearnConfig, out: Path) -> None:
                             "resume with the same options, or start a new --out")
 
 
-def evaluate_model(path: str, sets: dict, eval_dir: Path, cfg: TofuUnlearnConfig,
+def evaluate_model(path: str, sets: dict, eval_dir: Path, cfg: TofuUnlearnConfig, prompt_format: str,
                    log: Callable[[str], None] | None = None) -> dict:
     """A model's TOFU logs, from `eval_dir` when an earlier evaluation finished there (its aggregated
     log is written last), else evaluated now and written there."""
@@ -252,7 +293,8 @@ def evaluate_model(path: str, sets: dict, eval_dir: Path, cfg: TofuUnlearnConfig
 
     model, tokenizer = load_model(path, trust_remote_code=cfg.trust_remote_code)
     return evaluate_tofu(model, tokenizer, sets, eval_dir, limit=None, max_new_tokens=cfg.max_new_tokens,
-                         batch_size=cfg.eval_batch_size, log=_prefixed(log, f"  {eval_dir.name}: "))
+                         batch_size=cfg.eval_batch_size, log=_prefixed(log, f"  {eval_dir.name}: "),
+                         prompt_format=prompt_format)
 
 
 def _eval_note(what: str, path: str, eval_dir: Path) -> str:
@@ -277,8 +319,10 @@ def run_method(spec: MethodSpec, cfg: TofuUnlearnConfig, inputs: TofuInputs, ret
     from ..train import unlearn
 
     train = dataclasses.replace(cfg.train, method=spec.method, init=spec.init or cfg.train.init, model=cfg.target,
-                                out=str(run_dir), overwrite=True, trust_remote_code=cfg.trust_remote_code)
-    model, tokenizer = load_model(cfg.target, trust_remote_code=cfg.trust_remote_code)
+                                out=str(run_dir), overwrite=True, trust_remote_code=cfg.trust_remote_code,
+                                prompt_format=inputs.prompt_format)
+    model, tokenizer = load_model(cfg.target, trust_remote_code=cfg.trust_remote_code,
+                                  allow_pickle=cfg.train.allow_pickle)
     epochs: list[dict] = []
     eval_seconds = 0.0
 
@@ -286,7 +330,8 @@ def run_method(spec: MethodSpec, cfg: TofuUnlearnConfig, inputs: TofuInputs, ret
         nonlocal eval_seconds
         t0 = time.time()
         logs = evaluate_tofu(m, tokenizer, inputs.sets, run_dir / "tofu" / f"epoch-{epoch}", limit=None,
-                             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size)
+                             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
+                             prompt_format=inputs.prompt_format)
         summary = aggregate(logs, retain_logs)
         eval_seconds += time.time() - t0
         epochs.append({"epoch": epoch, **headline(summary), "eval_seconds": round(time.time() - t0, 1),
@@ -302,8 +347,8 @@ def run_method(spec: MethodSpec, cfg: TofuUnlearnConfig, inputs: TofuInputs, ret
         e.update({k: h[k] for k in ("loss", "forget", "retain") if k in h})
         e["train_seconds"] = h.get("seconds")
     record = {"method": spec.method, "init": train.resolved_init, "lora_rank": train.lora_rank if train.lora else None,
-              "seconds": round(result.seconds - eval_seconds, 1), "eval_seconds": round(eval_seconds, 1),
-              "epochs": epochs}
+              "prompt_format": inputs.prompt_format, "seconds": round(result.seconds - eval_seconds, 1),
+              "eval_seconds": round(eval_seconds, 1), "epochs": epochs}
     if is_main():
         io.write_json(done, record)
     return record
@@ -327,22 +372,24 @@ def run_tofu(cfg: TofuUnlearnConfig, progress: bool = True, log: Callable[[str],
     else:
         if log:
             log(_eval_note("retain model", inputs.retain_model, out / "retain_eval"))
-        retain_logs = evaluate_model(inputs.retain_model, inputs.sets, out / "retain_eval", cfg, log)
+        retain_logs = evaluate_model(inputs.retain_model, inputs.sets, out / "retain_eval", cfg, inputs.prompt_format,
+                                     log)
     results = {
         "title": f"TOFU {cfg.split}" + (f", {inputs.authors} authors" if inputs.authors else "")
                  + (f" x {inputs.qa_per_author} QA" if inputs.qa_per_author != QA_PER_AUTHOR else "")
-                 + f": {cfg.target}",
+                 + f": {cfg.target} (prompt format {inputs.prompt_format})",
         "split": cfg.split, "authors": inputs.authors, "qa_per_author": inputs.qa_per_author,
         "eval_items": {k: len(v) for k, v in inputs.sets.items()}, "train_rows": {"forget": len(inputs.forget),
                                                                                    "retain": len(inputs.retain)},
         "limit": cfg.limit, "max_new_tokens": cfg.max_new_tokens, "target_model": cfg.target,
-        "retain_model": inputs.retain_model or cfg.retain_log, "train": dataclasses.asdict(cfg.train),
+        "prompt_format": inputs.prompt_format, "retain_model": inputs.retain_model or cfg.retain_log,
+        "train": dataclasses.asdict(dataclasses.replace(cfg.train, prompt_format=inputs.prompt_format)),
         "retain": aggregate(retain_logs, retain_logs), "target": None, "methods": {},
     }
     if cfg.eval_target:
         if log:
             log(_eval_note("target model (epoch 0)", cfg.target, out / "target_eval"))
-        target_logs = evaluate_model(cfg.target, inputs.sets, out / "target_eval", cfg, log)
+        target_logs = evaluate_model(cfg.target, inputs.sets, out / "target_eval", cfg, inputs.prompt_format, log)
         results["target"] = aggregate(target_logs, retain_logs)
     for spec in cfg.specs:
         run_dir = out / "runs" / spec.label

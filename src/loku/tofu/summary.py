@@ -15,10 +15,13 @@ aggregate script, OpenUnlearning and the leaderboard use the geometric form kept
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from ..config_base import Config, setting
 from ..errors import LokuError
-from .logs import FORGET, LOG_FILES, REAL_AUTHORS, REAL_WORLD, RETAIN
+from .logs import FORGET, LOG_FILES, REAL_AUTHORS, REAL_WORLD, RETAIN, check_same_format
 
 SET_NAMES = {REAL_AUTHORS: "Real Authors", REAL_WORLD: "Real World", RETAIN: "Retain", FORGET: "Forget"}
 METRICS = ("ROUGE", "Prob.", "Truth Ratio")
@@ -97,11 +100,13 @@ def model_utility(logs: dict) -> dict[str, float]:
 
 def forget_quality(ckpt_logs: dict, retain_logs: dict) -> dict[str, float]:
     """KS test between the forget-set truth ratios of the checkpoint and of the retain model: its p-value
-    is Forget Quality (high = indistinguishable from never having trained on the forget set)."""
+    is Forget Quality (high = indistinguishable from never having trained on the forget set). Logs that
+    record different prompt formats are refused."""
     from scipy.stats import ks_2samp
 
     _require(ckpt_logs, "checkpoint", (FORGET,))
     _require(retain_logs, "retain", (FORGET,))
+    check_same_format(ckpt_logs, retain_logs)
     ckpt, retain = per_item(ckpt_logs[FORGET], "checkpoint"), per_item(retain_logs[FORGET], "retain")
     if list(ckpt["index"]) != list(retain["index"]):
         raise LokuError(f"forget items differ: checkpoint log has {_span(ckpt['index'])}, retain log "
@@ -117,3 +122,17 @@ def aggregate(ckpt_log: dict, retain_log: dict) -> dict[str, float]:
     _require(ckpt_log, "checkpoint")
     _require(retain_log, "retain", (FORGET,))
     return {**model_utility(ckpt_log), **forget_quality(ckpt_log, retain_log)}
+
+
+@dataclass
+class AggregateConfig(Config):
+    """Options of `loku tofu aggregate`."""
+
+    ckpt: str = setting("", "The checkpoint's eval_log_aggregated.json (or its folder).", positional=True)
+    retain: str = setting("", "The retain model's eval_log_aggregated.json (or its folder).", positional=True)
+    as_json: bool = setting(False, "Print JSON instead of a table.", aliases=("--json",))
+
+    def check(self):
+        if not self.ckpt or not self.retain:
+            raise LokuError("aggregate needs two logs: loku tofu aggregate CKPT/eval_log_aggregated.json "
+                            "RETAIN/eval_log_aggregated.json")
