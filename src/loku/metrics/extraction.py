@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LokuError
+from .forward import check_features, model_device, per_feature
 
 
 @dataclass
@@ -109,10 +110,6 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def memorization_accuracy(model, input_ids, *, batch_size: int = 8) -> torch.Tensor:
     """MA per row: (1/(T-1)) sum_{t=1}^{T-1} [argmax p(. | x_<t) == x_t], from one forward pass. Tensor[B] float64."""
@@ -120,7 +117,7 @@ def memorization_accuracy(model, input_ids, *, batch_size: int = 8) -> torch.Ten
     out = []
     with _eval_mode(model):
         for chunk in ids.split(batch_size):
-            chunk = chunk.to(_device(model))
+            chunk = chunk.to(model_device(model))
             greedy = model(input_ids=chunk, use_cache=False).logits[:, :-1].argmax(-1)  # (b, T-1)
             out.append((greedy == chunk[:, 1:]).double().mean(-1).cpu())  # (b,) k/(T-1), exact in float64
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
@@ -191,7 +188,7 @@ def greedy_suffixes(model, input_ids, *, min_suffix: int = 1, batch_size: int = 
 
     with _eval_mode(model):
         for row0 in range(0, len(ids), batch_size):
-            chunk = ids[row0:row0 + batch_size].to(_device(model))  # (b, T)
+            chunk = ids[row0:row0 + batch_size].to(model_device(model))  # (b, T)
             cache = DynamicCache()  # no config: every layer keeps all T positions, sliding or not
             greedy = model(input_ids=chunk, use_cache=True, **{cache_kw: cache}).logits[:, :-1].argmax(-1)  # (b, T-1)
             kv = [(layer.keys, layer.values) for layer in cache.layers]  # each (b, heads, T, head_dim)
@@ -311,19 +308,18 @@ def extraction_strength_from_logits(logits: torch.Tensor, labels: torch.Tensor) 
     return 1.0 - k_star.double() / mask.sum(-1).double()
 
 
+def memorization_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"es": (B,), "em": (B,)} of one teacher-forced batch."""
+    return {"es": extraction_strength_from_logits(logits, labels), "em": exact_memorization_from_logits(logits, labels)}
+
+
 def teacher_forced_memorization(model, features: list[dict], pad_id: int, *, batch_size: int = 8) -> dict:
     """ES and EM of tokenized features ({"input_ids", "labels"}) from one forward pass per batch:
     {"es": [per feature], "em": [...], "es_mean", "em_mean"}."""
-    from .forward import check_features, teacher_forced
-
     check_features(features)
-    es, em = [0.0] * len(features), [0.0] * len(features)
-    for idx, logits, labels in teacher_forced(model, features, pad_id, batch_size):
-        for i, s, m in zip(idx, extraction_strength_from_logits(logits, labels).tolist(),
-                           exact_memorization_from_logits(logits, labels).tolist()):
-            es[i], em[i] = s, m
+    out = {"es": [], "em": [], **per_feature(model, features, pad_id, memorization_from_logits, batch_size)}
     mean = (lambda v: sum(v) / len(v) if v else float("nan"))
-    return {"es": es, "em": em, "es_mean": mean(es), "em_mean": mean(em)}
+    return {**out, "es_mean": mean(out["es"]), "em_mean": mean(out["em"])}
 
 
 def extraction_strength(model, tokenizer, texts: list, *, max_tokens: int | None = None,
