@@ -55,6 +55,19 @@ def test_revealed_others_names_only_identifying_fields():
     assert revealed_others(texts, [a, b, c], [a, b, c]) == [[b.name], [], []]
 
 
+def test_batched_memorization_equals_memorization_accuracy_row_by_row(tokenizer):
+    """The demo's one padded pass gives what loku.metrics.extraction.memorization_accuracy gives per record."""
+    from conftest import tiny_llama
+    from loku.demo import memorization
+    from loku.metrics.extraction import memorization_accuracy
+
+    model = tiny_llama(len(tokenizer))
+    tokenizer.pad_token = tokenizer.eos_token
+    texts = [record_text(r) for r in make_records(5, seed=2)] + ["A short line of text."]
+    expect = [float(memorization_accuracy(model, torch.tensor([tokenizer(t)["input_ids"]]))[0]) for t in texts]
+    assert memorization(model, tokenizer, texts) == pytest.approx(expect, abs=1e-12)
+
+
 @pytest.fixture(scope="module")
 def quick_report(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
@@ -76,7 +89,7 @@ def test_quick_demo_leaks_then_forgets_and_keeps_the_rest(quick_report):
     assert gap(after) > gap(leaked) + 0.05
     assert report["leak_epochs"] >= 1 and report["unlearn_epochs"] >= 1
     assert [c["phase"] for c in report["curves"]].count("leak") == report["leak_epochs"]
-    assert all(0.0 <= c["forget_leak"] <= 1.0 for c in report["curves"])
+    assert all(0.0 <= c["forget_leak"] <= 1.0 for c in report["curves"] if c["phase"] == "unlearn")
     for s in report["samples"]:
         assert s["prompt"].endswith("lives at") and isinstance(s["reveals_others"], list)
     assert after["forget_reveals_others"] == sum(bool(s["reveals_others"]) for s in report["samples"])

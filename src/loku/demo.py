@@ -14,16 +14,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
 from . import io
 from .config import UnlearnConfig
 from .config_base import Config, setting
-from .data.batches import collate
 from .data.records import Record, make_records, record_text
 from .data.text import tokenize_examples
 from .finetune import finetune
-from .losses import token_logprobs
-from .metrics.extraction import memorization_accuracy
+from .metrics.extraction import exact_memorization_from_logits
+from .metrics.forward import pad_id, per_feature
+from .metrics.perplexity import sequence_nll, token_weighted_perplexity
+from .models import load_model
 from .train import unlearn
 
 # General text for a perplexity check (plain encyclopedic sentences written for this demo).
@@ -40,6 +43,9 @@ GENERAL_TEXT = [
 FIELDS = ("address", "phone", "email", "employer", "account")
 # Fields no two people share: one of them in a generation names its owner (employers repeat).
 IDENTIFYING = ("address", "phone", "email", "account")
+# Memorization accuracy below which a name prompt reveals almost no field (SmolLM2-135M: 0.76 -> 18% of fields),
+# so the leak fine-tune does not generate to check.
+LEAK_GATE = 0.85
 
 
 @dataclass
@@ -93,8 +99,11 @@ class DemoConfig(Config):
 
 
 def memorization(model, tokenizer, texts: list[str]) -> list[float]:
-    """Per-record memorization accuracy (greedy next-token hits over the record)."""
-    return [float(memorization_accuracy(model, torch.tensor([tokenizer(t)["input_ids"]]))[0]) for t in texts]
+    """Per-record memorization accuracy (greedy next-token hits over the record), from one teacher-forced
+    batch (`loku.metrics.extraction`: on plain text, exact memorization is MA)."""
+    feats = [{"input_ids": ids, "labels": [-100] + ids[1:]} for ids in tokenizer(texts)["input_ids"]]
+    return per_feature(model, feats, pad_id(tokenizer), lambda logits, labels: {
+        "ma": exact_memorization_from_logits(logits, labels)}, batch_size=len(feats))["ma"]
 
 
 def prompt(r: Record) -> str:
@@ -130,13 +139,8 @@ def revealed_others(texts: list[str], records: list[Record], everyone: list[Reco
             for r, t in zip(records, texts)]
 
 
-@torch.no_grad()
 def perplexity(model, tokenizer, texts: list[str]) -> float:
-    feats = tokenize_examples([{"text": t} for t in texts], tokenizer, 128)
-    batch = collate(feats, tokenizer.pad_token_id)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logp, mask = token_logprobs(logits, batch["labels"])
-    return float(torch.exp(-(logp * mask).sum() / mask.sum()))
+    return token_weighted_perplexity(sequence_nll(model, tokenizer, texts, max_length=128))
 
 
 def _mean(xs: list[float]) -> float:
@@ -160,10 +164,6 @@ def measure(model, tokenizer, groups: dict[str, list[Record]]) -> tuple[dict, li
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from rich.console import Console
-
-    from .models import load_model
-
     console = Console()
     out = io.start_out_dir(cfg.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     t0 = time.time()
@@ -184,11 +184,13 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     def leaked(epoch, m):
         row = memorization_row(m)
-        row.update({f"{g}_leak": _mean(leaks(m, tokenizer, groups[g])[0]) for g in ("forget", "retain")})
+        said = f"memorization forget {row['forget']:.3f} retain {row['retain']:.3f} unseen {row['unseen']:.3f}"
+        if min(row["forget"], row["retain"]) >= LEAK_GATE:   # below it prompts reveal almost nothing: save the time
+            row.update({f"{g}_leak": _mean(leaks(m, tokenizer, groups[g])[0]) for g in ("forget", "retain")})
+            said += f"; fields revealed forget {row['forget_leak']:.2f} retain {row['retain_leak']:.2f}"
         curves.append({"phase": "leak", "epoch": epoch, **row})
-        console.print(f"   epoch {epoch}: fields revealed forget {row['forget_leak']:.2f} retain "
-                      f"{row['retain_leak']:.2f}; memorization forget {row['forget']:.3f} unseen {row['unseen']:.3f}")
-        return {"stop": min(row["forget_leak"], row["retain_leak"]) >= cfg.leak_target}
+        console.print(f"   epoch {epoch}: {said}")
+        return {"stop": min(row.get("forget_leak", 0.0), row.get("retain_leak", 0.0)) >= cfg.leak_target}
 
     t_leak = time.time()
     model.requires_grad_(True)
@@ -237,8 +239,6 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def print_report(console, cfg: DemoConfig, report: dict, init: str) -> None:
-    from rich.table import Table
-
     table = Table(title=f"loku demo: {cfg.model}, {cfg.method} ({init} LoRA r={cfg.lora_rank}), retain: "
                         f"{report['retain']}")
     for col in ("", "pretrained", "after leak", "after unlearning"):
@@ -278,7 +278,7 @@ def plot_curves(curves: list[dict], threshold: float, path: Path) -> None:
         ax.plot(xs, [c[group] for c in curves], marker="o", color=color, label=group)
         if group != "unseen":
             pts = [(x, c[f"{group}_leak"]) for x, c in zip(xs, curves) if f"{group}_leak" in c]
-            bx.plot(*zip(*pts), marker="o", color=color, label=group)
+            bx.plot([x for x, _ in pts], [y for _, y in pts], marker="o", color=color, label=group)
     ax.axhline(threshold, color="tab:gray", linestyle="--", linewidth=0.8, label="never-seen level")
     ax.set_ylabel("memorization accuracy")
     bx.set_ylabel("private fields revealed (prompt: name)")
