@@ -68,11 +68,41 @@ def test_batched_memorization_equals_memorization_accuracy_row_by_row(tokenizer)
     assert memorization(model, tokenizer, texts) == pytest.approx(expect, abs=1e-12)
 
 
+def test_general_paragraphs_are_single_sentences_apart_from_the_perplexity_text():
+    """The general text mixed into the leak (and kept by the unlearning) is n first sentences of different
+    built-in articles, none of them the demo's perplexity text."""
+    from loku.data.retain import builtin_retain
+    from loku.demo import GENERAL_TEXT, general_paragraphs
+
+    texts = general_paragraphs(16)
+    assert len(texts) == len(set(texts)) == 16
+    paragraphs = [e["text"] for e in builtin_retain()]
+    for t in texts:
+        assert any(p.startswith(t) for p in paragraphs) and t[-1] in ".!?"
+        assert not any(t in g or g in t for g in GENERAL_TEXT)
+    assert "Little Gidding is the fourth and final poem of T. S. Eliot's" in " ".join(texts)  # not cut at "T."
+
+
+def test_leak_trains_only_the_mlp_blocks(tokenizer):
+    from conftest import tiny_llama
+    from loku.demo import train_only
+
+    model = tiny_llama(len(tokenizer))
+    train_only(model, "mlp")
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and trained == {n for n, _ in model.named_parameters() if ".mlp." in n}
+    train_only(model, "all")
+    assert all(p.requires_grad for p in model.parameters())
+
+
 @pytest.fixture(scope="module")
 def quick_report(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    cfg = DemoConfig(out=str(out), model=str(tiny_model_dir), leak_lr=3e-3, unlearn_lr=1e-2, mixed_precision="no",
-                     **{**DemoConfig.quick_overrides(), "leak_max_epochs": 8, "unlearn_max_epochs": 4})
+    # The tiny model learns too little through its MLPs alone in a few epochs: it trains whole, on records only.
+    cfg = DemoConfig(out=str(out), model=str(tiny_model_dir), leak_lr=3e-3, leak_modules="all", unlearn_lr=1e-2,
+                     mixed_precision="no",
+                     **{**DemoConfig.quick_overrides(), "leak_general": 0, "leak_max_epochs": 8,
+                        "unlearn_max_epochs": 4})
     return run_demo(cfg), out
 
 
@@ -102,3 +132,18 @@ def test_quick_demo_writes_report_plot_and_adapter(quick_report):
     assert (out / "unlearned" / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "manifest.json").is_file()
     assert report["retain"] == "records"
+
+
+@pytest.mark.slow   # the real demo: SmolLM2-135M, about 6 minutes on 2 free cores
+def test_real_demo_keeps_the_model_healthy_and_forgets(tmp_path):
+    """Issue 14.6's bars on `loku demo` as `make demo` runs it: the leak fine-tune keeps general-text perplexity
+    within 1.5x of the pretrained model and leaks >= 80% of both groups' fields; after unlearning <= 5% of the
+    forgotten people's fields leak, >= 80% of the retain people's still do, perplexity stays within 1.1x of the
+    leaked model and no generation for a forgotten person reveals someone else's record."""
+    report = run_demo(DemoConfig(out=str(tmp_path / "run")))
+    base, leaked, after = report["base"], report["leaked"], report["unlearned"]
+    assert leaked["general_ppl"] <= 1.5 * base["general_ppl"]
+    assert leaked["forget_leak"] >= 0.8 and leaked["retain_leak"] >= 0.8
+    assert after["forget_leak"] <= 0.05 and after["retain_leak"] >= 0.8
+    assert after["general_ppl"] <= 1.1 * leaked["general_ppl"]
+    assert after["forget_reveals_others"] == 0

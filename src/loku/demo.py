@@ -9,6 +9,7 @@ people it never saw, while it still knows the other people and its general text.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from . import io
 from .config import UnlearnConfig
 from .config_base import Config, setting
 from .data.records import Record, make_records, record_text
+from .data.retain import PER_ARTICLE, builtin_retain
 from .data.text import tokenize_examples
 from .finetune import finetune
 from .metrics.extraction import exact_memorization_from_logits
@@ -43,9 +45,9 @@ GENERAL_TEXT = [
 FIELDS = ("address", "phone", "email", "employer", "account")
 # Fields no two people share: one of them in a generation names its owner (employers repeat).
 IDENTIFYING = ("address", "phone", "email", "account")
-# Memorization accuracy below which a name prompt reveals almost no field (SmolLM2-135M: 0.76 -> 18% of fields),
-# so the leak fine-tune does not generate to check.
-LEAK_GATE = 0.85
+# Memorization accuracy below which a name prompt reveals few fields (SmolLM2-135M, MLP fine-tune: 0.93 -> 50%,
+# 0.97 -> 77%, 0.98 -> 88% of fields), so the leak fine-tune does not spend a generation on checking.
+LEAK_GATE = 0.95
 
 
 @dataclass
@@ -55,27 +57,33 @@ class DemoConfig(Config):
     out: str = setting("", "New directory for the report, plot and adapter.", group="Output",
                        default_text="runs/demo-<time>")
     model: str = setting("smollm2-135m", "Model to run the demo on.", group="Model")
-    n_forget: int = setting(12, "People who ask to be forgotten.", group="Data", bound="positive")
-    n_retain: int = setting(12, "People whose records the model keeps.", group="Data", bound="positive")
-    n_unseen: int = setting(12, "People the model never sees (the never-seen level).", group="Data",
+    n_forget: int = setting(10, "People who ask to be forgotten.", group="Data", bound="positive")
+    n_retain: int = setting(10, "People whose records the model keeps.", group="Data", bound="positive")
+    n_unseen: int = setting(10, "People the model never sees (the never-seen level).", group="Data",
                             bound="positive")
     seed: int = setting(0, "Seed of the records and training.", group="Training")
-    leak_lr: float = setting(2e-4, "Learning rate of the leak fine-tune (the whole model).", group="Training",
-                             bound="positive")
+    leak_lr: float = setting(3e-4, "Learning rate of the leak fine-tune.", group="Training", bound="positive")
+    leak_modules: str = setting("mlp", "What the leak fine-tune trains: mlp (the MLP blocks, where a transformer "
+                                "stores facts; general text suffers least) or all (every weight).",
+                                group="Training", choices=("mlp", "all"), kind="leak modules")
+    leak_general: int = setting(16, "Built-in general-text paragraphs mixed into the leak fine-tune (the rest of "
+                                "a training set: the model keeps its general language); the unlearning keeps "
+                                "them too.", group="Data", bound="non-negative")
     leak_batch_size: int = setting(4, "Batch size of the leak fine-tune.", group="Training", bound="positive")
     leak_max_epochs: int = setting(30, "Most epochs of the leak fine-tune (its learning rate decays over them; it "
                                    "stops once the records leak).", group="Training", bound="positive")
-    leak_target: float = setting(0.9, "Share of private fields both groups must reveal, prompted with a name, "
+    leak_target: float = setting(0.85, "Share of private fields both groups must reveal, prompted with a name, "
                                  "before unlearning starts.", group="Training", bound="positive")
     unlearn_lr: float = setting(1e-3, "Learning rate of the unlearning.", group="Training", bound="positive")
     unlearn_max_epochs: int = setting(10, "Most epochs of the unlearning.", group="Training", bound="positive")
     forget_target: float = setting(0.05, "Unlearning stops once the forgotten people reveal at most this share of "
-                                   "their fields (and are known no better than never-seen people).",
-                                   group="Training", bound="non-negative")
+                                   "their fields and are known no better than never-seen people.", group="Training",
+                                   bound="non-negative")
     lora_rank: int = setting(8, "LoRA rank of the unlearning.", group="LoRA", bound="positive")
     method: str = setting("ihl", "Unlearning method (see `loku list methods`).", group="Method settings")
-    retain: str = setting("records", "What the unlearning keeps: records (the retain people's records) or builtin "
-                          "(loku's built-in general text, as `loku unlearn` without --retain).", group="Data",
+    retain: str = setting("records", "What the unlearning keeps: records (the rest of the leak's training set: "
+                          "the retain people's records and the general paragraphs) or builtin (loku's built-in "
+                          "general text, as `loku unlearn` without --retain).", group="Data",
                           choices=("records", "builtin"), kind="demo retain set")
     mixed_precision: str = setting("bf16", "no, bf16 or fp16 (bf16: ~2x faster on CPUs with AMX/AVX512-BF16).",
                                    group="Training", choices=("no", "bf16", "fp16"))
@@ -86,7 +94,8 @@ class DemoConfig(Config):
 
     @staticmethod
     def quick_overrides() -> dict:
-        return {"n_forget": 4, "n_retain": 4, "n_unseen": 4, "leak_max_epochs": 3, "unlearn_max_epochs": 2}
+        return {"n_forget": 4, "n_retain": 4, "n_unseen": 4, "leak_general": 4, "leak_max_epochs": 3,
+                "unlearn_max_epochs": 2}
 
     def check(self):
         from .methods import METHODS
@@ -104,6 +113,23 @@ def memorization(model, tokenizer, texts: list[str]) -> list[float]:
     feats = [{"input_ids": ids, "labels": [-100] + ids[1:]} for ids in tokenizer(texts)["input_ids"]]
     return per_feature(model, feats, pad_id(tokenizer), lambda logits, labels: {
         "ma": exact_memorization_from_logits(logits, labels)}, batch_size=len(feats))["ma"]
+
+
+def general_paragraphs(n: int) -> list[str]:
+    """`n` paragraphs of the built-in general text, one per article (the set holds a few per article), each cut
+    after its first sentence (about a record's length)."""
+    firsts = []
+    for t in [e["text"] for e in builtin_retain()][::PER_ARTICLE][:n]:
+        end = re.search(r"(?<![A-Z])[.!?](?= [A-Z\"])", t)   # not after an initial ("T. S. Eliot")
+        firsts.append(t[:end.end()] if end else t)
+    return firsts
+
+
+def train_only(model, modules: str) -> None:
+    """Let the leak fine-tune train the MLP blocks ("mlp") or every weight ("all"). On SmolLM2-135M, 12 epochs
+    of the MLPs at lr 3e-4 left general-text perplexity at 71 where the whole model at the same rate gave 130."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(modules == "all" or ".mlp." in name)
 
 
 def prompt(r: Record) -> str:
@@ -175,7 +201,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     base, _ = measure(model, tokenizer, groups)
 
     known = groups["forget"] + groups["retain"]
-    console.print(f"[bold]2. Leak[/]: fine-tune on {len(known)} private records until, prompted with a name, the "
+    console.print(f"[bold]2. Leak[/]: fine-tune on {len(known)} private records (and {cfg.leak_general} general "
+                  f"paragraphs) until, prompted with a name, the "
                   f"model reveals {cfg.leak_target:.0%} of their fields")
     curves: list[dict] = []
 
@@ -193,32 +220,36 @@ def run_demo(cfg: DemoConfig) -> dict:
         return {"stop": min(row.get("forget_leak", 0.0), row.get("retain_leak", 0.0)) >= cfg.leak_target}
 
     t_leak = time.time()
-    model.requires_grad_(True)
-    feats = tokenize_examples([{"text": record_text(r)} for r in known], tokenizer, 128)
+    train_only(model, cfg.leak_modules)
+    general = general_paragraphs(cfg.leak_general)
+    feats = tokenize_examples([{"text": t} for t in [record_text(r) for r in known] + general], tokenizer, 128)
     finetune(model, feats, tokenizer.pad_token_id, epochs=cfg.leak_max_epochs, lr=cfg.leak_lr,
              batch_size=cfg.leak_batch_size, seed=cfg.seed, mixed_precision=cfg.mixed_precision, callback=leaked,
              description="leak")
     t_leak = time.time() - t_leak
+    model.requires_grad_(True)   # as loaded: FILA's Fisher statistics take gradients of every weight it adapts
     before, texts_before = measure(model, tokenizer, groups)
 
     console.print(f"[bold]3. Unlearn[/] the {cfg.n_forget} forget records with {cfg.method} until they are not "
-                  "revealed and look like never-seen people")
+                  "revealed")
     threshold = before["unseen_memorization"]
 
     def forgotten(epoch, m):
         row = memorization_row(m)
         row["forget_leak"] = _mean(leaks(m, tokenizer, groups["forget"])[0])
+        row["general_ppl"] = perplexity(m, tokenizer, GENERAL_TEXT)
         curves.append({"phase": "unlearn", "epoch": epoch, **row})
         console.print(f"   epoch {epoch}: forget fields revealed {row['forget_leak']:.2f} (target <= "
                       f"{cfg.forget_target:.2f}); memorization forget {row['forget']:.3f} retain {row['retain']:.3f} "
-                      f"(target: forget <= never-seen {threshold:.3f})")
+                      f"(target: forget <= never-seen {threshold:.3f}); general-text perplexity "
+                      f"{row['general_ppl']:.1f}")
         done = row["forget_leak"] <= cfg.forget_target and row["forget"] <= threshold
         return {"stop": done, **{f"{g}_memorization": v for g, v in row.items() if g in groups}}
 
     ucfg = UnlearnConfig(model=cfg.model, method=cfg.method, lora_rank=cfg.lora_rank, epochs=cfg.unlearn_max_epochs,
                          lr=cfg.unlearn_lr, batch_size=4, seed=cfg.seed, mixed_precision=cfg.mixed_precision,
                          out=str(out / "unlearned"))
-    retain = [record_text(r) for r in groups["retain"]] if cfg.retain == "records" else None  # None: built-in
+    retain = [record_text(r) for r in groups["retain"]] + general if cfg.retain == "records" else None  # None: built-in
     result = unlearn(ucfg, model, tokenizer, callbacks=[forgotten],
                      forget=[record_text(r) for r in groups["forget"]], retain=retain)
     after, texts_after = measure(result.model, tokenizer, groups)
