@@ -79,6 +79,11 @@ def test_fast_equals_reference(trained):
     s = greedy_suffixes(model, torch.tensor(rows), batch_size=4, decode_batch_size=7)
     assert all(s.continuation(b, t) == ref_conts[t][b] for t in ref_conts for b in range(len(rows)))
     assert 0 < out["decoded_tokens"] < len(rows) * (T - 1) * (T - 2) / 2  # less than the per-prefix loop
+    # Decode batches spread over worker threads (one intra-op thread each): the same tokens, torch's threads restored.
+    threads = torch.get_num_threads()
+    s = greedy_suffixes(model, torch.tensor(rows), batch_size=4, decode_batch_size=3, workers=3)
+    assert all(s.continuation(b, t) == ref_conts[t][b] for t in ref_conts for b in range(len(rows)))
+    assert torch.get_num_threads() == threads
 
 
 def test_memorized_beats_half_beats_none(trained):
