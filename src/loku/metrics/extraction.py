@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import LokuError
+from .forward import check_features, model_device, per_feature
 from .greedy import (DECODE_BATCH, POOL_ROWS, GreedySuffixes, OnLogits, cache_kwarg, check_rows,  # noqa: F401
                      eval_mode, greedy_suffixes)
 
@@ -46,10 +47,6 @@ def el_of_row(x: list[int], continuation, n: int) -> float:
     return total / (len(x) - n)
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def memorization_accuracy(model, input_ids, *, batch_size: int = 8) -> torch.Tensor:
     """MA per row: (1/(T-1)) sum_{t=1}^{T-1} [argmax p(. | x_<t) == x_t], from one forward pass. Tensor[B] float64."""
@@ -57,7 +54,7 @@ def memorization_accuracy(model, input_ids, *, batch_size: int = 8) -> torch.Ten
     out = []
     with eval_mode(model):
         for chunk in ids.split(batch_size):
-            chunk = chunk.to(_device(model))
+            chunk = chunk.to(model_device(model))
             greedy = model(input_ids=chunk, use_cache=False).logits[:, :-1].argmax(-1)  # (b, T-1)
             out.append((greedy == chunk[:, 1:]).double().mean(-1).cpu())  # (b,) k/(T-1), exact in float64
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
@@ -170,19 +167,18 @@ def extraction_strength_from_logits(logits: torch.Tensor, labels: torch.Tensor) 
     return 1.0 - k_star.double() / mask.sum(-1).double()
 
 
+def memorization_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"es": (B,), "em": (B,)} of one teacher-forced batch."""
+    return {"es": extraction_strength_from_logits(logits, labels), "em": exact_memorization_from_logits(logits, labels)}
+
+
 def teacher_forced_memorization(model, features: list[dict], pad_id: int, *, batch_size: int = 8) -> dict:
     """ES and EM of tokenized features ({"input_ids", "labels"}) from one forward pass per batch:
     {"es": [per feature], "em": [...], "es_mean", "em_mean"}."""
-    from .forward import check_features, teacher_forced
-
     check_features(features)
-    es, em = [0.0] * len(features), [0.0] * len(features)
-    for idx, logits, labels in teacher_forced(model, features, pad_id, batch_size):
-        for i, s, m in zip(idx, extraction_strength_from_logits(logits, labels).tolist(),
-                           exact_memorization_from_logits(logits, labels).tolist()):
-            es[i], em[i] = s, m
+    out = {"es": [], "em": [], **per_feature(model, features, pad_id, memorization_from_logits, batch_size)}
     mean = (lambda v: sum(v) / len(v) if v else float("nan"))
-    return {"es": es, "em": em, "es_mean": mean(es), "em_mean": mean(em)}
+    return {**out, "es_mean": mean(out["es"]), "em_mean": mean(out["em"])}
 
 
 def extraction_strength(model, tokenizer, texts: list, *, max_tokens: int | None = None,

@@ -12,12 +12,24 @@ them.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from ..data.batches import collate
 from ..errors import LokuError
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def pad_id(tokenizer) -> int:
+    """Any id works as padding here (pads are never attended to nor scored): pad, else EOS, else 0."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return tid
+    return 0
 
 
 def text_features(tokenizer, texts: list[str], max_tokens: int | None = None) -> list[dict]:
@@ -54,7 +66,7 @@ def teacher_forced(model, features: list[dict], pad_id: int, batch_size: int = 8
     if batch_size < 1:
         raise LokuError(f"batch size must be positive, got {batch_size}")
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
     try:
@@ -66,3 +78,18 @@ def teacher_forced(model, features: list[dict], pad_id: int, batch_size: int = 8
             yield idx, logits.float(), batch["labels"].to(device)
     finally:
         model.train(was_training)
+
+
+def per_feature(model, features: list[dict], pad_id: int, measure: Callable[..., dict[str, torch.Tensor]],
+                batch_size: int = 8, progress: Callable[[int], None] | None = None) -> dict[str, list]:
+    """`measure(logits, labels) -> {name: (b,) tensor}` over one teacher-forced pass per batch, gathered into
+    {name: [value of each feature]} in the features' order; `progress` is told each batch's size."""
+    out: dict[str, list] = {}
+    for idx, logits, labels in teacher_forced(model, features, pad_id, batch_size):
+        for name, values in measure(logits, labels).items():
+            column = out.setdefault(name, [None] * len(features))
+            for i, v in zip(idx, values.tolist()):
+                column[i] = v
+        if progress:
+            progress(len(idx))
+    return out

@@ -35,6 +35,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..errors import LokuError
+from .forward import model_device
 
 POOL_ROWS = 64  # rows measured together (their branches decoded together): their full-pass KV cache is held
 DECODE_BATCH = 128  # branches per decode step; measured in benchmarks/extraction.py
@@ -210,7 +211,7 @@ def greedy_suffixes(model, input_ids, *, min_suffix: int = 1, batch_size: int = 
     loop except where two logits tie to rounding error (padding and batching change the order of float sums)."""
     ids = check_rows(input_ids, 2, "greedy continuation")
     cache_kw, T = cache_kwarg(model), ids.shape[1]
-    device = next(model.parameters()).device
+    device = model_device(model)
     if workers is None:
         workers = torch.get_num_threads() if device.type == "cpu" else 1
     greedy, kv = [], []

@@ -37,7 +37,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from ..errors import LokuError
-from .forward import check_features, teacher_forced, text_features
+from .forward import check_features, per_feature, teacher_forced, text_features
 
 ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus", "reference")
 VARIANCE_FLOOR = 1e-6  # OpenUnlearning's min_k_plus_plus.py: sigma = clamp(var, min=1e-6)
@@ -59,10 +59,12 @@ def mean_loss(token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return -(token * mask).sum(-1) / mask.sum(-1)
 
 
-def lowest_k_mean(values: torch.Tensor, mask: torch.Tensor, k: float) -> torch.Tensor:
-    """Mean of the max(1, int(k x n)) smallest scored values of each row (n scored tokens): (B,)."""
+def lowest_k_mean(values: torch.Tensor, mask: torch.Tensor, k: float, at_least_one: bool = True) -> torch.Tensor:
+    """Mean of the max(1, int(k x n)) smallest scored values of each row (n scored tokens): (B,).
+    `at_least_one=False` takes int(k x n) as muse_bench does: NaN for a row where that is 0."""
     n = mask.sum(-1)  # (B,)
-    take = (n.double() * k).floor().clamp(min=1).long()  # python's max(1, int(n * k)), in float64 as there
+    take = (n.double() * k).floor()  # python's int(n * k), in float64 as there
+    take = (take.clamp(min=1) if at_least_one else take).long()
     ordered = values.masked_fill(~mask, float("inf")).sort(-1).values  # (B, T-1), scored values first
     keep = torch.arange(values.shape[-1], device=values.device) < take[:, None]  # (B, T-1)
     return torch.where(keep, ordered, 0.0).sum(-1) / take
@@ -113,12 +115,10 @@ def zlib_sizes(tokenizer, features: list[dict]) -> list[int]:
 
 def mean_losses(model, features: list[dict], pad_id: int, batch_size: int = 8) -> list[float]:
     """Mean cross-entropy of each feature's scored tokens (what the reference attack needs of its model)."""
-    out = [0.0] * len(features)
-    for idx, logits, labels in teacher_forced(model, features, pad_id, batch_size):
-        token, mask, _ = token_log_probs(logits, labels)
-        for i, v in zip(idx, mean_loss(token, mask).tolist()):
-            out[i] = v
-    return out
+    def measure(logits, labels):
+        return {"loss": mean_loss(*token_log_probs(logits, labels)[:2])}
+
+    return per_feature(model, features, pad_id, measure, batch_size).get("loss", [])
 
 
 def reference_scores(reference_losses: list[float], losses: list[float]) -> list[float]:
