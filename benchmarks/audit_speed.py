@@ -44,13 +44,14 @@ def worker(args) -> None:
     shutil.rmtree(out)
     cfg = AuditConfig(model="smollm2-135m", forget=args.forget, unseen=args.unseen, rows=args.seqs,
                       max_tokens=args.tokens, el=args.el, out=str(out))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     report = run_audit(cfg, model=model, tokenizer=tok, log=lambda s: None)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     shutil.rmtree(out, ignore_errors=True)
     sets = report["unlearned"]["sets"]
     base = report["unlearned"]["compare"]["forget"]
-    print(json.dumps({"seconds": seconds, "sets_seconds": {k: v["seconds"] for k, v in sets.items()},
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu,
+                      "sets_seconds": {k: v["seconds"] for k, v in sets.items()},
                       "forget": {m: v["forget"] for m, v in base["metrics"].items()},
                       "unseen": {m: v["unseen"] for m, v in base["metrics"].items()},
                       "auc": {a: v["auc"] for a, v in base["auc"].items()},
@@ -113,7 +114,8 @@ def main() -> int:
             res.update(version=version, el=el, load_average_before=round(load_before, 2),
                        load_average_after=round(os.getloadavg()[0], 2))
             runs.append(res)
-            print(f"{version} --el {el}: {res['seconds']:.1f} s (load {load_before:.1f} -> "
+            print(f"{version} --el {el}: {res['seconds']:.1f} s, {res['cpu_seconds']:.1f} CPU s "
+                  f"(load {load_before:.1f} -> "
                   f"{res['load_average_after']:.1f})", flush=True)
 
     from loku.models import load_model

@@ -18,7 +18,7 @@ import torch
 
 from ..distributed import map_items
 from ..metrics.extraction import (DECODE_BATCH, exact_memorization_from_logits, extraction_strength_from_logits,
-                                  length_groups, memorization_metrics)
+                                  ragged_metrics)
 from ..metrics.forward import teacher_forced
 from ..metrics.membership import membership_scores, reference_scores
 from .sets import EvalSet
@@ -60,16 +60,14 @@ def _examples(model, s: EvalSet, indices: list[int], st: Settings, reference_los
             for i, v in zip(idx, values.tolist()):
                 out[i][name] = v
 
-    if s.kind == "text" and st.el:
-        for part in length_groups([len(f["input_ids"]) for f in feats]):
-            ids = torch.tensor([feats[j]["input_ids"] for j in part])  # (b, T): equal lengths, no padding
-            labels = torch.tensor([feats[j]["labels"] for j in part])
-            res = memorization_metrics(
-                model, ids, st.n, batch_size=st.batch_size, decode_batch_size=st.decode_batch_size,
-                on_logits=lambda rows, logits, part=part, labels=labels:
-                    score([part[r] for r in rows], logits.float(), labels[rows].to(logits.device)))
-            for j, ma, el in zip(part, res["ma"].tolist(), res["el"].tolist()):
-                out[j]["ma"], out[j]["el"] = ma, el
+    if s.kind == "text" and st.el:   # rows of a length measured together, unpadded
+        labels = [f["labels"] for f in feats]
+        res = ragged_metrics(model, [f["input_ids"] for f in feats], st.n, batch_size=st.batch_size,
+                             decode_batch_size=st.decode_batch_size,
+                             on_logits=lambda idx, logits: score(idx, logits.float(), torch.tensor(
+                                 [labels[i] for i in idx], device=logits.device)))
+        for o, ma, el in zip(out, res["ma"], res["el"]):
+            o["ma"], o["el"] = ma, el
     else:
         for idx, logits, labels in teacher_forced(model, feats, st.pad_id, st.batch_size):
             score(idx, logits, labels)

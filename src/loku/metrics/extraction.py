@@ -16,7 +16,10 @@ can stop early without changing a value.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import LokuError
 from .forward import check_features, model_device, per_feature
@@ -97,33 +100,47 @@ def length_groups(lengths: list[int], size: int = POOL_ROWS) -> list[list[int]]:
     return [members[j:j + size] for members in by_length.values() for j in range(0, len(members), size)]
 
 
+def ragged_metrics(model, rows: list[list[int]], n: int = 10, *, batch_size: int = 8,
+                   decode_batch_size: int = DECODE_BATCH, pool_rows: int = POOL_ROWS, workers: int | None = None,
+                   on_logits: OnLogits | None = None, progress: Callable[[int], None] | None = None) -> dict:
+    """MA and EL_n of token rows of any lengths: {"ma": [per row], "el": [per row], "decoded_tokens"}.
+
+    Rows of equal length are measured together, up to `pool_rows` at a time (no padding ever enters the
+    metrics); `on_logits(indices into rows, logits (b, T, V))` sees every teacher-forced pass, `progress` is
+    told each group's size."""
+    for i, row in enumerate(rows):
+        if len(row) < n + 1:
+            raise LokuError(f"row {i} has {len(row)} tokens but EL_{n} needs at least {n + 1}: drop or lengthen it, "
+                            "or lower n")
+    ma, el, decoded = [0.0] * len(rows), [0.0] * len(rows), 0
+    for part in length_groups([len(r) for r in rows], pool_rows):
+        seen = None if on_logits is None else (lambda idx, logits, part=part: on_logits([part[i] for i in idx], logits))
+        out = memorization_metrics(model, torch.tensor([rows[i] for i in part]), n, batch_size=batch_size,
+                                   decode_batch_size=decode_batch_size, workers=workers, on_logits=seen)
+        for i, a, e in zip(part, out["ma"].tolist(), out["el"].tolist()):
+            ma[i], el[i] = a, e
+        decoded += out["decoded_tokens"]
+        if progress:
+            progress(len(part))
+    return {"ma": ma, "el": el, "decoded_tokens": decoded}
+
+
 def extraction_metrics(model, tokenizer, texts: list[str], *, n: int = 10, max_length: int | None = None,
                        batch_size: int = 8, decode_batch_size: int = DECODE_BATCH, pool_rows: int = POOL_ROWS,
                        progress: bool = False) -> dict:
-    """MA and EL_n of each text: tokenized without special tokens, cut to `max_length` tokens (Jang et al. use 200).
-
-    Texts of equal token length are measured together, up to `pool_rows` at a time (no padding ever enters the
-    metrics). Returns {"n", "ma": [per text], "el": [per text], "ma_mean", "el_mean", "tokens": [lengths],
-    "decoded_tokens"}."""
+    """MA and EL_n of each text: tokenized without special tokens, cut to `max_length` tokens (Jang et al. use 200),
+    measured by `ragged_metrics`. Returns {"n", "ma": [per text], "el": [per text], "ma_mean", "el_mean",
+    "tokens": [lengths], "decoded_tokens"}."""
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
     for i, row in enumerate(ids):
         if len(row) < n + 1:
             raise LokuError(f"text {i} has {len(row)} tokens but EL_{n} needs at least {n + 1}: drop or lengthen it, "
                             f"or lower n" + (f" / raise max_length ({max_length})" if max_length else ""))
-    ma, el, decoded = [0.0] * len(ids), [0.0] * len(ids), 0
-    from tqdm.auto import tqdm
-
     with tqdm(total=len(ids), desc=f"MA/EL_{n}", unit="text", disable=not progress) as bar:
-        for part in length_groups([len(r) for r in ids], pool_rows):
-            out = memorization_metrics(model, torch.tensor([ids[i] for i in part]), n, batch_size=batch_size,
-                                       decode_batch_size=decode_batch_size)
-            for i, a, e in zip(part, out["ma"].tolist(), out["el"].tolist()):
-                ma[i], el[i] = a, e
-            decoded += out["decoded_tokens"]
-            bar.update(len(part))
+        out = ragged_metrics(model, ids, n, batch_size=batch_size, decode_batch_size=decode_batch_size,
+                             pool_rows=pool_rows, progress=bar.update)
     mean = (lambda v: sum(v) / len(v) if v else float("nan"))
-    return {"n": n, "ma": ma, "el": el, "ma_mean": mean(ma), "el_mean": mean(el), "tokens": [len(r) for r in ids],
-            "decoded_tokens": decoded}
+    return {"n": n, **out, "ma_mean": mean(out["ma"]), "el_mean": mean(out["el"]), "tokens": [len(r) for r in ids]}
 
 
 # ---- Extraction strength and exact memorization (OpenUnlearning), from one teacher-forced pass ----------------
