@@ -22,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import LokuError
-from .forward import check_features, model_device, per_feature
+from ..models import model_device
+from .forward import check_features, per_feature
 from .greedy import (DECODE_BATCH, POOL_ROWS, GreedySuffixes, OnLogits, cache_kwarg, check_rows,  # noqa: F401
                      eval_mode, greedy_suffixes)
 

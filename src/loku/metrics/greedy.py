@@ -35,7 +35,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..errors import LokuError
-from .forward import model_device
+from ..models import model_device
 
 POOL_ROWS = 64  # rows measured together (their branches decoded together): their full-pass KV cache is held
 DECODE_BATCH = 128  # branches per decode step; measured in benchmarks/extraction.py
