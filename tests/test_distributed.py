@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from loku.data.records import make_records, record_text
 from conftest import write_csv as _csv
+from launch import ON_CPU, launch
 from test_tofu_runs import tofu_data  # noqa: F401 (a fixture)
 
 
@@ -26,31 +27,21 @@ def unequal_texts(tokenizer, n):
     return texts
 
 
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-CONFIGS = Path(__file__).parents[1] / "configs" / "accelerate"
-
-
-def sharded_launch(config: str, precision: str = "no") -> list[str]:
-    """A shipped launch config (fsdp, deepspeed_zero2, deepspeed_zero3) on 2 CPU processes; tests/fsdp_on_cpu.py
-    starts the CLI with accelerate in that mode (it starts them only on GPUs by itself)."""
-    return [ACCELERATE, "launch", "--config_file", str(CONFIGS / f"{config}.yaml"), "--num_processes", "2",
-            *(["--mixed_precision", precision] if precision else []), str(Path(__file__).parent / "fsdp_on_cpu.py")]
-
-
 has_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                    reason="deepspeed is not installed (pip install -e '.[test]' brings it)")
 ZERO2, ZERO3 = (pytest.param(f"deepspeed_zero{k}", marks=has_deepspeed) for k in (2, 3))
 
 
 def _run(args, processes, env_extra=None, check=True):
-    """processes: 1, 2 (DDP over gloo), or a config under configs/accelerate on 2 processes over gloo."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    launcher = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "loku"]
-    if processes == 2:
-        env["ACCELERATE_USE_CPU"] = "true"
-    cmd = {1: [sys.executable, "-m", "loku"], 2: launcher}.get(processes) or sharded_launch(processes)
-    r = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=env, timeout=300)
+    """`loku ARGS` in 1 process, on 2 (DDP over gloo), or on 2 under a config in configs/accelerate
+    (tests/fsdp_on_cpu.py starts the CLI with accelerate in its FSDP / DeepSpeed mode)."""
+    if processes == 1:
+        r = subprocess.run([sys.executable, "-m", "loku", *map(str, args)], capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}, timeout=300)
+    elif processes == 2:
+        r = launch(["-m", "loku", *args], env_extra=env_extra)
+    else:
+        r = launch([ON_CPU, *args], config=processes, env_extra=env_extra)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -76,16 +67,16 @@ def test_two_processes_equal_one_with_double_batch(tiny_model_dir, tokenizer, tm
 def test_split_statistics_and_evaluation_equal_one_process(tiny_model_dir, tmp_path):
     """Fisher/VILA sums all-reduced over 2 processes, the FILA factors from them, and MA/EL, TOFU and utility
     scores split across the processes and gathered: all equal the one-process values."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     worker = str(Path(__file__).parent / "distributed_worker.py")
-    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     runs = {}
-    for world, cmd in ((1, [sys.executable]), (2, launcher)):
+    for world in (1, 2):
         out = tmp_path / f"world{world}"
         out.mkdir()
-        r = subprocess.run(cmd + [worker, str(tiny_model_dir), str(out)], capture_output=True, text=True, env=env,
-                           timeout=300)
+        if world == 1:
+            r = subprocess.run([sys.executable, worker, str(tiny_model_dir), str(out)], capture_output=True,
+                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        else:
+            r = launch([worker, tiny_model_dir, out])
         assert r.returncode == 0, r.stderr[-3000:]
         runs[world] = (json.loads((out / "results.json").read_text()), load_file(out / "tensors.safetensors"))
     (one, t1), (two, t2) = runs[1], runs[2]
@@ -229,8 +220,7 @@ def test_reference_model_is_sharded(tiny_model_dir, engine):
     FSDP every weight a DTensor holding 1/2 of the rows on each process, under ZeRO-3 a 1/2 slice of each
     flattened weight and nothing whole between forwards; logits equal to the whole model's."""
     worker = str(Path(__file__).parent / "fsdp_reference_worker.py")
-    r = subprocess.run(sharded_launch(engine)[:-1] + [worker, str(tiny_model_dir)], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    r = launch([worker, tiny_model_dir], config=engine)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("reference sharded over 2 processes; logits equal") == 2
 
@@ -258,10 +248,9 @@ def test_sharded_config_on_cpus_is_a_clear_error(tiny_model_dir, tmp_path, engin
     """Without GPUs accelerate quietly runs an FSDP or DeepSpeed config as plain data parallel (a whole model per
     process where the user planned for shards): loku stops with one line naming the fix, and writes nothing."""
     forget = _csv(tmp_path / "f.csv", ["Some text to forget here.", "And a second line of it."])
-    plain = sharded_launch(engine)[:-1] + ["-m", "loku"]   # without tests/fsdp_on_cpu.py: what a user would run
-    r = subprocess.run(plain + ["unlearn", "--model", str(tiny_model_dir), "--forget", str(forget), "--method", "ga",
-                                "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    # without tests/fsdp_on_cpu.py: what a user would run
+    r = launch(["-m", "loku", "unlearn", "--model", tiny_model_dir, "--forget", forget, "--method", "ga",
+                "--out", tmp_path / "o"], config=engine)
     assert r.returncode != 0
     asked = "FSDP" if engine == "fsdp" else "DeepSpeed"
     assert f"error: the launch configuration asks for {asked}, but accelerate started MULTI_CPU" in r.stderr
@@ -334,10 +323,8 @@ def test_mixed_precision_comes_from_the_launch_config(tiny_model_dir, tokenizer,
     forget, retain = _csv(tmp_path / "f.csv", texts[:8]), _csv(tmp_path / "r.csv", texts[8:])
     common = ["unlearn", "--model", tiny_model_dir, "--forget", forget, "--retain", retain, "--method", "ihl",
               "--init", "fila", "--lora-rank", "4", "--epochs", "2", "--lr", "5e-3", "--batch-size", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name, extra in (("file", []), ("fp32", ["--mixed-precision", "no"])):
-        r = subprocess.run(sharded_launch(engine, precision="") + [str(a) for a in common + extra]
-                           + ["--out", str(tmp_path / name)], capture_output=True, text=True, env=env, timeout=300)
+        r = launch([ON_CPU, *common, *extra, "--out", tmp_path / name], config=engine, precision=None)
         assert r.returncode == 0, r.stderr[-3000:]
     assert "mixed_precision: bf16" in (tmp_path / "file" / "config.yaml").read_text()
     assert "mixed_precision: 'no'" in (tmp_path / "fp32" / "config.yaml").read_text()
