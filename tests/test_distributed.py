@@ -111,6 +111,25 @@ def _close(a, b, rel=1e-5) -> bool:
     return a == b
 
 
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_launched_process_exits_without_the_interpreter_teardown(tmp_path, code):
+    """After the last collective a gloo worker thread still releases that collective's tensors, which needs the
+    GIL; if the interpreter is being torn down by then, Python ends the thread inside a C++ destructor and the
+    process aborts ("terminate called without an active exception", SIGABRT: finished ZeRO-3 runs exited 1 on
+    loaded machines). loku's exit from a launched process (the CLI's, exit_process) skips that teardown and
+    keeps everything else of a normal exit: the exit code, exit handlers, finalizers, buffered output."""
+    r = launch([Path(__file__).parent / "exit_worker.py", tmp_path, code])
+    assert (r.returncode == 0) == (code == 0), r.stderr[-3000:]
+    assert "terminate called" not in r.stderr
+    if code:
+        assert f"exitcode  : {code}" in r.stderr   # torch's launcher reports each process's own code
+    assert "rank 0 saw ranks [0, 1]" in r.stdout and "rank 1 saw ranks [0, 1]" in r.stdout
+    for rank in (0, 1):
+        assert (tmp_path / f"atexit{rank}").read_text() == "ran"
+        assert not Path((tmp_path / f"scratch{rank}").read_text()).exists()   # TemporaryDirectory's finalizer
+        assert not (tmp_path / f"teardown{rank}").exists()   # module objects never torn down
+
 @pytest.mark.parametrize("launch", [2, "fsdp", ZERO3])
 def test_tdec_run_under_two_processes_equals_one(tiny_model_dir, tmp_path, launch):
     """`loku tdec run` unchanged under accelerate launch (DDP, FSDP2): one process reports and writes; initial and
