@@ -17,6 +17,8 @@ from conftest import write_csv as _csv
 from launch import ON_CPU, launch
 from test_tofu_runs import tofu_data  # noqa: F401 (a fixture)
 
+pytestmark = pytest.mark.distributed   # `make test-distributed`; minutes in all, so not in the fast suite
+
 
 def unequal_texts(tokenizer, n):
     """Records of different token lengths: per-process token means then differ from the global mean, which
