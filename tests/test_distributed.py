@@ -113,7 +113,6 @@ def _close(a, b, rel=1e-5) -> bool:
     return a == b
 
 
-
 @pytest.mark.parametrize("code", [0, 3])
 def test_launched_process_exits_without_the_interpreter_teardown(tmp_path, code):
     """After the last collective a gloo worker thread still releases that collective's tensors, which needs the
@@ -132,8 +131,9 @@ def test_launched_process_exits_without_the_interpreter_teardown(tmp_path, code)
         assert not Path((tmp_path / f"scratch{rank}").read_text()).exists()   # TemporaryDirectory's finalizer
         assert not (tmp_path / f"teardown{rank}").exists()   # module objects never torn down
 
-@pytest.mark.parametrize("launch", [2, "fsdp", ZERO3])
-def test_tdec_run_under_two_processes_equals_one(tiny_model_dir, tmp_path, launch):
+
+@pytest.mark.parametrize("processes", [2, "fsdp", ZERO3])
+def test_tdec_run_under_two_processes_equals_one(tiny_model_dir, tmp_path, processes):
     """`loku tdec run` unchanged under accelerate launch (DDP, FSDP2): one process reports and writes; initial and
     per-epoch MA/EL (split across the processes under DDP; under FSDP every forward is collective and nothing is
     split) equal the one-process run with the same global batch."""
@@ -145,7 +145,7 @@ def test_tdec_run_under_two_processes_equals_one(tiny_model_dir, tmp_path, launc
     common = ["tdec", "run", "--model", tiny_model_dir, "--forget", forget, "--retain", retain, "--method", "ihl",
               "--init", "fila", "--lora-rank", "4", "--epochs", "2", "--lr", "1e-3", "--max-tokens", "40",
               "--el-threshold", "0", "--ma-threshold", "0", "--no-utility"]
-    two = _run(common + ["--batch-size", "2", "--out", tmp_path / "two"], processes=launch)
+    two = _run(common + ["--batch-size", "2", "--out", tmp_path / "two"], processes=processes)
     assert two.stdout.count("wrote ") == 1
     _run(common + ["--batch-size", "4", "--out", tmp_path / "one"], processes=1)
     a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
@@ -155,15 +155,15 @@ def test_tdec_run_under_two_processes_equals_one(tiny_model_dir, tmp_path, launc
         assert x["ma"] == pytest.approx(y["ma"], abs=1e-6) and x["el"] == pytest.approx(y["el"], abs=1e-6)
 
 
-@pytest.mark.parametrize("launch", [2, "fsdp", ZERO3])
-def test_tofu_unlearn_under_two_processes_equals_one(tiny_model_dir, tofu_data, tmp_path, launch):
+@pytest.mark.parametrize("processes", [2, "fsdp", ZERO3])
+def test_tofu_unlearn_under_two_processes_equals_one(tiny_model_dir, tofu_data, tmp_path, processes):
     """`loku tofu unlearn` under accelerate launch equals one process with the same global batch: the TOFU
     scores split across the processes (target and retain logs within 1e-5) and, after training on QA pairs of
     unequal lengths, every method's per-epoch scores (within 1e-4: float summation order); one process writes."""
     common = ["tofu", "unlearn", "--target", tiny_model_dir, "--retain-model", tiny_model_dir, "--data-dir", tofu_data,
               "--methods", "ga,ihl+fila", "--epochs", "2", "--lr", "1e-3", "--grad-accum", "1", "--lora-rank", "2",
               "--max-length", "64", "--limit", "3", "--max-new-tokens", "3"]
-    two = _run(common + ["--batch-size", "1", "--out", tmp_path / "two"], processes=launch)
+    two = _run(common + ["--batch-size", "1", "--out", tmp_path / "two"], processes=processes)
     assert two.stdout.count("wrote ") == 1
     _run(common + ["--batch-size", "2", "--out", tmp_path / "one"], processes=1)
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
@@ -280,14 +280,14 @@ def test_sharded_config_on_cpus_is_a_clear_error(tiny_model_dir, tmp_path, engin
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("launch", [2, "fsdp", ZERO3])
-def test_tofu_finetune_under_two_processes_equals_one(tiny_model_dir, tofu_data, tmp_path, launch):
+@pytest.mark.parametrize("processes", [2, "fsdp", ZERO3])
+def test_tofu_finetune_under_two_processes_equals_one(tiny_model_dir, tofu_data, tmp_path, processes):
     """`loku tofu finetune` (full fine-tuning of the target and retain models) under DDP and FSDP2: each process
     trains on its share of the global batch (9 and 6 QA pairs: the last batch is uneven) and the main process
     writes the models, gathered from the shards under FSDP; equal to one process with a 2x batch."""
     common = ["tofu", "finetune", "--model", tiny_model_dir, "--data-dir", tofu_data, "--epochs", "2", "--lr", "3e-3",
               "--grad-accum", "1", "--max-length", "64"]
-    two = _run(common + ["--batch-size", "2", "--out", tmp_path / "two"], processes=launch)
+    two = _run(common + ["--batch-size", "2", "--out", tmp_path / "two"], processes=processes)
     assert two.stdout.count("done in") == 1
     _run(common + ["--batch-size", "4", "--out", tmp_path / "one"], processes=1)
     start = load_file(Path(tiny_model_dir) / "model.safetensors")
