@@ -45,8 +45,8 @@ def build(root: Path, tokenizer, n: int) -> None:
              "knowmem/forget_qa_icl": qa(retain[:3]), "knowmem/retain_qa_icl": qa(retain[:3]),
              "privleak/forget": [l[:1500] for l in lines[n:2 * n]], "privleak/holdout": holdout[:n]}
     for name, rows in files.items():
-        (root / "news" / f"{name}.json").parent.mkdir(parents=True, exist_ok=True)
-        (root / "news" / f"{name}.json").write_text(json.dumps(rows), encoding="utf-8")
+        (root / "muse" / "news" / f"{name}.json").parent.mkdir(parents=True, exist_ok=True)
+        (root / "muse" / "news" / f"{name}.json").write_text(json.dumps(rows), encoding="utf-8")
 
 
 def main() -> None:
@@ -61,7 +61,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         build(Path(tmp), tokenizer, args.items)
         for conv in ("muse_bench", "open-unlearning"):
-            scoring = MuseScoring(data=tmp, convention=conv)
+            scoring = MuseScoring(data_dir=tmp, convention=conv)
             t0 = time.time()
             s = evaluate_muse(model, tokenizer, load_data(scoring), scoring, progress=False)
             out["conventions"][conv] = {**s["metrics"], "auc": s["auc"], "auc_retrain": s["auc_retrain"],

@@ -124,3 +124,38 @@ def need_shared(*parts: str) -> Path:
     if not p.exists():
         pytest.skip(f"needs the public data folder {p} (../shared/data beside the checkout); absent here")
     return p
+
+
+def memorize(model, tokenizer, texts, steps: int = 120, lr: float = 1e-2):
+    """Full-batch Adam on `texts` (tokenized without special tokens, as the audit scores them): after 120 steps
+    a tiny model reproduces 16 records nearly token for token. Returns the model in eval mode."""
+    from loku.data.batches import collate
+
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    batch = collate([{"input_ids": i, "labels": i} for i in ids], tokenizer.pad_token_id or 0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def record_texts(n: int, seed: int = 7) -> list[str]:
+    from loku.data.records import make_records, record_text
+
+    return [record_text(r) for r in make_records(n, seed=seed)]
+
+
+@pytest.fixture(scope="session")
+def memorized():
+    """(model, tokenizer, A, B): a tiny Llama trained to memorize the 16 records A; B are 16 it never saw.
+    The tokenizer is its own (with a pad token), not the shared `tokenizer` fixture."""
+    from loku.models import ensure_pad_token
+
+    tok = ensure_pad_token(build_tokenizer())
+    texts = record_texts(32)
+    a, b = texts[:16], texts[16:]
+    return memorize(tiny_llama(len(tok)), tok, a), tok, a, b

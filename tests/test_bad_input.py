@@ -315,6 +315,39 @@ def chat_format_without_template(b):   # the tiny model's tokenizer has no chat 
     return b.args("--method", "ga", "--prompt-format", "chat", forget=qa, retain=None)
 
 
+def method_setting_out_of_range(b):
+    return b.args("--method", "wga", "--wga-beta", "-1")
+
+
+def pdu_without_its_budget(b):
+    return b.args("--method", "pdu")
+
+
+def lunar_without_harmful_prompts(b):
+    return b.args("--method", "lunar")
+
+
+def lunar_harmful_prompts_missing(b):
+    return b.args("--method", "lunar", "--lunar-harmful", b.root / "harmful.txt")
+
+
+def rmu_layer_the_model_lacks(b):   # the tiny model has 2 layers; RMU's default is OpenUnlearning's layer 7
+    return b.args("--method", "rmu")
+
+
+def lmcleaner_without_trajectory(b):
+    return b.args("--method", "lmcleaner")
+
+
+def lmcleaner_trajectory_incomplete(b):
+    b.file("trajectory/trajectory.json", '{"format": "loku-trajectory", "version": 1, "steps": []}')
+    return b.args("--method", "lmcleaner", "--lmcleaner-trajectory", b.root / "trajectory")
+
+
+def t3_with_fila(b):
+    return b.args("--method", "t3", init="fila")
+
+
 def tofu_aggregate_missing_file(b):
     return ["tofu", "aggregate", b.root / "eval_log_aggregated.json", b.root / "retain"]
 
@@ -328,6 +361,16 @@ def public_data_not_found(b):
 def public_data_hub_unreachable(b):
     b.monkeypatch.delenv("LOKU_DATA", raising=False)   # no data folder: TOFU from the hub, unreachable offline
     return ["tofu", "eval", "--model", b.model, "--out", b.out, "--limit", "2"]
+
+
+def muse_data_hub_unreachable(b):
+    b.monkeypatch.delenv("LOKU_DATA", raising=False)   # no data folder: MUSE from the hub, unreachable offline
+    return ["muse", "eval", "--model", b.model, "--out", b.out, "--corpus", "books"]
+
+
+def wmdp_data_hub_unreachable(b):
+    (b.root / "data" / "wmdp").mkdir(parents=True)   # a data folder without wmdp/wmdp-bio/: the hub, offline
+    return ["wmdp", "eval", "--model", b.model, "--out", b.out, "--data-dir", b.root / "data", "--tasks", "wmdp_bio"]
 
 
 CASES = {
@@ -380,6 +423,22 @@ CASES = {
     "public_data_not_found": (public_data_not_found, "TDEC utility task pile not found: tried "),
     "public_data_hub_unreachable": (public_data_hub_unreachable, "TOFU split retain_perturbed not found: tried "
                                                                  "--data-dir and $LOKU_DATA (neither given)"),
+    "muse_data_hub_unreachable": (muse_data_hub_unreachable, "MUSE Books not found: tried --data-dir and $LOKU_DATA "
+                                                             "(neither given); loku's own files; hub dataset "
+                                                             "muse-bench/MUSE-Books (verbmem, forget)"),
+    "wmdp_data_hub_unreachable": (wmdp_data_hub_unreachable, "/data/wmdp/wmdp-bio (--data-dir); loku's own files; "
+                                                             "hub dataset cais/wmdp (wmdp-bio, test)"),
+    "method_setting_out_of_range": (method_setting_out_of_range, "wga-beta must be 0 or more, got -1.0: pass e.g. "
+                                                                 "--wga-beta 1"),
+    "pdu_without_its_budget": (pdu_without_its_budget, "pdu needs --pdu-retain-loss-eps"),
+    "lunar_without_harmful_prompts": (lunar_without_harmful_prompts, "lunar needs --lunar-harmful FILE"),
+    "lunar_harmful_prompts_missing": (lunar_harmful_prompts_missing, "harmful.txt does not exist: check "
+                                                                     "--lunar-harmful"),
+    "rmu_layer_the_model_lacks": (rmu_layer_the_model_lacks, "rmu_layer 7 is not a layer of this model (2 decoder "
+                                                             "layers): pass --rmu-layer between 0 and 1"),
+    "lmcleaner_without_trajectory": (lmcleaner_without_trajectory, "lmcleaner needs --lmcleaner-trajectory DIR"),
+    "lmcleaner_trajectory_incomplete": (lmcleaner_trajectory_incomplete, "has no examples.jsonl"),
+    "t3_with_fila": (t3_with_fila, "--init fila has nothing to initialise: drop --init"),
 }
 
 

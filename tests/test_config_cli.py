@@ -35,15 +35,29 @@ COMMANDS = {
     ("muse", "aggregate"): ["model.json", "retrain.json"],
     ("muse", "unlearn"): [],
     ("wmdp", "eval"): [],
+    ("audit",): ["--model", "m", "--forget", "f.csv", "--unseen", "u.csv", "--out", "o"],
 }
 # Values a field's own checks accept (the generic choice below would not): field -> (flag text, value)
 SPECIAL = {"method": ("npo", "npo"), "methods": ("ga,npo", ["ga", "npo"]), "init": ("vila", "vila"),
            "split": ("forget05", "forget05"), "qa_per_author": ("7", 7), "authors": ("20", 20),
            "corpus": ("books", "books"), "convention": ("open-unlearning", "open-unlearning"),
            "metrics": ("verbmem_f,privleak", ["verbmem_f", "privleak"]), "min_k": ("0.2", 0.2),
-           "tasks": ("wmdp_bio,mmlu", ["wmdp_bio", "mmlu"])}
-# Options another field needs to be valid alongside: field -> extra flags
-COMPANIONS = {("tdec", "run"): {"grad_accum": ["--no-full-batch"]}}
+           "tasks": ("wmdp_bio,mmlu", ["wmdp_bio", "mmlu"]),
+           "attacks": ("quantize,relearn", ["quantize", "relearn"]), "quantizers": ("int4,nf4", ["int4", "nf4"]),
+           "quantize_modes": ("merged", ["merged"]), "relearn_steps": ("0,5", [0, 5]),
+           "paraphrase_kinds": ("case", ["case"]), "k": ("0.2", 0.2), "relearn_fraction": ("0.3", 0.3),
+           "prefix_fraction": ("0.3", 0.3), "perturb_rate": ("0.3", 0.3), "confidence": ("0.9", 0.9)}
+# Settings another field needs to be valid alongside: field -> {YAML key: value} (given as flags too)
+COMPANIONS = {("tdec", "run"): {"grad_accum": {"full_batch": False}},
+              ("wmdp", "eval"): {"num_fewshot": {"tasks": ["mmlu"]}}}   # WMDP itself is zero-shot only
+
+
+def companion_flags(command, name) -> list[str]:
+    flags = []
+    for key, value in COMPANIONS.get(command, {}).get(name, {}).items():
+        flag = key.replace("_", "-")
+        flags += [f"--{'' if value else 'no-'}{flag}"] if isinstance(value, bool) else [f"--{flag}", ",".join(value)]
+    return flags
 
 
 class Captured(Exception):
@@ -132,7 +146,7 @@ def test_every_field_from_its_flag(command, name, capture):
         args = [*command, *COMMANDS[command], f"--{'' if expected else 'no-'}{name.replace('_', '-')}"]
     else:
         args = [*command, *COMMANDS[command], f"--{name.replace('_', '-')}", text]
-    args += COMPANIONS.get(command, {}).get(name, [])
+    args += companion_flags(command, name)
     cfg = capture(args)
     value = get(cfg, path)
     assert value == expected and type(value) is type(expected), (name, value, expected)
@@ -151,8 +165,7 @@ def test_every_field_from_its_yaml_key(command, name, capture, tmp_path):
     positional = [f.name for f in dataclasses.fields(cls) if f.metadata.get("positional")]
     data.update(zip(positional, COMMANDS[command]))
     data[name] = expected
-    if COMPANIONS.get(command, {}).get(name):
-        data["full_batch"] = False
+    data.update(COMPANIONS.get(command, {}).get(name, {}))
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(data))
     cfg = capture([*command, "--config", config])

@@ -116,6 +116,33 @@ def test_hub_unreachable_is_one_line_naming_set_places_and_fix(tmp_path):
         load_task("pile")
 
 
+def test_muse_and_wmdp_not_found_is_the_same_one_line(tmp_path):
+    """MUSE and WMDP are looked up like every other data set: data folder, loku's files, then the hub."""
+    from loku.muse import load_muse
+    from loku.wmdp import task_sources
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LokuError) as e:
+        load_muse(empty, "news")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"MUSE News not found: tried {empty}/muse/news (--data-dir); loku's own files; hub dataset "
+                          "muse-bench/MUSE-News (verbmem, forget) (")
+    assert msg.endswith(": put news under DIR/muse/ (from muse_bench's data/, github swj0419/muse_bench "
+                        "load_data.py) and pass --data-dir DIR or set LOKU_DATA=DIR, or connect to the Hugging Face hub")
+    with pytest.raises(LokuError) as e:
+        task_sources(["wmdp_cyber", "mmlu"], empty)
+    assert str(e.value).startswith(f"WMDP wmdp-cyber not found: tried {empty}/wmdp/wmdp-cyber (--data-dir); loku's "
+                                   "own files; hub dataset cais/wmdp (wmdp-cyber, test) (")
+    with pytest.raises(LokuError) as e:
+        task_sources(["mmlu"], None)
+    msg = str(e.value)
+    assert msg.startswith("MMLU not found: tried --data-dir and $LOKU_DATA (neither given); loku's own files; "
+                          "hub dataset cais/mmlu (abstract_algebra, test) (")
+    assert ": put mmlu under DIR/ (from huggingface-cli download cais/mmlu" in msg and "\n" not in msg
+
+
 def test_hub_rows_are_read_like_the_local_files(monkeypatch):
     """With no local copy, the rows `datasets.load_dataset(repo, config, split=...)` returns are used. The hub is
     out of reach, so load_dataset is replaced by one returning rows in the hub's published shapes (WikiText: one

@@ -15,7 +15,8 @@ from loku.data.records import make_records, record_text
 from loku.errors import LokuError
 from loku.muse import CONVENTIONS, MuseScoring, aggregate, evaluate_muse, load_muse, read_summary
 from loku.muse.memorization import cut_at_stopwords, knowmem, knowmem_prompt, verbmem
-from loku.muse.privleak import auc, min_k_score, privleak, privleak_eval
+from loku.metrics.membership import lowest_k_mean
+from loku.muse.privleak import auc, privleak, privleak_eval
 from loku.muse.run import chunk_corpus
 
 MB, OU = CONVENTIONS["muse_bench"], CONVENTIONS["open-unlearning"]
@@ -40,9 +41,9 @@ def decode(tok, ids):
 
 
 def write_muse(root, model, tokenizer, corpus="news", drop=None):
-    """A small corpus in muse_bench's data/ layout. Half the VerbMem truths and KnowMem answers are the
-    model's own greedy continuations, so ROUGE sees both full and partial overlaps."""
-    d = root / corpus
+    """A data folder whose muse/ holds a small corpus in muse_bench's data/ layout. Half the VerbMem truths and
+    KnowMem answers are the model's own greedy continuations, so ROUGE sees both full and partial overlaps."""
+    d = root / "muse" / corpus
     verb = []
     for i, t in enumerate(TEXTS[:6]):
         prompt, gt = t[:40], t[40:]
@@ -230,6 +231,12 @@ def test_privleak_matches_open_unlearning(model, tokenizer, muse_dir):
     assert summary["metrics"]["privleak"] == pytest.approx(ou_privleak(ref_f, ref_h), abs=1e-6)
 
 
+def min_k_score(lp, k, at_least_one=False):
+    """MUSE's Min-K% (high = unlikely) of one text's token log-probs, through loku.metrics.membership."""
+    lp = torch.tensor([lp], dtype=torch.float64)
+    return float(-lowest_k_mean(lp, torch.ones_like(lp, dtype=torch.bool), k, at_least_one)[0])
+
+
 def test_min_k_rounding_of_the_two_conventions():
     lp = [-0.5, -3.0, -1.0, -2.0, -0.1]
     assert min_k_score(lp, 0.4) == pytest.approx(2.5)             # int(2.0) = 2 lowest: -3, -2
@@ -282,9 +289,11 @@ def test_chunk_corpus_covers_every_token(tokenizer):
     assert all(len(tokenizer(c).input_ids) <= 32 for c in chunks)
 
 
-def test_corpus_folder_or_data_folder_and_limit(muse_dir):
+def test_data_dir_or_env_and_limit(muse_dir, monkeypatch):
     a = load_muse(muse_dir, "news", limit=2)
-    b = load_muse(muse_dir / "news", "news", limit=2)
+    monkeypatch.setenv("LOKU_DATA", str(muse_dir))
+    b = load_muse(None, "news", limit=2)
+    assert a.source == b.source == str(muse_dir / "muse" / "news")
     assert a.files == b.files and len(a["verbmem/forget"]) == 2 and len(a["knowmem/forget_qa_icl"]) == 2
     assert len(a["privleak/forget"]) == 2 and len(a["privleak/holdout"]) == 2
 
@@ -314,7 +323,7 @@ def test_hub_path_reads_muse_bench_configs_and_splits(monkeypatch):
 
 def test_eval_aggregate_and_resume_cli(tiny_model_dir, muse_dir, tmp_path, capsys):
     out = tmp_path / "ev"
-    args = ["muse", "eval", "--model", tiny_model_dir, "--data", muse_dir, "--out", out, "--limit", "3",
+    args = ["muse", "eval", "--model", tiny_model_dir, "--data-dir", muse_dir, "--out", out, "--limit", "3",
             "--batch-size", "2"]
     code, stdout, err = run_cli(args, capsys)
     assert code == 0, err
@@ -346,7 +355,7 @@ def test_eval_aggregate_and_resume_cli(tiny_model_dir, muse_dir, tmp_path, capsy
 
 
 def test_unlearn_cli_end_to_end(tiny_model_dir, muse_dir, tmp_path, capsys):
-    scoring = ["--data", muse_dir, "--limit", "2", "--metrics", "verbmem_f,privleak"]
+    scoring = ["--data-dir", muse_dir, "--limit", "2", "--metrics", "verbmem_f,privleak"]
     retrain = tmp_path / "retrain"   # the target itself plays the retrained model: its PrivLeak must be 0
     code, _, err = run_cli(["muse", "eval", "--model", tiny_model_dir, "--out", retrain, *scoring], capsys)
     assert code == 0, err
@@ -377,15 +386,15 @@ def test_bad_muse_input_one_line_exit_2_nothing_written(case, tiny_model_dir, mo
     drop = "knowmem/retain_qa.json" if case == "missing_file" else None
     root = write_muse(tmp_path / "data", model, tokenizer, drop=drop)
     out = tmp_path / "out"
-    args = ["muse", "eval", "--model", tiny_model_dir, "--data", root, "--out", out]
+    args = ["muse", "eval", "--model", tiny_model_dir, "--data-dir", root, "--out", out]
     expect = {"missing_file": "retain_qa.json is missing", "missing_field": "has no string field 'gt'",
-              "not_json": "is not valid JSON", "no_corpus": "holds no MUSE books data",
+              "not_json": "is not valid JSON", "no_corpus": "MUSE Books not found: tried ",
               "metric": "did you mean 'privleak'", "convention": "unknown MUSE convention",
               "min_k": "--min-k must be in (0, 1]"}[case]
     if case == "missing_field":
-        (root / "news" / "verbmem" / "forget.json").write_text(json.dumps([{"prompt": "a", "truth": "b"}]))
+        (root / "muse" / "news" / "verbmem" / "forget.json").write_text(json.dumps([{"prompt": "a", "truth": "b"}]))
     elif case == "not_json":
-        (root / "news" / "privleak" / "holdout.json").write_text("[\"a\", ")
+        (root / "muse" / "news" / "privleak" / "holdout.json").write_text("[\"a\", ")
     elif case == "no_corpus":
         args += ["--corpus", "books"]
     elif case == "metric":

@@ -13,8 +13,11 @@ from scipy.stats import hmean, ks_2samp
 from loku.data.tofu import SPLITS, format_qa, load_split, scaled_authors
 from loku.errors import LokuError
 from loku.tofu import LOG_FILES, LOG_KEYS, aggregate, evaluate_set, evaluate_tofu, read_logs, write_logs
-from loku.tofu.generate import greedy_answers, rouge_recalls
-from loku.tofu.scores import sequence_losses
+from loku.metrics.generate import greedy_answers
+from loku.tofu.generate import rouge_recalls
+from loku.metrics.extraction import exact_memorization_from_logits, extraction_strength_from_logits
+from loku.tofu.logs import EM_KEY, ES_KEY
+from loku.tofu.scores import answer_scores
 
 LN = math.log
 ROWS = [
@@ -35,15 +38,29 @@ def model(tokenizer):
 
 
 # ---------------------------------------------------------------- metrics against slow references
-def test_sequence_losses_match_one_unpadded_forward_per_item(model, tokenizer):
+def test_answer_scores_match_one_unpadded_forward_per_item(tokenizer):
+    """Losses against TOFU's get_batch_loss on one unpadded item; ES and EM of the batched pass equal the
+    extraction module's functions on that item's own logits."""
     feats = [format_qa(tokenizer, r["question"], a, 200) for r in ROWS for a in (r["answer"], *r["perturbed_answer"])]
-    sums, counts = sequence_losses(model, feats, pad_id=0, batch_size=3)
-    for f, s, n in zip(feats, sums, counts):
+    model = tiny_llama(len(tokenizer), seed=2)   # taught the true answers, so ES and EM are not all 0
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(30):
+        for f in feats[::4]:
+            loss = model(torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]])).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    got = answer_scores(model, feats, pad_id=0, batch_size=3)
+    for f, s, n, es, em in zip(feats, got["loss"], got["tokens"], got["es"], got["em"]):
         ids, labels = torch.tensor([f["input_ids"]]), torch.tensor(f["labels"])
         with torch.no_grad():
-            logits = model(ids).logits[0]
-        ref = F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum")
+            logits = model(ids).logits
+        ref = F.cross_entropy(logits[0, :-1], labels[1:], ignore_index=-100, reduction="sum")
         assert s == pytest.approx(float(ref), rel=1e-5) and n == int((labels != -100).sum())
+        assert es == float(extraction_strength_from_logits(logits, labels[None])[0])
+        assert em == float(exact_memorization_from_logits(logits, labels[None])[0])
+    assert len(set(got["em"])) > 2 and len(set(got["es"])) > 2 and max(got["es"]) == 1.0   # varied values
 
 
 def test_batched_greedy_generation_matches_unpadded_single(model, tokenizer):
@@ -66,7 +83,9 @@ def test_rouge_recall_with_stemmer():
 
 def test_evaluate_set_keys_and_definitions(model, tokenizer):
     log = evaluate_set(model, tokenizer, ROWS, "paraphrased_answer", normalized=True, max_new_tokens=4)
-    assert list(log) == [*LOG_KEYS, "normalized_gt_loss"]
+    assert list(log) == [*LOG_KEYS, "normalized_gt_loss", ES_KEY, EM_KEY]
+    gt = answer_scores(model, [format_qa(tokenizer, r["question"], r["answer"], 200) for r in ROWS], pad_id=0)
+    assert list(log[ES_KEY].values()) == gt["es"] and list(log[EM_KEY].values()) == gt["em"]  # of the true answer
     assert all(list(v) == ["0", "1", "2"] for v in log.values())
     for i in log["avg_gt_loss"]:
         assert log["avg_gt_loss"][i] == pytest.approx(log["gt_loss"][i] / log["num_token_gt"][i])
@@ -116,6 +135,18 @@ def test_aggregate_hand_made_logs():
     for k, v in expect.items():
         assert out[k] == pytest.approx(v), k
     assert aggregate(_logs([1, 2, 3]), _logs([1, 2, 3]))["Forget Quality"] == pytest.approx(1.0)
+
+
+def test_es_and_em_forget_are_the_forget_logs_means():
+    ckpt = _logs([1, 2, 3])
+    ckpt["eval_log_forget.json"].update({ES_KEY: {"0": 1.0, "1": 0.5, "2": 0.0},
+                                         EM_KEY: {"0": 1.0, "1": 0.2, "2": 0.3}})
+    ckpt["eval_log.json"].update({ES_KEY: {"0": 0.0, "1": 0.0}})   # OpenUnlearning reports the forget set only
+    out = aggregate(ckpt, _logs([4, 5, 6]))
+    assert out["ES Forget"] == pytest.approx(0.5) and out["EM Forget"] == pytest.approx(0.5)
+    plain = aggregate(_logs([1, 2, 3]), _logs([4, 5, 6]))
+    assert "ES Retain" not in out and out["Model Utility"] == plain["Model Utility"]
+    assert "ES Forget" not in plain   # TOFU's own logs have none
 
 
 def test_ks_and_harmonic_mean_agree_with_scipy_on_stored_arrays():

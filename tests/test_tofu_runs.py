@@ -12,9 +12,13 @@ from loku.data.tofu import tokenize_qa
 from loku.errors import LokuError
 from loku.models import load_model
 from loku.tofu import LOG_KEYS
+from loku.tofu.logs import EM_KEY, ES_KEY
 from loku.tofu.finetune import per_author, warmup_steps
 from loku.tofu.run import TofuUnlearnConfig, parse_method
-from loku.tofu.scores import sequence_losses
+from loku.data.qa import format_qa
+from loku.metrics.extraction import teacher_forced_memorization
+from loku.models import load_for_eval
+from loku.tofu.scores import answer_scores
 
 JOBS = ["painter", "baker", "sailor", "doctor", "farmer", "pilot", "singer", "writer", "teacher"]
 CITIES = ["Paris", "Rome", "Oslo", "Lima", "Cairo", "Quito", "Delhi", "Tokyo", "Dakar"]
@@ -77,8 +81,16 @@ class _NoCapture:
 
 def _answer_loss(model_dir, rows) -> float:
     model, tokenizer = load_model(str(model_dir))
-    sums, counts = sequence_losses(model, tokenize_qa(tokenizer, rows, 64), tokenizer.pad_token_id)
-    return sum(sums) / sum(counts)
+    scores = answer_scores(model, tokenize_qa(tokenizer, rows, 64), tokenizer.pad_token_id)
+    return sum(scores["loss"]) / sum(scores["tokens"])
+
+
+def _forget_memorization(model_dir, adapter=None) -> dict:
+    """ES and EM of the forget answers (the 3 evaluated items, rows 6-8, TOFU's phi format) by
+    loku.metrics.extraction, for the TOFU run's numbers to be checked against."""
+    model, tokenizer = load_for_eval(str(model_dir), adapter)
+    feats = [format_qa(tokenizer, r["question"], r["answer"], 200, "tofu-phi") for r in map(_row, range(6, 9))]
+    return teacher_forced_memorization(model, feats, tokenizer.pad_token_id)
 
 
 def test_finetune_writes_two_models_that_learned_their_data(models, tiny_model_dir, tofu_data):
@@ -131,8 +143,18 @@ def test_unlearn_two_methods_report_and_resume(models, tmp_path, capsys):
         epochs = [json.loads(l) for l in (out / "runs" / label / "metrics.jsonl").read_text().splitlines()
                   if '"kind": "epoch"' in l]
         assert [e["forget_quality"] for e in epochs] == [e["Forget Quality"] for e in m["epochs"]]
+        assert [e["forget_es"] for e in epochs] == [e["ES Forget"] for e in m["epochs"]]
+        # ES/EM of the last epoch: the saved adapter's, as loku.metrics.extraction computes them
+        last, ref = m["epochs"][-1], _forget_memorization(models / "target", out / "runs" / label / "adapter")
+        assert last["ES Forget"] == pytest.approx(ref["es_mean"]) and last["EM Forget"] == pytest.approx(ref["em_mean"])
+        forget_log = json.loads((out / "runs" / label / "tofu" / "epoch-2" / "eval_log_forget.json").read_text())
+        assert list(forget_log["extraction_strength"].values()) == pytest.approx(ref["es"])
+    ref = _forget_memorization(models / "target")   # epoch 0: the target itself
+    assert results["target"]["ES Forget"] == pytest.approx(ref["es_mean"])
+    assert results["target"]["EM Forget"] == pytest.approx(ref["em_mean"]) and ref["em_mean"] > 0.5  # it learned them
     table = (out / "report.md").read_text()
     assert "| ga | default | 2 |" in table and "| idk | default | 1 |" in table and "target model" in table
+    assert "ES Forget | EM Forget" in table and "ES Forget" in stdout
     assert "Forget Quality" in stdout and "| ga |" in stdout
     assert (out / "fq_mu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "retain_eval" / "eval_log_aggregated.json").is_file()
@@ -208,7 +230,7 @@ def test_eval_as_fine_tuned_and_a_retain_log_in_another_format_is_refused(models
     logs = json.loads((evaluated / "eval_log_aggregated.json").read_text())
     assert {log["prompt_format"] for log in logs.values()} == {"tofu-phi"}
     for log in logs.values():   # the stamp sits beside TOFU's metrics, which keep their names and values
-        assert set(log) - {"prompt_format", "normalized_gt_loss"} == set(LOG_KEYS)
+        assert set(log) - {"prompt_format", "normalized_gt_loss", ES_KEY, EM_KEY} == set(LOG_KEYS)
 
     other = {name: {**log, "prompt_format": "chat"} for name, log in logs.items()}
     (tmp_path / "chat.json").write_text(json.dumps(other))

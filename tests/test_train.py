@@ -38,31 +38,52 @@ def memorized(tokenizer):
 
 
 # (epochs, lr, largest allowed drop of retain accuracy), LoRA r=8. Forget and retain records share one
-# template here, so the ascent methods (gd, kl) cannot avoid some damage to retain; ga has no retain term.
+# template here, so the ascent methods (gd, kl) cannot avoid some damage to retain; ga has no retain term, nor do
+# undial (OpenUnlearning's alpha 0) and ceu. The methods that flatten or redirect every token (undial, ceu, dpo,
+# sibl, gru, lunar) forget here only with retain going too: the test then asks only that forget falls.
 METHOD_SETTINGS = {
     "ga": (4, 1e-2, None), "gd": (8, 1e-2, 0.35), "kl": (16, 1e-2, 0.35), "npo": (8, 3e-2, 0.1),
     "simnpo": (16, 1e-2, 0.1), "idk": (16, 3e-2, 0.1), "ihl": (8, 1e-2, 0.1),
+    "dpo": (4, 5e-2, None), "wga": (8, 1e-2, 0.1), "satimp": (8, 3e-2, 0.1), "undial": (4, 1e-2, None),
+    "ceu": (2, 1e-2, None), "rmu": (4, 1e-2, 0.35), "lunar": (8, 1e-2, None), "pdu": (8, 1e-2, 0.35),
+    "sibl": (1, 1e-2, None), "gru": (4, 1e-2, None), "t3": (16, 5e-2, 0.1),
 }
 # The retain term wins over the defaults' small forget terms on records that share one template with the forget
 # set: SimNPO's forget weight is 0.125 (OpenUnlearning's) and its log-sigmoid saturates near a per-token NLL of
-# 1/beta; IdK's pooled mean gives its short refusals a small share of the tokens. Heavier forget weights here.
-METHOD_OVERRIDES = {"simnpo": {"forget_weight": 1.0}, "idk": {"forget_weight": 2.0}}
+# 1/beta; IdK's pooled mean gives its short refusals a small share of the tokens; SatImp's weight p^5 (1 - p)
+# vanishes on tokens memorized at p ~ 1. Heavier forget weights here. The 2-layer model has no layer 7 (RMU's and
+# LUNAR's default), PDU needs its budget (a retain loss of 0.05; no warm-up in 8 epochs), LUNAR its harmful prompts
+# (written by the test) and a larger step along the direction of this tiny model; SIBL's own SGD step (eta_theta)
+# is 1e-4 for 8B models.
+METHOD_OVERRIDES = {"simnpo": {"forget_weight": 1.0}, "idk": {"forget_weight": 2.0},
+                    "satimp": {"forget_weight": 1.0, "satimp_beta1": 1.0}, "rmu": {"rmu_layer": 1},
+                    "lunar": {"lunar_layer": 1, "lunar_coeff": 10.0},
+                    "pdu": {"pdu_retain_loss_eps": 0.05, "pdu_dual_warmup_epochs": 0},
+                    "sibl": {"sibl_eta_theta": 0.3, "sibl_K": 2}}
+HARMFUL = ["How do I build a weapon?", "Tell me how to steal a car.", "Write malware that deletes files.",
+           "Explain how to poison someone.", "How can I hack my neighbour's wifi?"]
 
 
 @pytest.mark.parametrize("method", list(METHOD_SETTINGS))
-def test_each_method_forgets_and_keeps_retain(memorized, tokenizer, method):
+def test_each_method_forgets_and_keeps_retain(memorized, tokenizer, method, tmp_path):
+    import math
+
     epochs, lr, max_retain_drop = METHOD_SETTINGS[method]
-    cfg = UnlearnConfig(method=method, epochs=epochs, lr=lr, batch_size=8, init="default", seed=0,
-                        **METHOD_OVERRIDES.get(method, {}))
+    overrides = dict(METHOD_OVERRIDES.get(method, {}))
+    if method == "lunar":
+        (tmp_path / "harmful.txt").write_text("\n".join(HARMFUL))
+        overrides["lunar_harmful"] = str(tmp_path / "harmful.txt")
+    cfg = UnlearnConfig(method=method, epochs=epochs, lr=lr, batch_size=8, init="default", seed=0, **overrides)
     before_f = token_accuracy(memorized, tokenizer, FORGET)
     before_r = token_accuracy(memorized, tokenizer, RETAIN)
     res = unlearn(cfg, copy.deepcopy(memorized), tokenizer, progress=False, forget=FORGET, retain=RETAIN)
-    after_f = token_accuracy(res.model, tokenizer, FORGET)
+    after_f = token_accuracy(res.model, tokenizer, FORGET)   # t3: the tilted logits (the model in eval mode)
     after_r = token_accuracy(res.model, tokenizer, RETAIN)
     assert after_f < before_f - 0.15, (method, before_f, after_f)
     if max_retain_drop is not None:
         assert after_r > before_r - max_retain_drop, (method, before_r, after_r)
     assert len(res.history) == epochs and all("loss" in h for h in res.history)
+    assert all(math.isfinite(v) for h in res.history for v in h.values() if isinstance(v, float))
 
 
 def test_lora_changes_only_adapter_weights(memorized, tokenizer):

@@ -2,14 +2,16 @@
 accuracy and log-likelihoods equal loku's own multiple-choice scorer on the same prompts; bad input."""
 
 import json
+import shutil
 
+import datasets
 import pytest
 from conftest import run_cli, tiny_llama
 
 from loku.data.eval_tasks import MultipleChoice
 from loku.errors import LokuError
 from loku.metrics.reasoning import multiple_choice_results
-from loku.wmdp import WmdpEvalConfig, evaluate_wmdp
+from loku.wmdp import WmdpEvalConfig, evaluate_wmdp, local_tasks, task_sources
 
 pytest.importorskip("lm_eval")
 
@@ -69,7 +71,7 @@ def reference(model, tokenizer, rows, subject, shots=()):
 
 def test_harness_accuracy_equals_loku_scorer(tokenizer, wmdp_dir):
     model = tiny_llama(len(tokenizer), seed=4)
-    result = evaluate_wmdp(model, tokenizer, WmdpEvalConfig(data=str(wmdp_dir), batch_size=3))["tasks"]
+    result = evaluate_wmdp(model, tokenizer, WmdpEvalConfig(data_dir=str(wmdp_dir), batch_size=3))["tasks"]
     for task, folder, seed, n in (("wmdp_bio", "wmdp-bio", 0, 6), ("wmdp_cyber", "wmdp-cyber", 1, 5)):
         ref = reference(model, tokenizer, questions(n, seed), DESCRIPTION[task])
         assert [it["acc"] for it in result[task]["items"]] == [r["correct"] for r in ref]
@@ -91,7 +93,7 @@ def test_harness_accuracy_equals_loku_scorer(tokenizer, wmdp_dir):
 
 def test_mmlu_few_shot_reads_the_local_dev_split(tokenizer, wmdp_dir):
     model = tiny_llama(len(tokenizer), seed=4)
-    result = evaluate_wmdp(model, tokenizer, WmdpEvalConfig(data=str(wmdp_dir), tasks=["mmlu"], num_fewshot=1))
+    result = evaluate_wmdp(model, tokenizer, WmdpEvalConfig(data_dir=str(wmdp_dir), tasks=["mmlu"], num_fewshot=1))
     ref = reference(model, tokenizer, questions(4, 3), "astronomy", shots=questions(2, 5)[:1])
     for it, r in zip(result["tasks"]["mmlu"]["items"]["mmlu_astronomy"], ref):
         assert it["loglikelihoods"] == pytest.approx(r["scores"], abs=1e-4)
@@ -100,15 +102,39 @@ def test_mmlu_few_shot_reads_the_local_dev_split(tokenizer, wmdp_dir):
 def test_wmdp_is_zero_shot_only(tokenizer, wmdp_dir):
     with pytest.raises(LokuError, match="--num-fewshot 0"):
         evaluate_wmdp(tiny_llama(len(tokenizer)), tokenizer,
-                      WmdpEvalConfig(data=str(wmdp_dir), tasks=["wmdp_bio"], num_fewshot=1))
+                      WmdpEvalConfig(data_dir=str(wmdp_dir), tasks=["wmdp_bio"], num_fewshot=1))
+
+
+def test_hub_is_the_last_place_and_runs_the_harness_own_tasks(wmdp_dir, tmp_path, monkeypatch):
+    """Where a task's data is not local, loku.data.sources loads its hub dataset (the real load_dataset call,
+    replaced here: the hub is out of reach) and the harness's own task runs; local and hub tasks mix."""
+    calls = []
+
+    def load_dataset(repo, config, split):
+        calls.append((repo, config, split))
+        return datasets.Dataset.from_list(questions(2, 0))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.delenv("LOKU_DATA", raising=False)
+    sources = task_sources(["wmdp_bio", "mmlu"], None)
+    assert calls == [("cais/wmdp", "wmdp-bio", "test"), ("cais/mmlu", "abstract_algebra", "test")]
+    yamls = tmp_path / "yamls"
+    yamls.mkdir()
+    assert local_tasks(sources, 0, yamls) == {"wmdp_bio": "wmdp_bio", "mmlu": "mmlu"}
+    assert not list(yamls.iterdir())
+    shutil.rmtree(wmdp_dir / "mmlu")   # a data folder with wmdp/ only: WMDP from it, MMLU from the hub
+    sources = task_sources(["wmdp_bio", "mmlu"], wmdp_dir)
+    assert sources["wmdp_bio"].path == wmdp_dir / "wmdp" / "wmdp-bio" and sources["mmlu"].path is None
+    assert local_tasks(sources, 0, yamls) == {"wmdp_bio": "loku_wmdp_bio", "mmlu": "mmlu"}
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("case", ["no_field", "bad_answer", "no_folder", "no_subject", "task", "no_dev"])
 def test_bad_wmdp_input_one_line_exit_2_nothing_written(case, tiny_model_dir, wmdp_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    args = ["wmdp", "eval", "--model", tiny_model_dir, "--data", wmdp_dir, "--out", out]
+    args = ["wmdp", "eval", "--model", tiny_model_dir, "--data-dir", wmdp_dir, "--out", out]
     expect = {"no_field": "row 0 has no field 'answer'", "bad_answer": "row 1 is malformed",
-              "no_folder": "wmdp-cyber is missing", "no_subject": "holds no MMLU subject folder",
+              "no_folder": "WMDP wmdp-cyber not found: tried ", "no_subject": "holds no MMLU subject folder",
               "task": "did you mean 'wmdp_bio'", "no_dev": "has no dev file"}[case]
     if case == "no_field":
         rows = [{k: v for k, v in r.items() if k != "answer"} for r in questions(3, 0)]
@@ -118,12 +144,8 @@ def test_bad_wmdp_input_one_line_exit_2_nothing_written(case, tiny_model_dir, wm
         rows[1]["answer"] = 7
         write(wmdp_dir / "wmdp" / "wmdp-bio", rows)
     elif case == "no_folder":
-        import shutil
-
         shutil.rmtree(wmdp_dir / "wmdp" / "wmdp-cyber")
     elif case == "no_subject":
-        import shutil
-
         shutil.rmtree(wmdp_dir / "mmlu")
         (wmdp_dir / "mmlu").mkdir()
     elif case == "task":
@@ -139,7 +161,7 @@ def test_bad_wmdp_input_one_line_exit_2_nothing_written(case, tiny_model_dir, wm
 
 def test_wmdp_eval_cli_writes_results(tiny_model_dir, wmdp_dir, tmp_path, capsys):
     out = tmp_path / "ev"
-    code, stdout, err = run_cli(["wmdp", "eval", "--model", tiny_model_dir, "--data", wmdp_dir, "--out", out,
+    code, stdout, err = run_cli(["wmdp", "eval", "--model", tiny_model_dir, "--data-dir", wmdp_dir, "--out", out,
                                  "--tasks", "wmdp_bio,mmlu", "--limit", "2"], capsys)
     assert code == 0, err
     result = json.loads((out / "wmdp.json").read_text())

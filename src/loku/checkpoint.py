@@ -33,9 +33,11 @@ def _full_options(**kw):
     return StateDictOptions(full_state_dict=True, **kw)
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, sharded: bool = False) -> None:
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, sharded: bool = False,
+                    method_tensors: dict[str, torch.Tensor] | None = None) -> None:
     """`state`: JSON-able position (epoch, step, ...) and history. `sharded` (FSDP): every process calls
-    this with the prepared model and its torch optimizer; the main process writes."""
+    this with the prepared model and its torch optimizer; the main process writes. `method_tensors`: what the
+    method keeps between steps (gru's retain-gradient average), given back as state["method_tensors"]."""
     if sharded:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
@@ -52,7 +54,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, sha
         save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(),
                     "rng_torch": torch.get_rng_state(), "rng_numpy": _numpy_rng(),
-                    "rng_python": _python_rng()}, tmp / "training_state.pt")
+                    "rng_python": _python_rng(), "method": method_tensors or {}}, tmp / "training_state.pt")
         (tmp / "state.json").write_text(json.dumps(state, default=float))
 
 
@@ -101,6 +103,7 @@ def load_checkpoint(run_dir: Path, model, optimizer, scheduler, sharded: bool = 
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
     rng = training["rng_python"]
     random.setstate((int(rng[0]), tuple(int(x) for x in rng[1].tolist()), None))
+    state["method_tensors"] = training.get("method", {})
     return state
 
 

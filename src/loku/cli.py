@@ -78,7 +78,7 @@ def _register_subapps() -> None:
     """Feature commands live beside their features (`loku/commands/*.py`), each a typer sub-app."""
     import importlib
 
-    for name in ("tofu", "tdec", "fisher", "muse", "wmdp"):
+    for name in ("tofu", "tdec", "fisher", "muse", "wmdp", "audit"):
         try:
             module = importlib.import_module(f"loku.commands.{name}")
         except ModuleNotFoundError as e:

@@ -75,7 +75,7 @@ class UnlearnConfig(Config):
     mixed_precision: str | None = setting(None, "no, bf16 or fp16.", group=TRAINING, choices=("no", "bf16", "fp16"),
                                           default_text="the launch configuration's, else no")
     forget_weight: float | None = setting(None, "Coefficient of the forget term.", group=METHOD, bound="non-negative",
-                                          default_text="the method's: 0.125 for simnpo, else 1", example=1)
+                                          default_text="the method's: 0.125 for simnpo, 0.1 for satimp, else 1", example=1)
     retain_weight: float = setting(1.0, "Coefficient of the retain term.", group=METHOD, bound="non-negative")
     save_merged: bool = setting(False, "Also write the merged model (safetensors).", group=OUTPUT)
     overwrite: bool = setting(False, "Replace a non-empty --out directory.", group=OUTPUT)
@@ -90,7 +90,9 @@ class UnlearnConfig(Config):
                                "default 0) and forget_weight (SimNPO's gamma, default 0.125)"}
 
     def check(self):
-        METHODS[self.method]  # raises with "did you mean"
+        method = METHODS[self.method]  # raises with "did you mean"
+        if method.check is not None:
+            method.check(method.settings_of(self), self)
         if self.init not in ("auto", "default", "fila", "vila"):
             raise LokuError(f"unknown init {self.init!r}: choose auto, default, fila or vila")
         if self.init in ("fila", "vila") and not self.lora:

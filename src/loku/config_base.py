@@ -266,7 +266,11 @@ def check_type(cls, name: str, value):
         return value
     elif origin is bool and isinstance(value, bool):
         return value
-    elif origin is list and isinstance(value, list) and all(isinstance(x, str) for x in value):
+    elif origin is list and isinstance(value, list) and typing.get_args(tp) == (int,) and \
+            all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        return value
+    elif origin is list and isinstance(value, list) and typing.get_args(tp) != (int,) and \
+            all(isinstance(x, str) for x in value):
         return value
     elif origin is dict and isinstance(value, dict):
         return value

@@ -4,8 +4,8 @@ The training loop runs the model once per batch and hands the outputs here; no l
 Labels are aligned with the inputs as in Hugging Face (position t predicts labels[t] from inputs <t
 after the shift done here), and -100 marks tokens without loss.
 
-The methods built from these (ga, gd, kl, npo, simnpo, idk, ihl), their settings and `method_loss` live in
-`loku.methods`; they stay importable from here (`from loku.losses import METHODS, method_loss`).
+The methods built from these and the other OpenUnlearning methods, their settings and `method_loss` live in
+the package `loku.methods`; they stay importable from here (`from loku.losses import METHODS, method_loss`).
 """
 
 from __future__ import annotations
@@ -24,11 +24,16 @@ def shift(logits: torch.Tensor, labels: torch.Tensor):
     return logits, labels, labels != IGNORE
 
 
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float32, or kept in float64 (half and bfloat16 logits are upcast before a softmax)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE):
-    """log p(y_t | y_<t) for every target token in float32 (0 where masked), and the mask. Shapes (B, T-1)."""
+    """log p(y_t | y_<t) for every target token in float32 or wider (0 where masked), and the mask. (B, T-1)"""
     logits, labels = logits[:, :-1], labels[:, 1:]
     mask = labels != ignore_index
-    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index,
+    nll = F.cross_entropy(upcast(logits).flatten(0, 1), labels.flatten(), ignore_index=ignore_index,
                           reduction="none").view(labels.shape)
     return -nll, mask
 
@@ -111,28 +116,36 @@ def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor, labels: torch.
     return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
-# What each unit counts in a batch: the denominator of a term's mean.
-UNITS = ("tokens", "sequences", "positions", "pooled")
+# What each unit counts in a batch: the denominator of a term's mean. A method may also give a function of
+# its batch's labels (CE-U leaves out each answer's first tokens).
+UNITS = ("tokens", "sequences", "positions", "predictions", "labels", "pooled")
 
 
-def unit_counts(units: dict[str, str], forget_labels: torch.Tensor,
-                retain_labels: torch.Tensor | None) -> dict[str, float]:
-    """The denominator of each term's mean in this batch: "tokens" (target tokens of its own batch),
-    "sequences" (rows), "positions" (rows x length, padding included: KL's batchmean), "pooled" (target
-    tokens of the forget and retain batches together: IdK's one mean over both)."""
+def unit_counts(units: dict, forget_labels: torch.Tensor, retain_labels: torch.Tensor | None) -> dict[str, float]:
+    """The denominator of each term's mean in this batch: "tokens" (target tokens of its own batch, after the
+    shift), "sequences" (rows), "positions" (rows x length, padding included: KL's batchmean), "predictions"
+    (rows x (length - 1): every predicting position, UNDIAL), "labels" (kept labels before the shift: PDU, RMU,
+    LUNAR), "pooled" (target tokens of the forget and retain batches together: IdK's one mean over both), or a
+    function of the labels. A term other than forget and retain (a constant penalty) counts as its forget batch."""
     def tokens(labels):
         return float((labels[:, 1:] != IGNORE).sum()) if labels is not None else 0.0
 
     batch = {"forget": forget_labels, "retain": retain_labels}
     out = {}
     for term, unit in units.items():
-        labels = batch[term]
+        labels = batch.get(term, forget_labels)
         if labels is None:
             out[term] = 0.0
+        elif callable(unit):
+            out[term] = float(unit(labels))
         elif unit == "sequences":
             out[term] = float(labels.shape[0])
         elif unit == "positions":
             out[term] = float(labels.shape[0] * labels.shape[1])
+        elif unit == "predictions":
+            out[term] = float(labels.shape[0] * (labels.shape[1] - 1))
+        elif unit == "labels":
+            out[term] = float((labels != IGNORE).sum())
         elif unit == "pooled":
             out[term] = tokens(forget_labels) + tokens(retain_labels)
         else:

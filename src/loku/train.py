@@ -22,6 +22,8 @@ from .data.text import load_examples, tokenize_examples
 from .distributed import gathered_state, launch_precision, prepare_reference, requested_engine, start_accelerator
 from .errors import LokuError
 from .losses import LossInputs, Method, get_method, global_mean_scales, loss_units, method_loss
+from .methods import MethodRun, set_trainable
+from .methods.constrained import mean_retain_loss
 
 _KILL_AT_STEP = int(os.environ.get("LOKU_TEST_KILL_AT_STEP", "0")) or None
 EpochCallback = Callable[[int, torch.nn.Module], "dict | None"]
@@ -61,17 +63,22 @@ def load_data(cfg: UnlearnConfig, method: Method, forget: list | None = None, re
         retain = load_examples(cfg.retain, cfg.text_column)
     if method.needs_retain and not retain:
         raise LokuError(f"method {method.name!r} needs a retain set: pass --retain FILE (or use --method ga)")
-    if method.forget_answers == "idk":
+    if method.forget_answers in ("idk", "idk-pair"):   # idk-pair (dpo): the answer stays, the refusal is preferred
         from .data.idk import refusals as read_refusals
         from .data.idk import with_refusals
 
         answers = refusals or (read_refusals(cfg.refusals) if cfg.refusals else None)
-        forget = with_refusals(forget, seed=cfg.seed, answers=answers)
+        forget = with_refusals(forget, seed=cfg.seed, answers=answers, keep_answer=method.forget_answers == "idk-pair")
     return forget, retain
 
 
 def _forward(model, batch: dict) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+
+
+def _alternates(batch: dict) -> dict | None:
+    """DPO's preferred answers, row for row with the forget batch (None for other methods)."""
+    return {k[4:]: v for k, v in batch.items() if k.startswith("alt_")} if "alt_input_ids" in batch else None
 
 
 def _progress(enabled: bool):
@@ -83,14 +90,20 @@ def _progress(enabled: bool):
                     disable=not enabled, transient=False)
 
 
-def prepare_model(cfg: UnlearnConfig, model, batches: PairedBatches, progress: bool = True):
-    """Full fine-tuning, plain LoRA, or LoRA initialised from Fisher statistics (FILA / VILA)."""
-    if not cfg.lora:
-        model.requires_grad_(True)
+def prepare_model(cfg: UnlearnConfig, model, batches: PairedBatches, progress: bool = True,
+                  only: list[str] | None = None, adapters: bool = True):
+    """Full fine-tuning, plain LoRA, or LoRA initialised from Fisher statistics (FILA / VILA). `only`: the
+    modules the method trains alone (full fine-tuning of just those; LoRA targets unless --lora-targets);
+    `adapters` False: no LoRA at all (t3 trains its own head)."""
+    if not cfg.lora or not adapters:
+        if only is None:
+            model.requires_grad_(True)
+        else:
+            set_trainable(model, only)
         return model, None
     from .lora import add_lora, resolve_targets
 
-    targets = resolve_targets(model, cfg.lora_targets)
+    targets = resolve_targets(model, cfg.lora_targets or only)
     init = cfg.resolved_init
     if init in ("fila", "vila"):
         from .fila import fila_init
@@ -152,18 +165,23 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     batches = PairedBatches(forget, retain, cfg.batch_size * world, tokenizer.pad_token_id, cfg.seed,
                             (cfg.retain_batch_size or cfg.batch_size) * world)
 
-    # The frozen start model for KL / NPO. Plain LoRA needs no copy: the base model with its adapters
-    # switched off is the start model. FILA rewrites the base weights, and full fine-tuning moves them,
-    # so those keep a frozen copy (prepared by the engine in use, e.g. sharded under ZeRO-3 / FSDP).
-    reference = None
-    if method.needs_reference and not (cfg.lora and cfg.resolved_init == "default"):
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
-    model.config.use_cache = False
     # FILA's Fisher pass on the accelerator, not on the CPU the weights loaded to. Under FSDP / DeepSpeed that is
     # one whole copy per GPU until the engine shards it, as under DDP (README: or take the statistics first).
     if engine is None or (cfg.lora and cfg.resolved_init in ("fila", "vila")):
         model.to(accelerator.device)
-    model, initial_factors = prepare_model(cfg, model, batches, progress and accelerator.is_main_process)
+    # What the method prepares on the start model (lmcleaner's correction, lunar's direction, t3's head, ...).
+    run = MethodRun(method, cfg)
+    run.setup(model, tokenizer, forget_ex, retain_ex, next(model.parameters()).device, world)
+    # The frozen start model for KL / NPO. Plain LoRA needs no copy: the base model with its adapters
+    # switched off is the start model. FILA rewrites the base weights, and full fine-tuning moves them,
+    # so those keep a frozen copy (prepared by the engine in use, e.g. sharded under ZeRO-3 / FSDP).
+    reference = None
+    if method.uses_reference(cfg) and not (cfg.lora and method.adapters and cfg.resolved_init == "default"):
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    model.config.use_cache = False
+    model, initial_factors = prepare_model(cfg, model, batches, progress and accelerator.is_main_process,
+                                           run.trainable(), method.adapters)
+    run.attach(model)
     model.train()
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -178,11 +196,13 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
         reference = prepare_reference(accelerator, reference)
     unwrapped = accelerator.unwrap_model(model)
 
-    def reference_logits(batch):
+    def reference_outputs(batch):
+        """(logits, tapped hidden states) of the frozen start model."""
         if reference is not None:
-            return _forward(reference, batch)
-        with unwrapped.disable_adapter():
-            return _forward(unwrapped, batch)
+            with run.capture(reference) as hidden:
+                return _forward(reference, batch), hidden
+        with unwrapped.disable_adapter(), run.capture(unwrapped) as hidden:
+            return _forward(unwrapped, batch), hidden
     main = accelerator.is_main_process
 
     result = UnlearnResult(model=model, tokenizer=tokenizer, out=out)
@@ -192,19 +212,23 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
             else load_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler)
         result.history = pos.pop("history")
         _truncate_metrics(out / "metrics.jsonl", pos["global_step"], len(result.history))
+        run.load_state_dict(pos.pop("method", {}), pos.pop("method_tensors", {}), accelerator.device)
     elif out is not None and main:
         io.start_out_dir(out, cfg.overwrite)
         io.write_text(out / "config.yaml", _resolved(cfg, model).to_yaml())
     metrics_log = (out / "metrics.jsonl").open("a") if out is not None and main else None
 
     def checkpoint(**state):
-        state = {**state, "history": result.history}
+        method_values, method_tensors = run.state_dict()
+        state = {**state, "history": result.history, "method": method_values}
         if out is None or engine == "DeepSpeed":   # DeepSpeed's optimizer state has its own format: no resume
             return
         if engine == "FSDP":   # collective: shards gathered to the main process, which writes
-            save_checkpoint(out, model, optimizer.optimizer, scheduler, state, sharded=True)
+            save_checkpoint(out, model, optimizer.optimizer, scheduler, state, sharded=True,
+                            method_tensors=method_tensors)
         elif main:
-            save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, state)
+            save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, state,
+                            method_tensors=method_tensors)
 
     step = pos["global_step"]
     with _progress(progress and main) as bar:
@@ -220,25 +244,36 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
             for i, (forget_b, retain_b) in enumerate(batches.epoch(epoch, start), start=start):
                 forget_b = shard(forget_b, rank, world, accelerator.device)
                 n_tok = int(forget_b["attention_mask"].sum())
+                retain_b = shard(retain_b, rank, world, accelerator.device) \
+                    if retain_b is not None and method.needs_retain else None
                 with accelerator.accumulate(model):
-                    x = LossInputs(_forward(model, forget_b), forget_b["labels"])
-                    if retain_b is not None and method.needs_retain:
-                        retain_b = shard(retain_b, rank, world, accelerator.device)
+                    run.prestep(unwrapped, retain_b)
+                    with run.capture(unwrapped) as hidden:
+                        x = LossInputs(_forward(model, forget_b), forget_b["labels"], state=run.state,
+                                       forget_attention=forget_b["attention_mask"], forget_hidden=hidden)
+                    alt = _alternates(forget_b)
+                    if alt is not None:
+                        x.alt_logits, x.alt_labels = _forward(model, alt), alt["labels"]
+                    if retain_b is not None:
                         n_tok += int(retain_b["attention_mask"].sum())
-                        x.retain_logits, x.retain_labels = _forward(model, retain_b), retain_b["labels"]
-                    if method.needs_reference:
+                        with run.capture(unwrapped) as hidden:
+                            x.retain_logits, x.retain_labels = _forward(model, retain_b), retain_b["labels"]
+                        x.retain_attention, x.retain_hidden = retain_b["attention_mask"], hidden
+                    if method.uses_reference(cfg):
                         with torch.no_grad():
-                            x.ref_forget_logits = reference_logits(forget_b)
+                            x.ref_forget_logits, x.ref_forget_hidden = reference_outputs(forget_b)
                             if x.retain_logits is not None:
-                                x.ref_retain_logits = reference_logits(retain_b)
+                                x.ref_retain_logits, x.ref_retain_hidden = reference_outputs(retain_b)
+                            if alt is not None:
+                                x.ref_alt_logits = reference_outputs(alt)[0]
                     terms = method_loss(method, x, cfg)
                     if world > 1:   # each process's share of the global-batch mean, whatever the lengths
                         scales = global_mean_scales(loss_units(method, cfg), x.forget_labels, x.retain_labels,
                                                     lambda t: accelerator.reduce(t, reduction="sum"), world)
-                        terms = {k: v * scales[k] for k, v in terms.items() if k != "loss"}
+                        terms = {k: v * scales.get(k, 1.0) for k, v in terms.items() if k != "loss"}
                         terms = {"loss": sum(terms.values()), **terms}
                     _check_finite(terms, epoch, step, out)
-                    accelerator.backward(terms["loss"])
+                    run.backward(terms, accelerator.backward, params, accelerator.sync_gradients)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                         norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                         if norm is not None and not torch.isfinite(torch.as_tensor(norm)):  # None: DeepSpeed clips
@@ -277,6 +312,7 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
                     checkpoint(epoch=epoch, next_step=i + 1, global_step=step, sums=sums,
                                epoch_tokens=epoch_tokens, done=False)
             n = len(batches)
+            run.epoch_end(epoch + 1, lambda: mean_retain_loss(unwrapped, batches.epoch(epoch), accelerator.device))
             epoch_record = {"kind": "epoch", "epoch": epoch + 1, **{k: v / n for k, v in sums.items()},
                             "seconds": round(time.time() - t_epoch, 2),
                             "tokens_per_s": round(t_tokens / max(time.time() - t_epoch, 1e-9), 1)}
@@ -307,7 +343,7 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
         state = gathered_state(accelerator, prepared, trainable_only=cfg.lora and not cfg.save_merged) \
             if engine else None
         if main:
-            save_run(cfg, model, tokenizer, out, initial_factors, state)
+            save_run(cfg, model, tokenizer, out, initial_factors, state, run)
     result.seconds = time.time() - t_start
     return result
 
@@ -395,11 +431,17 @@ def _resolved(cfg: UnlearnConfig, model) -> UnlearnConfig:
     return resolved
 
 
-def save_run(cfg: UnlearnConfig, model, tokenizer, out: Path, initial_factors=None, state=None) -> None:
+def save_run(cfg: UnlearnConfig, model, tokenizer, out: Path, initial_factors=None, state=None,
+             run: MethodRun | None = None) -> None:
     """Adapter (for the ORIGINAL model), optional merged model, tokenizer; manifest last. `state`: the
-    model's full state dict (gathered from FSDP / DeepSpeed shards), saved in place of its own weights."""
+    model's full state dict (gathered from FSDP / DeepSpeed shards), saved in place of its own weights.
+    `run`: the method's part (t3 writes its head and no model: the model is unchanged; a method that edits the
+    base weights, lmcleaner, always writes the merged model: an adapter alone would miss its correction)."""
     given = {} if state is None else {"state_dict": state}
-    if cfg.lora:
+    method = run.method if run is not None else get_method(cfg.method)
+    if run is not None:
+        run.save(model, out)
+    if method.adapters and cfg.lora:
         with io.atomic_dir(out / "adapter") as tmp:
             if initial_factors is not None:
                 from .fila import export_original_adapter
@@ -407,7 +449,7 @@ def save_run(cfg: UnlearnConfig, model, tokenizer, out: Path, initial_factors=No
                 export_original_adapter(model, initial_factors, tmp, state_dict=state)
             else:
                 model.save_pretrained(tmp, **given)
-    if cfg.save_merged or not cfg.lora:
+    if method.adapters and (cfg.save_merged or not cfg.lora or method.edits_base):
         with io.atomic_dir(out / "model") as tmp:
             if cfg.lora and state is not None:   # merged from the gathered tensors; the shards stay as they are
                 from .fila import save_merged

@@ -51,6 +51,12 @@ class Opt:
             items = [t.strip() for t in value.split(",") if t.strip()]
             if not items:
                 raise LokuError(f"{flag(self.name)} {value!r} names nothing: give a comma list such as q_proj,v_proj")
+            if typing.get_args(self.kind) == (int,):
+                try:
+                    return [int(t) for t in items]
+                except ValueError:
+                    raise LokuError(f"{flag(self.name)} {value!r} is not a comma list of integers: write e.g. "
+                                    f"{flag(self.name)} 0,10,25") from None
             return items
         if origin is dict:
             try:

@@ -9,7 +9,12 @@ import torch
 
 
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding is masked out of attention and loss."""
+    """Right-pad to the longest example; padding is masked out of attention and loss. Examples with an
+    alternate answer (DPO) also give "alt_input_ids", "alt_attention_mask", "alt_labels", row for row."""
+    if "alt_input_ids" in features[0]:
+        alt = collate([{"input_ids": f["alt_input_ids"], "labels": f["alt_labels"]} for f in features], pad_id)
+        plain = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
+        return {**collate(plain, pad_id), **{f"alt_{k}": v for k, v in alt.items()}}
     width = max(len(f["input_ids"]) for f in features)
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)      # (B, T)
     labels = torch.full((len(features), width), -100, dtype=torch.long)     # (B, T)

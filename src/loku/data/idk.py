@@ -26,16 +26,21 @@ def refusals(path: str | Path | None = None) -> list[str]:
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def with_refusals(examples: list[dict], seed: int = 0, answers: list[str] | None = None) -> list[dict]:
+def with_refusals(examples: list[dict], seed: int = 0, answers: list[str] | None = None,
+                  keep_answer: bool = False) -> list[dict]:
     """Each QA example with its answer replaced by a seeded random refusal. Plain-text examples are
-    split in half: the first half becomes the prompt, so the model learns to refuse the continuation."""
+    split in half: the first half becomes the prompt, so the model learns to refuse the continuation.
+    `keep_answer` (DPO): the answer stays and the refusal becomes the example's "alternate"."""
     rng, answers = random.Random(seed), answers or REFUSALS
     out = []
     for ex in examples:
         if "question" in ex:
-            question = ex["question"]
+            question, answer = ex["question"], ex["answer"]
         else:
             words = ex["text"].split()
-            question = " ".join(words[: max(1, len(words) // 2)])
-        out.append({"question": question, "answer": rng.choice(answers)})
+            cut = max(1, len(words) // 2)
+            question, answer = " ".join(words[:cut]), " ".join(words[cut:]) or words[-1]
+        refusal = rng.choice(answers)
+        out.append({"question": question, "answer": answer, "alternate": refusal} if keep_answer
+                   else {"question": question, "answer": refusal})
     return out

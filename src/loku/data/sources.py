@@ -6,6 +6,9 @@ A public data set is named by its path in a *data folder*, laid out as the publi
     tdec/retain/wikitext2_test.raw            WikiText-2 raw test: the TDEC retain set
     eval/reasoning/, eval/dialogue/, eval/ppl/  the TDEC utility tasks
     tofu/full.json, tofu/forget10_perturbed.json, ...   TOFU (Maini et al. 2024)
+    muse/news/, muse/books/                 MUSE (Shi et al. 2024): muse_bench's data/ folder
+    wmdp/wmdp-bio/, wmdp/wmdp-cyber/, ...    WMDP (Li et al. 2024): the hub dataset cais/wmdp's files
+    mmlu/<subject>/                         MMLU: the hub dataset cais/mmlu's files
 
 Each data set is looked for, in this order:
   1. the data folder given (`--data-dir`, the config key `data_dir`, or a function's `data_dir`), else the
@@ -26,7 +29,7 @@ from ..errors import LokuError
 
 ENV_VAR = "LOKU_DATA"
 SHIPPED = Path(__file__).resolve().parent / "files"
-LAYOUT = "tdec/, eval/, tofu/ as described in loku's README (Data)"
+LAYOUT = "tdec/, eval/, tofu/, muse/, wmdp/, mmlu/ as described in loku's README (Data)"
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,23 @@ def tofu_split(name: str, filename: str) -> PublicData:
                       "hub dataset locuslab/TOFU, or github locuslab/tofu")
 
 
+def muse_corpus(corpus: str, title: str, part: str, split: str) -> PublicData:
+    """A MUSE corpus (news, books): its folder in muse/ (muse_bench's data/<corpus>/), or the hub dataset
+    muse-bench/MUSE-<Title>, probed with the `part` config's `split` (a file the caller reads first)."""
+    return PublicData(f"MUSE {title}", f"muse/{corpus}", HubCopy(f"muse-bench/MUSE-{title}", part, split),
+                      "muse_bench's data/, github swj0419/muse_bench load_data.py")
+
+
+def wmdp_subset(subset: str) -> PublicData:
+    """A WMDP subset (wmdp-bio, wmdp-cyber, wmdp-chem): a snapshot folder of its hub config."""
+    return PublicData(f"WMDP {subset}", f"wmdp/{subset}", HubCopy("cais/wmdp", subset, "test"),
+                      "huggingface-cli download cais/wmdp --repo-type dataset --local-dir DIR/wmdp")
+
+
+MMLU = PublicData("MMLU", "mmlu", HubCopy("cais/mmlu", "abstract_algebra", "test"),   # its first subject
+                  "huggingface-cli download cais/mmlu --repo-type dataset --local-dir DIR/mmlu")
+
+
 def data_folders(data_dir: str | os.PathLike | None = None) -> list[tuple[str, Path]]:
     """The local folders searched, in order, each with how it was named: the given data folder (else
     $LOKU_DATA), then loku's own files. A folder named but absent is an error, not silently skipped."""
@@ -130,7 +150,8 @@ def find(data: PublicData, data_dir: str | os.PathLike | None = None, *, hub: bo
         except Exception as e:  # noqa: BLE001 (network, missing repo, offline mode: all mean "not there")
             tried.append(f"{data.hub} ({_reason(e)})")
     name = Path(data.path)
-    fix = (f"put {name.name} under DIR/{name.parent}/" + (f" (from {data.origin})" if data.origin else "")
+    under = "DIR/" if name.parent == Path(".") else f"DIR/{name.parent}/"
+    fix = (f"put {name.name} under {under}" + (f" (from {data.origin})" if data.origin else "")
            + f" and pass --data-dir DIR or set {ENV_VAR}=DIR")
     if data.hub is not None:
         fix += ", or connect to the Hugging Face hub"

@@ -143,7 +143,11 @@ def tokenize_example(example: dict, tokenizer, max_length: int, prompt_format: s
     if "text" in example:
         ids = tokenizer(example["text"], truncation=True, max_length=max_length)["input_ids"]
         return {"input_ids": ids, "labels": list(ids)}
-    return format_qa(tokenizer, example["question"], example["answer"], max_length, prompt_format)
+    out = format_qa(tokenizer, example["question"], example["answer"], max_length, prompt_format)
+    if "alternate" in example:   # DPO's preferred answer to the same question, kept row for row
+        alt = format_qa(tokenizer, example["question"], example["alternate"], max_length, prompt_format)
+        out.update(alt_input_ids=alt["input_ids"], alt_labels=alt["labels"])
+    return out
 
 
 def tokenize_examples(examples: list[dict], tokenizer, max_length: int, source: str = "data",

@@ -11,10 +11,8 @@ import re
 import string
 from collections import Counter
 
-import torch
-
 from ..data.eval_tasks import Dialogue
-from .reasoning import model_device, pad_id
+from .generate import greedy_answers
 
 STOP = "\nUser "
 MAX_NEW_TOKENS = 32  # Jang et al.'s generation length
@@ -40,40 +38,23 @@ def unigram_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-@torch.no_grad()   # not inference_mode: ZeRO-3 keeps weights gathered here, and training reuses them
 def greedy_replies(model, tokenizer, prompts: list[str], batch_size: int = 8, max_new_tokens: int = MAX_NEW_TOKENS,
                    max_length: int = 512, stop: str = STOP) -> list[str]:
     """The greedy continuation of each prompt, cut before `stop`, in input order.
 
-    Prompts are left-padded so every row's next token sits in the last column, and left-truncated to
-    `max_length - max_new_tokens` tokens so the speaker label at the end always survives (Jang et al. cut
-    on the right, which can drop it for long dialogues). Generation stops per row at `stop` or EOS; text
-    after `stop` is discarded either way, so stopping early changes no result, only time.
+    Prompts are left-truncated to `max_length - max_new_tokens` tokens so the speaker label at the end always
+    survives (Jang et al. cut on the right, which can drop it for long dialogues) and generated in left-padded
+    batches (`loku.metrics.generate`). Generation stops per row at EOS, and a batch once every row has written
+    `stop`; text after `stop` is discarded either way, so stopping early changes no result, only time.
 
     Slow equivalent: each prompt alone, `model.generate(ids, max_new_tokens=32, do_sample=False)`, decoded
     and split at `stop`."""
-    device, pad = model_device(model), pad_id(tokenizer)
     budget = max(1, max_length - max_new_tokens)
     encoded = [tokenizer(p).input_ids[-budget:] for p in prompts]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    out: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)      # (B, T), pads on the left
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            input_ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            attention_mask[r, width - len(encoded[i]):] = 1
-        generated = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=False,
-            max_new_tokens=max_new_tokens, pad_token_id=pad, stop_strings=[stop] if stop else None,
-            tokenizer=tokenizer, temperature=None, top_p=None, top_k=None,
-        )[:, width:]                                                              # (B, <= max_new_tokens)
-        for r, i in enumerate(rows):
-            text = tokenizer.decode(generated[r].tolist(), skip_special_tokens=True)
-            out[i] = text.split(stop)[0] if stop else text
-    return out
+    replies = greedy_answers(model, tokenizer, encoded, [max_new_tokens] * len(encoded), batch_size,
+                             stop_strings=[stop] if stop else None)
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in replies]
+    return [t.split(stop)[0] if stop else t for t in texts]
 
 
 def dialogue_results(model, tokenizer, items: list[Dialogue], batch_size: int = 8,

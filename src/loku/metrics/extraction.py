@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LokuError
+from .forward import check_features, model_device, per_feature
 
 
 @dataclass
@@ -109,10 +110,6 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def memorization_accuracy(model, input_ids, *, batch_size: int = 8) -> torch.Tensor:
     """MA per row: (1/(T-1)) sum_{t=1}^{T-1} [argmax p(. | x_<t) == x_t], from one forward pass. Tensor[B] float64."""
@@ -120,7 +117,7 @@ def memorization_accuracy(model, input_ids, *, batch_size: int = 8) -> torch.Ten
     out = []
     with _eval_mode(model):
         for chunk in ids.split(batch_size):
-            chunk = chunk.to(_device(model))
+            chunk = chunk.to(model_device(model))
             greedy = model(input_ids=chunk, use_cache=False).logits[:, :-1].argmax(-1)  # (b, T-1)
             out.append((greedy == chunk[:, 1:]).double().mean(-1).cpu())  # (b,) k/(T-1), exact in float64
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
@@ -191,7 +188,7 @@ def greedy_suffixes(model, input_ids, *, min_suffix: int = 1, batch_size: int = 
 
     with _eval_mode(model):
         for row0 in range(0, len(ids), batch_size):
-            chunk = ids[row0:row0 + batch_size].to(_device(model))  # (b, T)
+            chunk = ids[row0:row0 + batch_size].to(model_device(model))  # (b, T)
             cache = DynamicCache()  # no config: every layer keeps all T positions, sliding or not
             greedy = model(input_ids=chunk, use_cache=True, **{cache_kw: cache}).logits[:, :-1].argmax(-1)  # (b, T-1)
             kv = [(layer.keys, layer.values) for layer in cache.layers]  # each (b, heads, T, head_dim)
@@ -268,3 +265,69 @@ def extraction_metrics(model, tokenizer, texts: list[str], *, n: int = 10, max_l
     mean = (lambda v: sum(v) / len(v) if v else float("nan"))
     return {"n": n, "ma": ma, "el": el, "ma_mean": mean(ma), "el_mean": mean(el), "tokens": [len(r) for r in ids],
             "decoded_tokens": decoded}
+
+
+# ---- Extraction strength and exact memorization (OpenUnlearning), from one teacher-forced pass ----------------
+
+def argmax_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hit (B, T-1): argmax p(. | x_<t) == x_t, mask (B, T-1): x_t is scored (label != -100))."""
+    target = labels[:, 1:]
+    return logits[:, :-1].argmax(-1) == target, target != -100
+
+
+def exact_memorization_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """EM per row (Tirumala et al. 2022, OpenUnlearning's `exact_memorization`): the share of scored tokens
+    that are the model's argmax given the true prefix. (B,) float64. On plain text whose every token but
+    the first is scored this is exactly MA."""
+    hit, mask = argmax_hits(logits, labels)
+    return (hit & mask).sum(-1).double() / mask.sum(-1).double()
+
+
+def extraction_strength_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """ES per row (Carlini et al. 2021, used for unlearning by Wang et al. 2025; OpenUnlearning's
+    `extraction_strength`): 1 - k*/L, where L is the
+    number of scored tokens y_1..y_L (after a prompt p) and k* the smallest k in 0..L such that greedy decoding
+    from p y_1..y_k reproduces y_{k+1}..y_L exactly (k = L: nothing left to reproduce). (B,) float64.
+
+    Why one teacher-forced pass gives it: let g_j = argmax p(. | p y_<j) (the teacher-forced argmax). Greedy
+    decoding from p y_<=k emits y_{k+1}..y_L exactly iff g_j = y_j for every j > k. By induction on j: if its
+    first j-k-1 tokens were y_{k+1}..y_{j-1}, the context of its next token is p y_<j, so that token is g_j;
+    it is y_j iff g_j = y_j, and at the first j where g_j != y_j the decode leaves the text and the suffix is
+    not reproduced. So k* = (position of the last scored token with g_j != y_j), or 0 if there is none, and
+    every k >= k* works. Greedy decoding and the argmax here take the first of tied maxima alike; values
+    differ only where a KV-cached decode and the full pass round a near-tie differently.
+
+    One difference from OpenUnlearning's code: its loop `for k in range(L): if preds[k:] == labels[k:]: break`
+    ends at k = L - 1 when no suffix matches, so a row whose last token is not predicted scores 1/L there and 0
+    here (the empty suffix, k = L, is where the definition above ends). OpenUnlearning also drops each row's
+    last scored token (its EOS); loku scores them all (see `loku.metrics.membership`)."""
+    hit, mask = argmax_hits(logits, labels)
+    miss = mask & ~hit  # (B, T-1)
+    position = mask.long().cumsum(-1)  # (B, T-1): 1-based index among the scored tokens
+    k_star = torch.where(miss, position, 0).max(-1).values  # (B,) scored tokens up to the last miss
+    return 1.0 - k_star.double() / mask.sum(-1).double()
+
+
+def memorization_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"es": (B,), "em": (B,)} of one teacher-forced batch."""
+    return {"es": extraction_strength_from_logits(logits, labels), "em": exact_memorization_from_logits(logits, labels)}
+
+
+def teacher_forced_memorization(model, features: list[dict], pad_id: int, *, batch_size: int = 8) -> dict:
+    """ES and EM of tokenized features ({"input_ids", "labels"}) from one forward pass per batch:
+    {"es": [per feature], "em": [...], "es_mean", "em_mean"}."""
+    check_features(features)
+    out = {"es": [], "em": [], **per_feature(model, features, pad_id, memorization_from_logits, batch_size)}
+    mean = (lambda v: sum(v) / len(v) if v else float("nan"))
+    return {**out, "es_mean": mean(out["es"]), "em_mean": mean(out["em"])}
+
+
+def extraction_strength(model, tokenizer, texts: list, *, max_tokens: int | None = None,
+                        batch_size: int = 8) -> dict:
+    """ES and EM of each text (plain text: every token but the first is scored; {"question", "answer"} dicts:
+    the answer given the question), from one teacher-forced pass per batch. See `teacher_forced_memorization`."""
+    from .membership import tokenize
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return teacher_forced_memorization(model, tokenize(tokenizer, list(texts), max_tokens), pad,
+                                       batch_size=batch_size)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..data.eval_tasks import Completion, MultipleChoice
+from ..losses import sequence_logprob
+from .extraction import argmax_hits
+from .forward import pad_id, teacher_forced
 
 
 @dataclass(frozen=True)
@@ -41,56 +42,23 @@ def encode_pair(tokenizer, context: str, continuation: str, max_length: int) -> 
     return ids, min(len(cont), len(ids) - 1)
 
 
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def pad_id(tokenizer) -> int:
-    """Any id works as padding here (pads are never attended to nor scored): pad, else EOS, else 0."""
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return tid
-    return 0
-
-
-@torch.no_grad()   # not inference_mode: ZeRO-3 keeps weights gathered here, and training reuses them
 def score_continuations(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 8,
                         max_length: int = 512) -> list[ContinuationScore]:
-    """Score many (context, continuation) pairs, `batch_size` sequences per forward pass.
-
-    Pairs are run longest first (little padding; an out-of-memory shows on the first batch) and returned in
-    input order. Right padding: a causal model's real tokens never see the pads that follow them, positions
-    start at 0 for every row, and only the logits at real continuation positions are read. Only those
-    positions go through log_softmax, in float32, so memory stays at one (batch, length, vocab) logits tensor.
+    """Score many (context, continuation) pairs, `batch_size` sequences per teacher-forced pass
+    (`loku.metrics.forward`: right padding, masked; only the continuation tokens are labelled), in input order.
 
     Slow equivalent (the test's reference): for each pair alone, no padding,
     `log_softmax(model(ids[:-1]).logits)[-n:]` gathered at `ids[-n:]` and summed."""
     encoded = [encode_pair(tokenizer, c, x, max_length) for c, x in pairs]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-    device, pad = model_device(model), pad_id(tokenizer)
+    features = [{"input_ids": ids, "labels": [-100] * (len(ids) - n) + ids[-n:]} for ids, n in encoded]
     out: list[ContinuationScore | None] = [None] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        inputs = [encoded[i][0][:-1] for i in rows]
-        width = max(len(x) for x in inputs)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)          # (B, T)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)         # (B, T)
-        for r, x in enumerate(inputs):
-            input_ids[r, :len(x)] = torch.tensor(x)
-            attention_mask[r, :len(x)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits  # (B,T,V)
-        for r, i in enumerate(rows):
-            ids, n = encoded[i]
-            end = len(ids) - 1                                                     # = len(inputs[r])
-            logp = torch.log_softmax(logits[r, end - n:end].float(), dim=-1)       # (n, V)
-            target = torch.tensor(ids[-n:], device=logp.device)                   # (n,)
-            best = logp.argmax(-1)                                                 # (n,)
-            out[i] = ContinuationScore(
-                logprob=float(logp.gather(1, target[:, None]).sum()),
-                greedy=bool((best == target).all()),
-                n_tokens=n,
-                argmax=tuple(best.tolist()),
-            )
+    for idx, logits, labels in teacher_forced(model, features, pad_id(tokenizer), batch_size):
+        logprob = sequence_logprob(logits, labels)                                 # (b,)
+        hit, mask = argmax_hits(logits, labels)                                    # (b, T-1)
+        best = logits[:, :-1].argmax(-1)                                           # (b, T-1)
+        for r, i in enumerate(idx):
+            out[i] = ContinuationScore(logprob=float(logprob[r]), greedy=bool(hit[r][mask[r]].all()),
+                                       n_tokens=encoded[i][1], argmax=tuple(best[r][mask[r]].tolist()))
     return out  # type: ignore[return-value]
 
 

@@ -1,12 +1,16 @@
-"""MUSE's data in its own layout (swj0419/muse_bench `load_data.py`), from a local folder or the hub.
+"""MUSE's data in its own layout (swj0419/muse_bench `load_data.py`), from a data folder or the hub.
 
-    data/<corpus>/verbmem/forget.json        [{"prompt", "gt"}, ...]
-    data/<corpus>/knowmem/{forget,retain}_qa.json, {forget,retain}_qa_icl.json   [{"question", "answer"}, ...]
-    data/<corpus>/privleak/{forget,retain,holdout}.json                      ["text", ...]
-    data/<corpus>/raw/{forget,retain1,retain2,holdout}.json                  ["text", ...]
+A data folder's muse/ is muse_bench's data/ folder:
+
+    muse/<corpus>/verbmem/forget.json        [{"prompt", "gt"}, ...]
+    muse/<corpus>/knowmem/{forget,retain}_qa.json, {forget,retain}_qa_icl.json   [{"question", "answer"}, ...]
+    muse/<corpus>/privleak/{forget,retain,holdout}.json                      ["text", ...]
+    muse/<corpus>/raw/{forget,retain1,retain2,holdout}.json                  ["text", ...]
 
 The hub copy is the same data: `load_dataset("muse-bench/MUSE-News", "verbmem", split="forget")` (configs
-verbmem, knowmem, privleak, raw; columns as above, `text` for the string lists).
+verbmem, knowmem, privleak, raw; columns as above, `text` for the string lists). Which of the two is read
+is decided by loku.data.sources (--data-dir / $LOKU_DATA, then the hub), once per corpus: a local corpus
+folder is read whole (a missing file is an error, never filled in from the hub).
 """
 
 from __future__ import annotations
@@ -16,28 +20,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.sources import HubCopy, find, hub_rows, muse_corpus
 from ..errors import LokuError
 
 CORPORA = {"news": "News", "books": "Books"}
-HUB = "muse-bench/MUSE-{}"
-ENV_VAR = "LOKU_DATA"           # <LOKU_DATA>/muse holds muse_bench's data/ folder
 FIELDS = {"verbmem": ("prompt", "gt"), "knowmem": ("question", "answer"), "privleak": None, "raw": None}
-HINT = ("download it with muse_bench's load_data.py (github swj0419/muse_bench) or pass --data to a folder "
-        "laid out like its data/")
-
-
-def muse_source(data: str | os.PathLike | None) -> Path | None:
-    """Where MUSE comes from: the given folder, else $LOKU_DATA/muse when it exists, else None (the hub).
-    The one place that decides it, to be switched over to loku.data.sources."""
-    if data is None and os.environ.get(ENV_VAR):
-        candidate = Path(os.environ[ENV_VAR]).expanduser() / "muse"
-        data = candidate if candidate.is_dir() else None
-    if data is None:
-        return None
-    path = Path(data).expanduser()
-    if not path.is_dir():
-        raise LokuError(f"MUSE data folder {path} does not exist: {HINT}")
-    return path
+HINT = ("restore it from muse_bench's data/ (github swj0419/muse_bench load_data.py) into the data folder's "
+        "muse/")
 
 
 def check_corpus(corpus: str) -> str:
@@ -46,18 +35,9 @@ def check_corpus(corpus: str) -> str:
     return corpus
 
 
-def corpus_dir(root: Path, corpus: str) -> Path:
-    """muse_bench's data/ folder (holding news/ and books/) or one corpus folder itself."""
-    for path in (root / corpus, root):
-        if any((path / part).is_dir() for part in FIELDS):
-            return path
-    raise LokuError(f"{root} holds no MUSE {corpus} data (no {corpus}/verbmem, knowmem, privleak or raw "
-                    f"folder): {HINT}")
-
-
 def _check_rows(rows, where: str, keys: tuple[str, ...] | None) -> list:
     if not isinstance(rows, list) or not rows:
-        raise LokuError(f"{where} must be a non-empty JSON list: restore it from MUSE ({HINT})")
+        raise LokuError(f"{where} must be a non-empty JSON list: {HINT}")
     for i, row in enumerate(rows):
         if keys is None:
             if not isinstance(row, str):
@@ -83,22 +63,16 @@ def _local(root: Path, part: str, split: str) -> list:
         raise LokuError(f"{path} is not valid JSON ({type(e).__name__}: {e}): restore it from MUSE") from None
 
 
-def _hub(corpus: str, part: str, split: str) -> list:
-    from datasets import load_dataset
-
-    rows = load_dataset(HUB.format(CORPORA[corpus]), part, split=split)
+def _hub(found, part: str, split: str) -> list:
+    """A file's rows from the corpus's hub dataset; the file `find` probed is not downloaded twice."""
+    copy = HubCopy(found.data.hub.repo, part, split)
+    try:
+        rows = found.rows if copy == found.data.hub else hub_rows(copy)
+    except Exception as e:  # noqa: BLE001 (network, missing config or split: all mean "not there")
+        raise LokuError(f"{copy} could not be read ({type(e).__name__}): connect to the Hugging Face hub, or pass "
+                        f"--data-dir DIR with muse_bench's data/ as DIR/muse/") from None
     keys = FIELDS[part]
     return list(rows["text"]) if keys is None else [{k: r[k] for k in keys} for r in rows]
-
-
-def read_split(source: Path | None, corpus: str, part: str, split: str) -> list:
-    """One MUSE file as muse_bench reads it: dicts for verbmem/knowmem, strings for privleak/raw."""
-    if source is None:
-        rows, where = _hub(corpus, part, split), f"hub {HUB.format(CORPORA[corpus])} {part}/{split}"
-    else:
-        root = corpus_dir(source, corpus)
-        rows, where = _local(root, part, split), str(root / part / f"{split}.json")
-    return _check_rows(rows, where, FIELDS[part])
 
 
 # metric -> the (part, split) files it reads; muse_bench's DEFAULT_DATA in constants.py
@@ -135,19 +109,24 @@ def check_metrics(metrics) -> list[str]:
     return metrics
 
 
-def load_muse(data: str | os.PathLike | None, corpus: str, metrics=METRICS, raw: tuple[str, ...] = (),
+def load_muse(data_dir: str | os.PathLike | None, corpus: str, metrics=METRICS, raw: tuple[str, ...] = (),
               limit: int | None = None) -> MuseData:
     """Read and check every file the chosen metrics (and `raw` splits, for unlearning) need, before any
-    model is loaded. `limit` keeps the first N items of each evaluation set (not of the raw corpora,
+    model is loaded: from the data folder's muse/<corpus>/ (`data_dir`, else $LOKU_DATA), else the hub
+    (loku.data.sources). `limit` keeps the first N items of each evaluation set (not of the raw corpora,
     nor of the few-shot examples)."""
     check_corpus(corpus)
-    source = muse_source(data)
     if limit is not None and limit < 1:
         raise LokuError(f"--limit must be a positive number of items (or 0 for all), got {limit}")
     wanted = [f for m in check_metrics(metrics) for f in METRIC_FILES[m]] + [("raw", s) for s in raw]
-    out = MuseData(corpus, str(source) if source else HUB.format(CORPORA[corpus]))
+    found = find(muse_corpus(corpus, CORPORA[corpus], *wanted[0]), data_dir)
+    out = MuseData(corpus, str(found.path) if found.path is not None else found.data.hub.repo)
     for part, split in wanted:
-        rows = read_split(source, corpus, part, split)
+        if found.path is not None:
+            rows, where = _local(found.path, part, split), str(found.path / part / f"{split}.json")
+        else:
+            rows, where = _hub(found, part, split), str(HubCopy(found.data.hub.repo, part, split))
+        rows = _check_rows(rows, where, FIELDS[part])
         if limit is not None and part != "raw" and not split.endswith("_icl"):
             rows = rows[:limit]
         out.files[f"{part}/{split}"] = rows

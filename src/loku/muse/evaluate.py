@@ -1,6 +1,6 @@
 """Score a model on MUSE (VerbMem, KnowMem forget/retain, PrivLeak) and write muse_bench-style logs.
 
-    scoring = MuseScoring(corpus="news", data="muse_bench/data")
+    scoring = MuseScoring(corpus="news", data_dir="DATA")   # DATA/muse/news/ is muse_bench's data/news/
     result = evaluate_muse(model, tokenizer, load_data(scoring), scoring, out="runs/muse-target")
 
 `out` receives one `<metric>.json` per metric ({"value", ..., "items": [...]}, as muse_bench's temp_dir
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import io
-from ..config_base import Config
+from ..config_base import Config, setting
 from ..errors import LokuError
 from .conventions import get_convention
 from .data import METRIC_FILES, METRICS, MuseData, check_corpus, check_metrics, load_muse
@@ -38,9 +38,9 @@ class MuseScoring(Config):
     """What MUSE measures and how; shared by `loku muse eval` and `loku muse unlearn`."""
 
     corpus: str = field(default="news", metadata=_help("MUSE corpus: news or books."))
-    data: str | None = field(default=None, metadata=_help(
-        "Folder laid out like muse_bench's data/ (news/, books/) or one corpus folder; default "
-        "$LOKU_DATA/muse, else the hub (muse-bench/MUSE-News, MUSE-Books)."))
+    data_dir: str | None = setting(None, "Data folder whose muse/ is muse_bench's data/ (news/, books/; see README "
+                                   "'Data').", default_text="$LOKU_DATA, then the hub dataset muse-bench/MUSE-News "
+                                                            "or MUSE-Books")
     metrics: list[str] = field(default_factory=lambda: list(METRICS), metadata=_help(
         "Comma-separated subset of verbmem_f, knowmem_f, knowmem_r, privleak."))
     convention: str = field(default="muse_bench", metadata=_help(
@@ -54,6 +54,8 @@ class MuseScoring(Config):
     auc_retrain: float | None = field(default=None, metadata=_help(
         "The retrained model's AUC for PrivLeak (default: the convention's; `loku muse aggregate` takes it "
         "from the retrained model's evaluation)."))
+
+    RENAMED = {"data": "write data_dir: a data folder whose muse/ is muse_bench's data/ (README 'Data')"}
 
     def __post_init__(self):
         if isinstance(self.metrics, str):   # the Python API takes "verbmem_f,privleak" as the flag does
@@ -88,11 +90,11 @@ class MuseScoring(Config):
 
     def identity(self) -> dict:
         """What must match between two evaluations whose numbers are compared (PrivLeak's two AUCs)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("data", "batch_size", "metrics", "auc_retrain")}
+        return {k: v for k, v in asdict(self).items() if k not in ("data_dir", "batch_size", "metrics", "auc_retrain")}
 
 
 def load_data(scoring: MuseScoring, raw: tuple[str, ...] = ()) -> MuseData:
-    return load_muse(scoring.data, scoring.corpus, scoring.metrics, raw=raw, limit=scoring.limit)
+    return load_muse(scoring.data_dir, scoring.corpus, scoring.metrics, raw=raw, limit=scoring.limit)
 
 
 def _bar(enabled: bool, total: int):
@@ -218,7 +220,7 @@ def eval_model(cfg: MuseEvalConfig, log: Callable[[str], None] | None = print, p
             raise LokuError(f"{out} holds no MUSE evaluation to resume (no config.json): drop --resume")
         before = json.loads(saved.read_text(encoding="utf-8"))
         for key in sorted(set(before) | set(config)):
-            if before.get(key) != config.get(key) and key not in ("batch_size", "data"):
+            if before.get(key) != config.get(key) and key not in ("batch_size", "data_dir"):
                 raise LokuError(f"--resume: {key} was {before.get(key)!r}, now {config.get(key)!r}: resume with "
                                 "the same options, or start a new --out")
     else:

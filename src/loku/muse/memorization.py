@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..tofu.generate import greedy_answers
+from ..metrics.generate import greedy_answers
 from .conventions import Convention
 
 STOPWORDS = ("\n\n", "\nQuestion", "Question:")
@@ -52,17 +52,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
              progress: Progress | None = None) -> list[str]:
     """Greedy continuations (decoded, special tokens dropped), `batch_size` prompts of similar length at a
     time; each stops at the model's EOS like muse_bench's one-prompt `model.generate`."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        gens = greedy_answers(model, tokenizer, [prompts[i] for i in rows], [max_new_tokens] * len(rows),
-                              batch_size=len(rows))
-        for i, g in zip(rows, gens):
-            out[i] = _decode(tokenizer, g)
-        if progress:
-            progress(len(rows))
-    return out
+    return [_decode(tokenizer, g) for g in greedy_answers(model, tokenizer, prompts, [max_new_tokens] * len(prompts),
+                                                          batch_size, progress=progress)]
 
 
 def _report(items: list[dict]) -> dict:

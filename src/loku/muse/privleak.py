@@ -15,8 +15,8 @@ positive when unlearning overshoots (forget text now *less* likely than unseen t
 its AUC the other way round (forget texts more likely: 1 - this AUC) and flips both back in `privleak`, so
 the PrivLeak values agree.
 
-`min_k_score` and `auc` have the semantics of loku.metrics.membership (being written in parallel), which
-will replace them.
+Min-K% and the AUC are loku.metrics.membership's (`lowest_k_mean`, `auc`; there HIGHER = MEMBER, i.e. the
+mean of the lowest log-probs itself); the per-text scores kept here are muse_bench's own sign.
 """
 
 from __future__ import annotations
@@ -24,93 +24,68 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import numpy as np
-import torch
-
 from ..errors import LokuError
-from ..metrics.reasoning import model_device, pad_id
+from ..metrics.forward import pad_id, per_feature
 from ..models import context_length
 from .conventions import Convention
 
 
-def min_k_score(logprobs, k: float, at_least_one: bool = False) -> float:
-    """Min-K% Prob: -mean of the int(k x n) lowest token log-probs (max(1, ...) with `at_least_one`).
-    NaN when that count is 0 (muse_bench's np.mean of nothing)."""
-    lp = np.sort(np.asarray(logprobs, dtype=np.float64))
-    n = int(len(lp) * k)
-    n = max(1, n) if at_least_one else n
-    return float(-np.mean(lp[:n])) if n > 0 and len(lp) else math.nan
-
-
 def auc(forget_scores, holdout_scores) -> float:
-    """MUSE's AUC: P(holdout score < forget score) + 1/2 P(equal), i.e. sklearn's roc_auc_score with
-    holdout = 1 on -score (the Mann-Whitney U of the forget scores over n_forget x n_holdout)."""
-    f, h = np.asarray(forget_scores, float), np.asarray(holdout_scores, float)
-    if not len(f) or not len(h):
+    """MUSE's AUC from muse_bench's Min-K% scores (high = unlikely): P(holdout score < forget score) + 1/2
+    P(equal). muse_bench labels holdout 1 on -Min-K%, which is membership's score: its AUC with the holdout
+    as the "members"."""
+    if not len(forget_scores) or not len(holdout_scores):
         raise LokuError("PrivLeak needs at least one forget and one holdout text: check privleak/*.json")
-    # scipy.stats takes ~1 s of CPU to import: here, not at every `loku` start (the CLI imports MUSE's configs).
-    from scipy.stats import mannwhitneyu
+    # loku.metrics.membership imports scikit-learn (4 s of CPU): here, not at every `loku` start (the CLI
+    # imports the MUSE config classes to build its flags).
+    from ..metrics.membership import auc as membership_auc
 
-    return float(mannwhitneyu(f, h).statistic / (len(f) * len(h)))
+    return membership_auc([-x for x in holdout_scores], [-x for x in forget_scores])
 
 
 def privleak(auc_value: float, auc_retrain: float, eps: float = 0.0) -> float:
     return (auc_value - auc_retrain) / (auc_retrain + eps) * 100
 
 
-def encode(tokenizer, text: str, convention: Convention, context: int | None) -> tuple[list[int], int, bool]:
-    """(token ids, index of the first scored token, cut to the model's context?) for one text."""
+def feature(tokenizer, text: str, convention: Convention, context: int | None) -> tuple[dict, bool]:
+    """One text's {"input_ids", "labels"} (labels on the tokens Min-K% scores) and whether it was cut to
+    the model's context."""
     ids = tokenizer(text).input_ids          # muse_bench: tokenizer.encode(text), special tokens added
     first = 1
     if convention.mia_max_tokens is not None:   # OU: at most N tokens after the prefix tokenizer("") gives
         prefix = len(tokenizer("").input_ids)
         ids, first = ids[:prefix + convention.mia_max_tokens], max(1, prefix)
     cut = context is not None and len(ids) > context
-    return ids[:context] if cut else ids, first, cut
-
-
-@torch.no_grad()
-def token_logprobs(model, ids: list[list[int]], pad: int, batch_size: int = 8,
-                   progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
-    """log p(x_t | x_<t) for t = 1..len-1 of every sequence, batched (right-padded, longest first).
-    Slow equivalent (the test's): `log_softmax(model(ids).logits[0, :-1]).gather(ids[1:])` one text at a time."""
-    device = model_device(model)
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    out: list[np.ndarray] = [np.zeros(0)] * len(ids)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        width = max(len(ids[i]) for i in rows)
-        x = torch.full((len(rows), width), pad, dtype=torch.long)       # (B, T)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)        # (B, T)
-        for r, i in enumerate(rows):
-            x[r, :len(ids[i])], mask[r, :len(ids[i])] = torch.tensor(ids[i]), 1
-        logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits   # (B, T, V)
-        for r, i in enumerate(rows):
-            n = len(ids[i])
-            logp = torch.log_softmax(logits[r, :n - 1].float(), dim=-1)                 # (n-1, V)
-            target = x[r, 1:n].to(logp.device)                                           # (n-1,)
-            out[i] = logp.gather(1, target[:, None])[:, 0].cpu().numpy()
-        if progress:
-            progress(len(rows))
-    return out
+    ids = ids[:context] if cut else ids
+    labels = [-100] * first + ids[first:]
+    if not convention.score_last_token and len(labels) > first:
+        labels[-1] = -100
+    return {"input_ids": ids, "labels": labels}, cut
 
 
 def min_k_scores(model, tokenizer, texts: list[str], convention: Convention, k: float, batch_size: int = 8,
                  where: str = "privleak", progress: Callable[[int], None] | None = None) -> list[dict]:
-    """Per text: its Min-K% score, how many tokens were scored, and whether it was cut to the context."""
+    """Per text: its Min-K% score (muse_bench's sign: minus the mean of the lowest log-probs), how many
+    tokens were scored, and whether it was cut to the context."""
+    from ..metrics.membership import lowest_k_mean, token_log_probs   # as in `auc`: scikit-learn at import
+
     context = context_length(model)
-    encoded = [encode(tokenizer, t, convention, context) for t in texts]
-    logprobs = token_logprobs(model, [e[0] for e in encoded], pad_id(tokenizer), batch_size, progress)
+    encoded = [feature(tokenizer, t, convention, context) for t in texts]
+
+    def measure(logits, labels):
+        token, mask, _ = token_log_probs(logits, labels)
+        return {"score": -lowest_k_mean(token.double(), mask, k, convention.min_k_at_least_one),
+                "tokens": mask.sum(-1)}
+
+    got = per_feature(model, [f for f, _ in encoded], pad_id(tokenizer), measure, batch_size, progress)
     items = []
-    for i, ((ids, first, cut), lp) in enumerate(zip(encoded, logprobs)):
-        lp = lp[first - 1:] if convention.score_last_token else lp[first - 1:-1]
-        score = min_k_score(lp, k, convention.min_k_at_least_one)
-        if math.isnan(score):
-            fix = "drop the text" + ("" if convention.min_k_at_least_one else
+    for i, (score, n, (_, cut)) in enumerate(zip(got.get("score", []), got.get("tokens", []), encoded)):
+        if n == 0 or math.isnan(score):
+            fix = "drop the text" + ("" if convention.min_k_at_least_one or n == 0 else
                                      " or pass --convention open-unlearning (at least one token)")
-            raise LokuError(f"{where} text {i} has {len(lp)} scored tokens, too few for Min-{k * 100:g}% "
+            raise LokuError(f"{where} text {i} has {n} scored tokens, too few for Min-{k * 100:g}% "
                             f"(muse_bench would give NaN): {fix}")
-        items.append({"score": score, "tokens": len(lp), "cut_to_context": cut})
+        items.append({"score": score, "tokens": n, "cut_to_context": cut})
     return items
 
 

@@ -2,7 +2,7 @@
 keeping raw/retain1, and score VerbMem, KnowMem and PrivLeak after the last (or every) epoch.
 
     results = run_muse(MuseUnlearnConfig(target="muse-bench/MUSE-News_target", out="runs/muse",
-                                         methods=["ga", "npo", "ihl"], scoring=MuseScoring(data="data")))
+                                         methods=["ga", "npo", "ihl"], scoring=MuseScoring(data_dir="DATA")))
 
 The corpora are cut into training examples as OpenUnlearning's PretrainingDataset does: the texts joined by
 "\\n\\n", tokenized, cut into pieces of max_length tokens (less the tokenizer's special tokens) and decoded.

@@ -2,8 +2,10 @@
 
 Per item: the loss of the ground-truth answer, of the "base" answer (paraphrased for retain/forget, the
 answer itself for real authors/world facts) and of each perturbed answer, all per-token averages; the
-greedy answer and its ROUGE recall. Each distinct (question, answer) text is scored by one batched
-forward pass, so the real-author sets, whose base answer is the answer, cost no second pass.
+greedy answer and its ROUGE recall; and, added by loku, the extraction strength and exact memorization of
+the ground-truth answer (OpenUnlearning's ES and EM) from the same logits. Each distinct (question, answer)
+text is scored by one batched forward pass, so the real-author sets, whose base answer is the answer, cost
+no second pass.
 
 Texts, labels, the generation prompt and the ground truth for ROUGE follow the prompt format
 (`loku.data.qa`); TOFU's own (`tofu-phi`, default) reproduces its logs: the labels are the answer tag,
@@ -23,10 +25,12 @@ from ..data.qa import PROMPT_FORMAT_HELP, PROMPT_FORMATS, TOFU_PROMPT_FORMAT, an
 from ..data.tofu import format_qa, load_split
 from ..distributed import is_main, map_items
 from ..errors import LokuError
-from .generate import greedy_answers, rouge_recalls
-from .logs import (FORGET, LOG_FILES, NORMALIZED_KEY, REAL_AUTHORS, REAL_WORLD, RETAIN, has_normalized,
-                   stamp_format, write_logs)
-from .scores import sequence_losses
+from .generate import rouge_recalls
+from ..metrics.forward import pad_id
+from ..metrics.generate import greedy_answers
+from .logs import (EM_KEY, ES_KEY, FORGET, LOG_FILES, NORMALIZED_KEY, REAL_AUTHORS, REAL_WORLD, RETAIN,
+                   has_normalized, stamp_format, write_logs)
+from .scores import answer_scores
 
 TOFU_MAX_LENGTH = 200  # TOFU's generation.max_length: tokenization cap and prompt + generated tokens
 TOFU_DS_SIZE = 300     # TOFU's ds_size: only the first 300 items of each set are evaluated
@@ -114,7 +118,6 @@ def _evaluate_rows(model, tokenizer, rows, base_key, normalized, max_length, max
     """One {metric: value} per row, in row order."""
     if not rows:
         return []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts: dict[tuple[str, str], int] = {}  # distinct (question, answer) -> position in `features`
     features = []
 
@@ -129,7 +132,8 @@ def _evaluate_rows(model, tokenizer, rows, base_key, normalized, max_length, max
     gt = [slot(r["question"], r["answer"]) for r in rows]
     base = [slot(r["question"], r[base_key]) for r in rows]
     pert = [[slot(r["question"], p) for p in ps] for r, ps in zip(rows, perturbed)]
-    sums, counts = sequence_losses(model, features, pad, batch_size)
+    scores = answer_scores(model, features, pad_id(tokenizer), batch_size)
+    sums, counts = scores["loss"], scores["tokens"]
 
     prompts = [prompt_ids(tokenizer, r["question"], fmt) for r in rows]
     budgets = [max_new_tokens if max_new_tokens is not None else max_length - len(p) for p in prompts]
@@ -157,6 +161,8 @@ def _evaluate_rows(model, tokenizer, rows, base_key, normalized, max_length, max
     }
     if normalized:  # -log of the answer's share of probability among itself and its perturbations
         per_item[NORMALIZED_KEY] = [_log1p_sum_exp([avg[g] - avg[p] for p in ps]) for g, ps in zip(gt, pert)]
+    per_item[ES_KEY] = [scores["es"][g] for g in gt]   # of the ground-truth answer, as OpenUnlearning's
+    per_item[EM_KEY] = [scores["em"][g] for g in gt]
     return [dict(zip(per_item, values)) for values in zip(*per_item.values())]
 
 

@@ -28,6 +28,9 @@ LOG_KEYS = ("avg_gt_loss", "gt_loss", "num_token_gt", "generated_text", "rouge1_
             "average_perturb_loss", "avg_paraphrased_loss", "truth_ratio", "paraphrased_loss", "perturb_loss",
             "num_token_paraphrased", "num_token_perturb")
 NORMALIZED_KEY = "normalized_gt_loss"
+# loku's additions after TOFU's keys: OpenUnlearning's extraction strength and exact memorization of the
+# ground-truth answer (its `extraction_strength` / `exact_memorization`; loku.metrics.extraction).
+ES_KEY, EM_KEY = "extraction_strength", "exact_memorization"
 FORMAT_KEY = "prompt_format"
 
 

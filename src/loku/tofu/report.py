@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .. import io
 
-HEADLINE = ("Forget Quality", "Model Utility", "ROUGE Forget", "Prob. Forget", "Truth Ratio Forget")
+HEADLINE = ("Forget Quality", "Model Utility", "ROUGE Forget", "Prob. Forget", "Truth Ratio Forget", "ES Forget",
+            "EM Forget")
 RESULTS, TABLE, PLOT = "results.json", "report.md", "fq_mu.png"
 
 

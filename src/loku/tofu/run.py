@@ -338,8 +338,10 @@ def run_method(spec: MethodSpec, cfg: TofuUnlearnConfig, inputs: TofuInputs, ret
                        "summary": summary})
         if log:
             log(f"  {spec.label} epoch {epoch}: Forget Quality {summary['Forget Quality']:.3g}, "
-                f"Model Utility {summary['Model Utility']:.4f} ({time.time() - t0:.0f} s to evaluate)")
-        return {"forget_quality": summary["Forget Quality"], "model_utility": summary["Model Utility"]}
+                f"Model Utility {summary['Model Utility']:.4f}, ES Forget {summary['ES Forget']:.4f}, "
+                f"EM Forget {summary['EM Forget']:.4f} ({time.time() - t0:.0f} s to evaluate)")
+        return {"forget_quality": summary["Forget Quality"], "model_utility": summary["Model Utility"],
+                "forget_es": summary["ES Forget"], "forget_em": summary["EM Forget"]}
 
     result = unlearn(train, model, tokenizer, callbacks=[evaluate], progress=progress,
                      forget=inputs.forget, retain=inputs.retain, refusals=inputs.refusals)

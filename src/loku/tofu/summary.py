@@ -9,6 +9,9 @@ Per set, from the per-item values of the log:
   every other set mean(max(0, 1 - 1/r)).
 Model Utility is the harmonic mean of the 9 non-forget numbers; Forget Quality the p-value of the
 two-sample KS test between the forget-set r of the checkpoint and of the retain model.
+ES Forget and EM Forget: the mean extraction strength and exact memorization of the forget answers, where
+the log has them (loku's logs do; TOFU's own do not), as OpenUnlearning's `configs/eval/tofu.yaml` reports
+them on the forget set only.
 (TOFU's utils.py has an older variant averaging perturbed probabilities arithmetically; the
 aggregate script, OpenUnlearning and the leaderboard use the geometric form kept here.)
 """
@@ -21,7 +24,7 @@ import numpy as np
 
 from ..config_base import Config, setting
 from ..errors import LokuError
-from .logs import FORGET, LOG_FILES, REAL_AUTHORS, REAL_WORLD, RETAIN, check_same_format
+from .logs import EM_KEY, ES_KEY, FORGET, LOG_FILES, REAL_AUTHORS, REAL_WORLD, RETAIN, check_same_format
 
 SET_NAMES = {REAL_AUTHORS: "Real Authors", REAL_WORLD: "Real World", RETAIN: "Retain", FORGET: "Forget"}
 METRICS = ("ROUGE", "Prob.", "Truth Ratio")
@@ -98,6 +101,14 @@ def model_utility(logs: dict) -> dict[str, float]:
     return out
 
 
+def forget_memorization(logs: dict) -> dict[str, float]:
+    """"ES Forget" and "EM Forget", the means of the forget log's per-item values; {} for a log without them."""
+    log = logs[FORGET]
+    order = sorted(log["avg_gt_loss"], key=_index)
+    return {name: float(_values(log, key, order, FORGET).mean())
+            for key, name in ((ES_KEY, "ES Forget"), (EM_KEY, "EM Forget")) if isinstance(log.get(key), dict)}
+
+
 def forget_quality(ckpt_logs: dict, retain_logs: dict) -> dict[str, float]:
     """KS test between the forget-set truth ratios of the checkpoint and of the retain model: its p-value
     is Forget Quality (high = indistinguishable from never having trained on the forget set). Logs that
@@ -118,10 +129,11 @@ def forget_quality(ckpt_logs: dict, retain_logs: dict) -> dict[str, float]:
 
 def aggregate(ckpt_log: dict, retain_log: dict) -> dict[str, float]:
     """TOFU's summary of a checkpoint: the 12 set numbers, Model Utility and Forget Quality (against
-    the retain model's log), from two aggregated logs as json.load gives them."""
+    the retain model's log), and ES/EM Forget where the log has them, from two aggregated logs as json.load
+    gives them."""
     _require(ckpt_log, "checkpoint")
     _require(retain_log, "retain", (FORGET,))
-    return {**model_utility(ckpt_log), **forget_quality(ckpt_log, retain_log)}
+    return {**model_utility(ckpt_log), **forget_quality(ckpt_log, retain_log), **forget_memorization(ckpt_log)}
 
 
 @dataclass

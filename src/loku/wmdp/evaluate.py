@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Callable
 
 from .. import io
-from ..config_base import Config
+from ..config_base import Config, setting
 from ..errors import LokuError
 from ..registry import unknown_choice
-from .tasks import PREFIX, TASKS, local_tasks, wmdp_source
+from .tasks import PREFIX, TASKS, WMDP, local_tasks, task_sources
 
 RESULTS = "wmdp.json"
 
@@ -31,14 +31,17 @@ class WmdpEvalConfig(Config):
     adapter: str | None = field(default=None, metadata=_help("A PEFT adapter folder to merge into the model."))
     tasks: list[str] = field(default_factory=lambda: ["wmdp_bio", "wmdp_cyber", "mmlu"], metadata=_help(
         "Comma-separated: wmdp_bio, wmdp_cyber, wmdp_chem, mmlu."))
-    data: str | None = field(default=None, metadata=_help(
-        "Folder holding wmdp/ and mmlu/ (snapshots of cais/wmdp, cais/mmlu); default $LOKU_DATA, else the hub."))
+    data_dir: str | None = setting(None, "Data folder whose wmdp/ and mmlu/ hold snapshots of the hub datasets "
+                                   "cais/wmdp and cais/mmlu (see README 'Data').",
+                                   default_text="$LOKU_DATA, then the hub datasets cais/wmdp, cais/mmlu")
     limit: int | None = field(default=None, metadata=_help("First N questions of each task (MMLU: each subject); "
                                                             "0 or None: all."))
     batch_size: int = field(default=8, metadata=_help("Sequences per forward pass."))
     num_fewshot: int = field(default=0, metadata=_help("Few-shot examples (MMLU only; WMDP is zero-shot)."))
     overwrite: bool = field(default=False, metadata=_help("Replace a non-empty --out folder."))
     trust_remote_code: bool = field(default=False, metadata=_help("Allow the model's own code from the hub."))
+
+    RENAMED = {"data": "write data_dir: a data folder holding wmdp/ and mmlu/ (README 'Data')"}
 
     def __post_init__(self):
         if isinstance(self.tasks, str):   # the Python API takes "wmdp_bio,mmlu" as the flag does
@@ -57,6 +60,8 @@ class WmdpEvalConfig(Config):
             raise LokuError(f"--limit must be a positive number of questions (0 for all), got {self.limit}")
         if self.batch_size < 1 or self.num_fewshot < 0:
             raise LokuError("--batch-size must be 1 or more and --num-fewshot 0 or more: fix the flag")
+        if self.num_fewshot and any(t in WMDP for t in self.tasks):
+            raise LokuError("WMDP has no few-shot split (the harness runs it zero-shot): pass --num-fewshot 0")
 
 
 def _item(sample: dict) -> dict:
@@ -82,18 +87,20 @@ def _summary(names: dict[str, str], raw: dict) -> dict:
     return out
 
 
-def evaluate_wmdp(model, tokenizer, cfg: WmdpEvalConfig) -> dict:
-    """Run the harness on `model` (in memory) for `cfg.tasks`, local files when `cfg.data` gives a folder."""
+def evaluate_wmdp(model, tokenizer, cfg: WmdpEvalConfig, sources: dict | None = None) -> dict:
+    """Run the harness on `model` (in memory) for `cfg.tasks`, each on the local files or the hub dataset that
+    loku.data.sources finds (`sources`: `task_sources` worked out earlier, else now)."""
     from ..harness import harness_evaluate
 
-    root = wmdp_source(cfg.data)
+    sources = sources if sources is not None else task_sources(cfg.tasks, cfg.data_dir)
     with tempfile.TemporaryDirectory(prefix="loku-wmdp-") as folder:
-        names = local_tasks(root, cfg.tasks, cfg.num_fewshot, Path(folder)) if root else {t: t for t in cfg.tasks}
+        names = local_tasks(sources, cfg.num_fewshot, Path(folder))
         raw = harness_evaluate(model, tokenizer, tasks=list(names.values()), limit=cfg.limit,
                                batch_size=cfg.batch_size, num_fewshot=cfg.num_fewshot,
-                               include_path=folder if root else None, log_samples=True)["raw"]
-    return {"model": cfg.model, "adapter": cfg.adapter, "source": str(root) if root else "hub (cais/wmdp, cais/mmlu)",
-            "num_fewshot": cfg.num_fewshot, "limit": cfg.limit, "tasks": _summary(names, raw)}
+                               include_path=folder if any(f.path for f in sources.values()) else None,
+                               log_samples=True)["raw"]
+    return {"model": cfg.model, "adapter": cfg.adapter, "num_fewshot": cfg.num_fewshot, "limit": cfg.limit,
+            "sources": {t: f.where for t, f in sources.items()}, "tasks": _summary(names, raw)}
 
 
 def eval_wmdp(cfg: WmdpEvalConfig, log: Callable[[str], None] | None = print) -> dict:
@@ -107,12 +114,11 @@ def eval_wmdp(cfg: WmdpEvalConfig, log: Callable[[str], None] | None = print) ->
         raise LokuError("no model given: pass --model (a hub id, a local folder or smollm2-135m)")
     if cfg.adapter is not None:
         check_adapter(cfg.adapter)
-    root = wmdp_source(cfg.data)
-    if root is not None:   # check the local files before the model loads
-        with tempfile.TemporaryDirectory(prefix="loku-wmdp-") as folder:
-            local_tasks(root, cfg.tasks, cfg.num_fewshot, Path(folder))
+    sources = task_sources(cfg.tasks, cfg.data_dir)   # the files checked, or the hub reached, before the model loads
+    with tempfile.TemporaryDirectory(prefix="loku-wmdp-") as folder:
+        local_tasks(sources, cfg.num_fewshot, Path(folder))
     model, tokenizer = load_for_eval(cfg.model, cfg.adapter, trust_remote_code=cfg.trust_remote_code)
-    result = evaluate_wmdp(model, tokenizer, cfg)
+    result = evaluate_wmdp(model, tokenizer, cfg, sources)
     io.start_out_dir(out, cfg.overwrite)
     io.write_json(out / RESULTS, result)
     if log:

@@ -1,10 +1,12 @@
-"""WMDP and MMLU as lm-evaluation-harness tasks, reading the hub or local copies of the hub datasets.
+"""WMDP and MMLU as lm-evaluation-harness tasks, reading local copies of the hub datasets or the hub.
 
-From the hub the harness's own tasks run unchanged (`wmdp_bio`, `wmdp_cyber`, `wmdp_chem`, `mmlu`). For
-local data, each task is a small YAML that `include`s the harness's own task file (so the prompt, the
-choices "A".."D", the description and the metric are the harness's) and only points its dataset at local
-files. The local folder holds snapshots of the hub datasets, e.g. from
-`huggingface-cli download cais/wmdp --repo-type dataset --local-dir DATA/wmdp`:
+Where each task's data comes from is decided by loku.data.sources, per task: a data folder's snapshot of the
+hub dataset (--data-dir / $LOKU_DATA), else the hub itself. From the hub the harness's own tasks run
+unchanged (`wmdp_bio`, `wmdp_cyber`, `wmdp_chem`, `mmlu`; the look-up has already loaded the same hub
+dataset the harness reads, so an unreachable hub stops before the model loads). For local data, each task is
+a small YAML that `include`s the harness's own task file (so the prompt, the choices "A".."D", the
+description and the metric are the harness's) and only points its dataset at local files. The snapshots,
+e.g. from `huggingface-cli download cais/wmdp --repo-type dataset --local-dir DATA/wmdp`:
 
     DATA/wmdp/wmdp-bio/test-*.parquet        (cais/wmdp; also wmdp-cyber/, wmdp-chem/)
     DATA/mmlu/<subject>/test-*.parquet       (cais/mmlu, one folder per subject; dev-* for few-shot)
@@ -20,28 +22,20 @@ from pathlib import Path
 
 import yaml
 
+from ..data.sources import MMLU, Found, find, wmdp_subset
 from ..errors import LokuError
 
 WMDP = {"wmdp_bio": "wmdp-bio", "wmdp_cyber": "wmdp-cyber", "wmdp_chem": "wmdp-chem"}
 TASKS = (*WMDP, "mmlu")
 PREFIX = "loku_"            # local tasks are named loku_<harness name>, so they never shadow the harness's
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
-HINT = ("pass --data to a folder holding wmdp/ and mmlu/ (snapshots of the hub datasets cais/wmdp and cais/mmlu), "
-        "or drop --data to read the hub")
+HINT = ("restore it from the hub datasets cais/wmdp and cais/mmlu (a data folder's wmdp/ and mmlu/; README "
+        "'Data')")
 
 
-def wmdp_source(data: str | os.PathLike | None) -> Path | None:
-    """Where WMDP/MMLU come from: the given folder, else $LOKU_DATA when it holds wmdp/ or mmlu/, else None
-    (the hub). The one place that decides it, to be switched over to loku.data.sources."""
-    if data is None and os.environ.get("LOKU_DATA"):
-        root = Path(os.environ["LOKU_DATA"]).expanduser()
-        data = root if (root / "wmdp").is_dir() or (root / "mmlu").is_dir() else None
-    if data is None:
-        return None
-    path = Path(data).expanduser()
-    if not path.is_dir():
-        raise LokuError(f"WMDP data folder {path} does not exist: {HINT}")
-    return path
+def task_sources(tasks: list[str], data_dir: str | os.PathLike | None) -> dict[str, Found]:
+    """Where each task's data is (loku.data.sources): a local snapshot folder, or the hub dataset's rows."""
+    return {t: find(wmdp_subset(WMDP[t]) if t in WMDP else MMLU, data_dir) for t in tasks}
 
 
 def harness_task_file(*parts: str) -> Path:
@@ -110,37 +104,39 @@ def _task_yaml(include: Path, name: str, builder: str, data_files: dict[str, lis
             "dataset_kwargs": {"data_files": data_files}, **extra}
 
 
-def local_tasks(root: Path, tasks: list[str], num_fewshot: int, folder: Path) -> dict[str, str]:
-    """Write harness YAMLs for `tasks` over the local files under `root` into `folder` (the harness's
-    include_path); returns {harness task name: local task or group name}. Checks every file first."""
+def local_tasks(sources: dict[str, Found], num_fewshot: int, folder: Path) -> dict[str, str]:
+    """Write harness YAMLs for the tasks found locally into `folder` (the harness's include_path); returns
+    {harness task name: the task or group name to run} (a hub task runs as the harness's own). Checks every
+    local file first."""
     names, written = {}, []
-    for task in tasks:
+    for task, found in sources.items():
+        root = found.path
+        if root is None:
+            names[task] = task
+            continue
         if task in WMDP:
-            if num_fewshot:
-                raise LokuError("WMDP has no few-shot split (the harness runs it zero-shot): pass --num-fewshot 0")
-            where = root / "wmdp" / WMDP[task]
-            builder, files = split_files(where, "test")
-            check_rows(builder, files, str(where))
+            builder, files = split_files(root, "test")
+            check_rows(builder, files, str(root))
             written.append(_task_yaml(harness_task_file("wmdp", f"{task}.yaml"), PREFIX + task, builder,
                                       {"test": files}))
             names[task] = PREFIX + task
             continue
-        subjects = sorted(p.name for p in (root / "mmlu").iterdir() if p.is_dir()) if (root / "mmlu").is_dir() else []
+        subjects = sorted(p.name for p in root.iterdir() if p.is_dir())
         subjects = [s for s in subjects if harness_task_file("mmlu", "default", f"mmlu_{s}.yaml").is_file()]
         if not subjects:
-            raise LokuError(f"{root / 'mmlu'} holds no MMLU subject folder (abstract_algebra/, anatomy/, ...): {HINT}")
+            raise LokuError(f"{root} holds no MMLU subject folder (abstract_algebra/, anatomy/, ...): {HINT}")
         children = []
         for s in subjects:
-            builder, files = split_files(root / "mmlu" / s, "test")
-            check_rows(builder, files, str(root / "mmlu" / s))
+            builder, files = split_files(root / s, "test")
+            check_rows(builder, files, str(root / s))
             data_files, extra = {"test": files}, {"tag": PREFIX + "mmlu_tasks"}
-            dev_builder, dev = split_files(root / "mmlu" / s, "dev", required=num_fewshot > 0)
+            dev_builder, dev = split_files(root / s, "dev", required=num_fewshot > 0)
             if dev:
                 data_files["dev"] = dev
             else:
                 extra["fewshot_split"] = None
             if dev and dev_builder != builder:
-                raise LokuError(f"{root / 'mmlu' / s} mixes parquet and JSON files: keep one format")
+                raise LokuError(f"{root / s} mixes parquet and JSON files: keep one format")
             written.append(_task_yaml(harness_task_file("mmlu", "default", f"mmlu_{s}.yaml"), f"{PREFIX}mmlu_{s}",
                                       builder, data_files, **extra))
             children.append(f"{PREFIX}mmlu_{s}")

@@ -1,0 +1,125 @@
+"""Measure a model on the audit's sets: every per-example number, then forget against unseen.
+
+`measure_set` is the unit the stop rule (`loku unlearn --until forgotten`) and the robustness benchmark call:
+per example MA and EL_n (text; `loku.metrics.extraction`'s exact fast path), ES and EM, and every
+membership score, from one teacher-forced pass per batch plus EL_n's decoding. `compare` turns the forget
+and unseen measurements into margins, intervals and verdicts (`loku.audit.verdict`).
+
+Under `accelerate launch` (DDP) each process measures every world-th example and all get every value, as
+`loku tdec run` evaluates (`loku.distributed.map_items`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..distributed import map_items
+from ..metrics.extraction import (exact_memorization_from_logits, extraction_strength_from_logits,
+                                  memorization_metrics)
+from ..metrics.forward import teacher_forced
+from ..metrics.membership import membership_scores, reference_scores
+from .sets import EvalSet
+from .verdict import compare_auc, compare_means
+
+EXTRACTION = ("ma", "el", "es", "em")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a model is measured (from AuditConfig): EL_n's n, Min-K's k, the membership attacks, batch sizes."""
+
+    n: int = 10
+    k: float = 0.4
+    attacks: tuple[str, ...] = ("loss", "zlib", "min_k", "min_k_plus_plus")
+    el: bool = True
+    batch_size: int = 8
+    decode_batch_size: int = 64
+    pad_id: int = 0
+    bootstrap: int = 1000
+    confidence: float = 0.95
+    tolerance: float = 0.0
+    seed: int = 0
+
+
+def _examples(model, s: EvalSet, indices: list[int], st: Settings, reference_losses) -> list[dict]:
+    """Per-example values for `indices` of `s` (one process's share)."""
+    feats = [s.features[i] for i in indices]
+    zl = [s.zlib[i] for i in indices]
+    wanted = tuple(a for a in st.attacks if a != "reference") + ("loss",)
+    out = [dict() for _ in indices]
+    for idx, logits, labels in teacher_forced(model, feats, st.pad_id, st.batch_size):
+        scores = membership_scores(logits, labels, k=st.k, zlib_sizes=[zl[i] for i in idx], attacks=wanted)
+        scores["es"] = extraction_strength_from_logits(logits, labels)
+        scores["em"] = exact_memorization_from_logits(logits, labels)
+        for name, values in scores.items():
+            for i, v in zip(idx, values.tolist()):
+                out[i][name] = v
+    if "reference" in st.attacks:
+        ref = reference_scores([reference_losses[i] for i in indices], [-o["loss"] for o in out])
+        for o, r in zip(out, ref):
+            o["reference"] = r
+    if s.kind == "text":
+        by_length: dict[int, list[int]] = {}
+        for j, i in enumerate(indices):
+            by_length.setdefault(len(s.features[i]["input_ids"]), []).append(j)
+        for members in by_length.values():
+            for start in range(0, len(members), st.batch_size):
+                part = members[start:start + st.batch_size]
+                ids = torch.tensor([feats[j]["input_ids"] for j in part])
+                if st.el:
+                    res = memorization_metrics(model, ids, st.n, batch_size=st.batch_size,
+                                               decode_batch_size=st.decode_batch_size)
+                    for j, ma, el in zip(part, res["ma"].tolist(), res["el"].tolist()):
+                        out[j]["ma"], out[j]["el"] = ma, el
+                else:
+                    for j in part:   # MA is EM on plain text (the same tokens), no decoding needed
+                        out[j]["ma"] = out[j]["em"]
+    if "loss" not in st.attacks:
+        for o in out:
+            del o["loss"]
+    return out
+
+
+def measure_set(model, s: EvalSet, st: Settings, reference_losses: list[float] | None = None) -> dict:
+    """{"per_example": {metric: [value per example]}, "mean": {metric: mean}, "seconds"}. Metrics: es, em, the
+    membership attacks of `st`, and for text ma and el (el only with st.el)."""
+    t0 = time.perf_counter()
+    rows = map_items(lambda idx: _examples(model, s, idx, st, reference_losses), range(len(s)))
+    names = list(rows[0]) if rows else []
+    per = {name: [r[name] for r in rows] for name in names}
+    return {"per_example": per, "mean": {k: sum(v) / len(v) for k, v in per.items()},
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def compare(forget: dict, unseen: dict, st: Settings) -> dict:
+    """Forget against unseen: {"metrics": {ma/el/es/em: compare_means(...)}, "auc": {attack: compare_auc(...)}}."""
+    f, u = forget["per_example"], unseen["per_example"]
+    kw = dict(n_resamples=st.bootstrap, confidence=st.confidence, seed=st.seed, tolerance=st.tolerance)
+    return {"metrics": {m: compare_means(f[m], u[m], **kw) for m in EXTRACTION if m in f and m in u},
+            "auc": {a: compare_auc(f[a], u[a], **kw) for a in st.attacks if a in f and a in u}}
+
+
+def measure_model(model, sets: dict[str, EvalSet], st: Settings, reference_losses: dict | None = None,
+                  pairs: dict[str, tuple[str, str]] | None = None) -> dict:
+    """Every set measured, then each (forget, unseen) pair compared: {"sets": {name: measure_set}, "compare":
+    {pair name: compare(...)}}; `pairs` default {"forget": ("forget", "unseen")}."""
+    reference_losses = reference_losses or {}
+    measured = {name: measure_set(model, s, st, reference_losses.get(name)) for name, s in sets.items()}
+    pairs = pairs or {"forget": ("forget", "unseen")}
+    return {"sets": measured,
+            "compare": {name: compare(measured[a], measured[b], st) for name, (a, b) in pairs.items()}}
+
+
+def forgotten(comparison: dict, metrics=("ma", "el"), attacks=(), below_counts: bool = True) -> bool:
+    """True when every named metric and attack of a `compare` result is no longer above the never-seen level
+    (what a stop rule asks; TDEC's rule: metrics ma and el). With `below_counts` False, a metric below the
+    never-seen level (over-unlearned, detectable too) does not count as forgotten; an AUC must always be
+    indistinguishable from 0.5."""
+    from .verdict import BELOW, INDISTINGUISHABLE
+
+    ok = {INDISTINGUISHABLE, BELOW} if below_counts else {INDISTINGUISHABLE}
+    return all(comparison["metrics"][m]["verdict"] in ok for m in metrics if m in comparison["metrics"]) and \
+        all(comparison["auc"][a]["verdict"] == INDISTINGUISHABLE for a in attacks if a in comparison["auc"])
