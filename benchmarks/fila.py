@@ -228,11 +228,10 @@ class PeakMemory:
 def measure(args, kind: str) -> dict:
     """One cost measurement (run in its own process): `kind` is epoch, fila, vila or fila-randomized."""
     from loku import load_model, unlearn
-    from loku.data.batches import PairedBatches
-    from loku.data.text import tokenize_examples
     from loku.fila import apply_fila
-    from loku.fisher import fisher_statistics, relative_importance, vila_statistics
-    from loku.lora import add_lora, resolve_targets, targeted_modules
+    from loku.fisher import relative_importance, run_statistics
+    from loku.lora import plan_lora, wrap_lora
+    from loku.training.setup import run_batches
 
     cuda = torch.cuda.is_available()
     model, tok = load_model(args.model)
@@ -251,30 +250,24 @@ def measure(args, kind: str) -> dict:
         return {"seconds": res.history[0]["seconds"], "peak_mib": meter.peak_mib(),
                 "steps": math.ceil(len(forget) / cfg.batch_size)}
     # The batches unlearn's first epoch sees (what FILA's statistics are taken on).
-    feats = [tokenize_examples([{"text": t} for t in texts], tok, cfg.max_length) for texts in (forget, retain)]
-    pairs = list(PairedBatches(*feats, cfg.batch_size, tok.pad_token_id, cfg.seed).epoch(0))
+    pairs = list(run_batches(cfg, [{"text": t} for t in forget], [{"text": t} for t in retain], tok, 1).epoch(0))
     model.config.use_cache = False
-    targets = resolve_targets(model, cfg.lora_targets)
-    names = sorted(targeted_modules(model, targets))
+    plan = plan_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.alpha)
     meter.start()
     t0 = time.perf_counter()
-    if kind.startswith("fila"):
-        stats = fisher_statistics(model, pairs, names, progress=False)
-    else:
-        stats = vila_statistics(model, pairs, names, rank=cfg.lora_rank, scaling=cfg.alpha / cfg.lora_rank,
-                                progress=False)
+    stats = run_statistics("vila" if kind == "vila" else "fila", model, pairs, plan, progress=False)
     if cuda:
         torch.cuda.synchronize()
     t1 = time.perf_counter()
     importance = relative_importance(stats, cfg.fisher_eps)
     del stats
-    peft_model = add_lora(model, cfg.lora_rank, cfg.alpha, targets)
-    apply_fila(peft_model, importance, cfg.lora_rank, svd="randomized" if kind.endswith("randomized") else "exact")
+    peft_model = wrap_lora(model, plan)
+    apply_fila(peft_model, importance, svd="randomized" if kind.endswith("randomized") else "exact")
     if cuda:
         torch.cuda.synchronize()
     t2 = time.perf_counter()
     return {"fisher_seconds": round(t1 - t0, 2), "factor_seconds": round(t2 - t1, 2),
-            "seconds": round(t2 - t0, 2), "peak_mib": meter.peak_mib(), "modules": len(names)}
+            "seconds": round(t2 - t0, 2), "peak_mib": meter.peak_mib(), "modules": len(plan.module_names)}
 
 
 def cost(args, state: State, work: Path) -> dict:

@@ -4,6 +4,7 @@ from a trajectory the test records, T3's head saved and put back, and `loku list
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -195,19 +196,18 @@ def test_dpo_pairs_each_answer_with_a_refusal(tokenizer):
 
 def test_method_state_survives_a_checkpoint(tmp_path):
     """PDU's dual variable and GRU's retain-gradient average are saved with the checkpoint and put back."""
-    from loku.checkpoint import load_checkpoint, save_checkpoint
+    from loku.training.checkpoints import Checkpoints, Position
 
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    accelerator = SimpleNamespace(device=torch.device("cpu"), unwrap_model=lambda m: m)   # one process
     run = MethodRun(METHODS["gru"], UnlearnConfig(method="gru"))
     run.state.tensors["retain_average"] = torch.arange(5.0)
     run.state.retain_weight, run.state.values["can_update"] = 2.5, 1.0
-    values, tensors = run.state_dict()
-    save_checkpoint(tmp_path, model, opt, sched, {"epoch": 1, "method": values}, method_tensors=tensors)
-    pos = load_checkpoint(tmp_path, model, opt, sched)
+    Checkpoints(tmp_path, accelerator, None, model, opt, sched, run).save(Position(epoch=1))
     back = MethodRun(METHODS["gru"], UnlearnConfig(method="gru"))
-    back.load_state_dict(pos["method"], pos["method_tensors"])
+    assert Checkpoints(tmp_path, accelerator, None, model, opt, sched, back).load().epoch == 1
     assert back.state.retain_weight == 2.5 and back.state.values == {"can_update": 1.0}
     assert torch.equal(back.state.tensors["retain_average"], torch.arange(5.0))
 

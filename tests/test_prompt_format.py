@@ -16,7 +16,7 @@ from loku.data.text import tokenize_examples
 from loku.errors import LokuError
 from loku.tofu import aggregate, evaluate_set, evaluate_tofu, read_logs
 from loku.tofu.logs import FORGET, LOG_FILES, log_format
-from loku.tofu.scores import sequence_losses
+from loku.tofu.scores import answer_scores
 
 # locuslab/tofu config/model_config.yaml (commit 8c49eee): the tags of the two families TOFU published logs for.
 TOFU_MODEL_CONFIGS = {
@@ -144,9 +144,9 @@ def test_tofu_losses_equal_tofus_padded_batch(tok):
         with torch.no_grad():
             ref = tofu_get_batch_loss(model(input_ids=ids, labels=labels, attention_mask=mask).logits, labels)
         feats = [format_qa(tok, q, a, 40, fmt) for q, a in EXAMPLES]
-        sums, counts = sequence_losses(model, feats, tok.eos_token_id, batch_size=4)
-        torch.testing.assert_close(torch.tensor(sums), ref, rtol=1e-5, atol=1e-5)
-        assert counts == (labels != -100).sum(-1).tolist()
+        scores = answer_scores(model, feats, tok.eos_token_id, batch_size=4)
+        torch.testing.assert_close(torch.tensor(scores["loss"]), ref, rtol=1e-5, atol=1e-5)
+        assert scores["tokens"] == (labels != -100).sum(-1).tolist()
 
 
 @pytest.mark.parametrize("fmt", list(TOFU_TAGS))

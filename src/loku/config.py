@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from .config_base import Config, setting
 from .data.qa import DEFAULT_PROMPT_FORMAT, PROMPT_FORMAT_HELP, PROMPT_FORMATS
 from .errors import LokuError
+from .inits import INITS
 from .methods import METHODS, setting_fields
 
 DATA, MODEL, LORA, TRAINING, METHOD, OUTPUT = "Data", "Model", "LoRA", "Training", "Method settings", "Output"
@@ -50,7 +51,8 @@ class UnlearnConfig(Config):
     lora_targets: list[str] | None = setting(None, "Modules that get adapters, comma-separated "
                                              "(e.g. q_proj,v_proj).", group=LORA,
                                              default_text="every linear layer but the output head")
-    init: str = setting("auto", "LoRA init: auto (the method's: fila for ihl), default, fila, vila.", group=LORA)
+    init: str = setting("auto", f"LoRA init: auto (the method's: fila for ihl), {', '.join(INITS.names())}.",
+                        group=LORA)
     fisher_eps: float = setting(1e-5, "FILA: eps in F_forget / (eps + F_retain).", group=LORA, bound="positive")
     fila_svd: str = setting("exact", "FILA's SVD: exact, or randomized (much faster on large layers).", group=LORA,
                             choices=("exact", "randomized"))
@@ -93,9 +95,9 @@ class UnlearnConfig(Config):
         method = METHODS[self.method]  # raises with "did you mean"
         if method.check is not None:
             method.check(method.settings_of(self), self)
-        if self.init not in ("auto", "default", "fila", "vila"):
-            raise LokuError(f"unknown init {self.init!r}: choose auto, default, fila or vila")
-        if self.init in ("fila", "vila") and not self.lora:
+        if self.init != "auto":
+            INITS[self.init]  # raises with "did you mean"
+        if self.init not in ("auto", "default") and not self.lora:
             raise LokuError(f"--init {self.init} initialises LoRA adapters: drop --full or use --init default")
         if self.lora_targets is not None and not self.lora_targets:
             raise LokuError("lora_targets is empty: name at least one module (e.g. q_proj,v_proj), or leave it "

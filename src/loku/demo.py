@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
 from . import io
 from .config import UnlearnConfig
@@ -20,6 +22,9 @@ from .config_base import Config, setting
 from .data.records import Record, make_records, record_text
 from .data.text import tokenize_examples
 from .finetune import finetune
+from .metrics.extraction import memorization_accuracy
+from .metrics.perplexity import sequence_nll, token_weighted_perplexity
+from .models import load_model
 from .train import unlearn
 
 # General text for a perplexity check (plain encyclopedic sentences written for this demo).
@@ -78,8 +83,6 @@ class DemoConfig(Config):
 
 def memorization(model, tokenizer, texts: list[str]) -> list[float]:
     """Per-record memorization accuracy (greedy next-token hits over the record)."""
-    from .metrics.extraction import memorization_accuracy
-
     out = []
     for t in texts:
         ids = torch.tensor([tokenizer(t)["input_ids"]])
@@ -102,16 +105,8 @@ def leaks(model, tokenizer, records: list[Record], max_new_tokens: int = 64) -> 
     return scores, texts
 
 
-@torch.no_grad()
 def perplexity(model, tokenizer, texts: list[str]) -> float:
-    from .data.batches import collate
-    from .losses import token_logprobs
-
-    feats = tokenize_examples([{"text": t} for t in texts], tokenizer, 128)
-    batch = collate(feats, tokenizer.pad_token_id)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logp, mask = token_logprobs(logits, batch["labels"])
-    return float(torch.exp(-(logp * mask).sum() / mask.sum()))
+    return token_weighted_perplexity(sequence_nll(model, tokenizer, texts, max_length=128))
 
 
 def _mean(xs: list[float]) -> float:
@@ -128,11 +123,6 @@ def measure(model, tokenizer, groups: dict[str, list[Record]]) -> dict:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from rich.console import Console
-    from rich.table import Table
-
-    from .models import load_model
-
     console = Console()
     out = io.start_out_dir(cfg.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     t0 = time.time()

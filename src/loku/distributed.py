@@ -202,23 +202,19 @@ def sum_over_ranks(tensors: Sequence[torch.Tensor]) -> None:
 
 def map_items(fn: Callable[[list[T]], list[R]], items: Sequence[T]) -> list[R]:
     """fn(items) -> one result per item, with the items divided among processes when `split_evaluation()`
-    (process r takes items r, r + world, ...) and every process getting all results in item order.
-    Results must be picklable (floats, strings, dicts of them)."""
+    (accelerate's split_between_processes: each takes a consecutive share) and every process getting all
+    results in item order (gather_object). Results must be picklable (floats, strings, dicts of them)."""
     items = list(items)
     if not split_evaluation():
         return fn(items)
-    import torch.distributed as dist
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
 
-    rank, world = rank_world()
-    mine = fn(items[rank::world])
-    if len(mine) != len(items[rank::world]):
-        raise RuntimeError(f"map_items: {fn!r} returned {len(mine)} results for {len(items[rank::world])} items")
-    parts: list = [None] * world
-    dist.all_gather_object(parts, mine)
-    out: list = [None] * len(items)
-    for r, part in enumerate(parts):
-        out[r::world] = part
-    return out
+    with PartialState(cpu=not torch.cuda.is_available()).split_between_processes(items) as mine:
+        results = fn(list(mine))
+    if len(results) != len(mine):
+        raise RuntimeError(f"map_items: {fn!r} returned {len(results)} results for {len(mine)} items")
+    return gather_object(results)
 
 
 def launched() -> bool:

@@ -18,27 +18,24 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from .errors import LokuError
-from .fisher import Pair, cached_statistics, fisher_statistics, relative_importance, vila_statistics, weight_of
+from .fisher import Pair, relative_importance, run_statistics, statistics_function
+from .lora import LoraPlan, conv1d_type, plan_lora, weight_of, wrap_lora
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]   # module name -> (A0 (r, in), B0 (out, r))
 ROW_FLOOR = 1e-6   # rows with weight below ROW_FLOOR * max row weight are lifted to it (no 1/0 in B)
 
 
 def _randomized_svd(M: torch.Tensor, rank: int, oversample: int = 10, n_iter: int = 4, seed: int = 0):
-    """Top-`rank` SVD of M (m, n) by a randomized range finder with power iterations (Halko et al. 2011).
-    A private generator, so it neither depends on nor disturbs the global RNG the training run uses."""
-    k = min(rank + oversample, *M.shape)
-    g = torch.Generator(device=M.device).manual_seed(seed)
-    omega = torch.randn(M.shape[1], k, generator=g, device=M.device, dtype=M.dtype)   # (n, k)
-    Q = torch.linalg.qr(M @ omega).Q                                                  # (m, k)
-    for _ in range(n_iter):   # each round sharpens the spectrum's decay, so the top directions win
-        Q = torch.linalg.qr(M.T @ Q).Q                                                # (n, k)
-        Q = torch.linalg.qr(M @ Q).Q                                                  # (m, k)
-    U_k, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)                     # (k, k), (k,), (k, n)
-    return (Q @ U_k)[:, :rank], S[:rank], Vh[:rank]
+    """Top-`rank` SVD of M (m, n) by torch.svd_lowrank (Halko et al. 2011), on a forked RNG seeded with `seed`:
+    reproducible, and the global RNG the training run uses is left as it was."""
+    with torch.random.fork_rng(devices=[M.device] if M.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        U, S, V = torch.svd_lowrank(M, q=min(rank + oversample, *M.shape), niter=n_iter)   # (m, q), (q,), (n, q)
+    return U[:, :rank], S[:rank], V[:, :rank].T
 
 
 def _top_svd(M: torch.Tensor, rank: int):
@@ -129,10 +126,8 @@ def lora_layers(peft_model: nn.Module, adapter_name: str = "default") -> dict[st
 
 
 def _check_layer(name: str, layer: nn.Module, adapter: str) -> None:
-    from transformers.pytorch_utils import Conv1D
-
     base = layer.get_base_layer()
-    if not isinstance(base, (nn.Linear, Conv1D)):
+    if not isinstance(base, (nn.Linear, conv1d_type())):
         raise LokuError(f"FILA initialises Linear/Conv1D layers, but {name} is a {type(base).__name__}: "
                         f"drop it from the targets")
     if getattr(layer, "use_dora", {}).get(adapter, False):
@@ -142,21 +137,12 @@ def _check_layer(name: str, layer: nn.Module, adapter: str) -> None:
         raise LokuError(f"FILA's conversion covers weights only, but {name} has a LoRA bias: set lora_bias=False")
 
 
-def _set_weight(module: nn.Module, w: torch.Tensor) -> None:
-    """Write w (out, in) into a Linear (out, in) or Conv1D (in, out)."""
-    from transformers.pytorch_utils import Conv1D
-
-    with torch.no_grad():
-        module.weight.copy_(w.T if isinstance(module, Conv1D) else w)
-
-
 @torch.no_grad()
-def apply_fila(peft_model: nn.Module, importance: dict[str, torch.Tensor], rank: int | None = None,
-               adapter_name: str = "default", svd: str = "exact") -> Factors:
+def apply_fila(peft_model: nn.Module, importance: dict[str, torch.Tensor], adapter_name: str = "default",
+               svd: str = "exact") -> Factors:
     """Write FILA factors into peft's LoRA modules (lora_A, lora_B) and the residual into each base layer,
     Linear or Conv1D. Outputs are unchanged. Returns the starting factors {name: (A0, B0)} of every LoRA
-    layer (on CPU), which `export_original_adapter` needs; layers without importance keep peft's init.
-    `rank`, when given, must equal the adapter's rank (a check, not a setting)."""
+    layer (on CPU), which `export_original_adapter` needs; layers without importance keep peft's init."""
     layers = lora_layers(peft_model, adapter_name)
     unknown = sorted(set(importance) - set(layers))
     if unknown:
@@ -166,54 +152,33 @@ def apply_fila(peft_model: nn.Module, importance: dict[str, torch.Tensor], rank:
     for name, (_, layer) in layers.items():
         _check_layer(name, layer, adapter_name)
         lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
-        r = lora_A.weight.shape[0]
-        if rank is not None and rank != r:
-            raise LokuError(f"rank {rank} differs from the adapter's rank {r} at {name}: pass rank={r} or rewrap")
         if name in importance:
             base = layer.get_base_layer()
-            A, B, residual = fila_factors(weight_of(base), importance[name], r, layer.scaling[adapter_name],
-                                          svd, name=name)
+            A, B, residual = fila_factors(weight_of(base), importance[name], lora_A.weight.shape[0],
+                                          layer.scaling[adapter_name], svd, name=name)
             lora_A.weight.copy_(A)
             lora_B.weight.copy_(B)
-            _set_weight(base, residual)
+            weight_of(base).copy_(residual)   # (out, in) into a Linear (out, in) or a Conv1D (in, out)
         initial[name] = (lora_A.weight.detach().cpu().clone(), lora_B.weight.detach().cpu().clone())
     return initial
 
 
-def fila_init(model: nn.Module, batch_pairs: Iterable[Pair], rank: int, alpha: float,
+def fila_init(model: nn.Module, batch_pairs: Iterable[Pair], rank: int | None = None, alpha: float | None = None,
               target_modules: list[str] | None = None, method: str = "fila", eps: float = 1e-5,
               svd: str = "exact", dropout: float = 0.0, cache: str | Path | None = None, progress: bool = True,
-              **stats_kwargs):
+              plan: LoraPlan | None = None, **stats_kwargs):
     """Plain model -> (peft model initialised with FILA or VILA, initial factors for the export).
-    Statistics on the plain model (reused from `cache` when it matches), then peft LoRA (r, alpha,
-    targets) and the factors. Targets are short names ('q_proj') or full names, as for peft."""
-    from .lora import add_lora, check_rank, resolve_targets, targeted_modules
-
-    if method not in ("fila", "vila"):
-        raise LokuError(f"unknown init method {method!r}: choose fila or vila")
-    batch_pairs = list(batch_pairs)
-    if method == "vila" and len(batch_pairs) < 2:  # E[g^2] - E[g]^2 over one batch is 0: the init would explode
-        raise LokuError(f"VILA's statistics are variances over batches, but the forget set makes "
-                        f"{len(batch_pairs)} batch: lower --batch-size so it makes at least 2, or use --init fila")
-    targets = resolve_targets(model, target_modules)
-    check_rank(model, targets, rank)   # before the expensive pass
-    names = sorted(targeted_modules(model, targets))
-    kwargs = dict(progress=progress, **stats_kwargs)
-    if method == "vila":
-        kwargs.setdefault("rank", rank)
-        kwargs.setdefault("scaling", alpha / rank)   # the LoRA scaling the adapter will train with
-    if cache is not None:
-        stats, _ = cached_statistics(cache, model, batch_pairs, names, method, **kwargs)
-    else:
-        compute = fisher_statistics if method == "fila" else vila_statistics
-        stats = compute(model, list(batch_pairs), names, **kwargs)
-    importance = relative_importance(stats, eps)
-    peft_model = add_lora(model, rank, alpha, targets, dropout)
+    Statistics on the plain model (reused from `cache` when it matches), then peft LoRA and the factors.
+    `plan` (loku.lora.plan_lora), else one made from rank, alpha and targets (short or full names)."""
+    statistics_function(method, "init method")
+    plan = plan or plan_lora(model, target_modules, rank, alpha)
+    stats = run_statistics(method, model, list(batch_pairs), plan, cache=cache, progress=progress, **stats_kwargs)
+    peft_model = wrap_lora(model, plan, dropout)
     wrapped = set(lora_layers(peft_model))
-    if wrapped != set(names):
-        raise LokuError(f"peft wrapped other modules than the targets ({sorted(wrapped ^ set(names))[:3]}): "
-                        f"pass full module names as targets")
-    return peft_model, apply_fila(peft_model, importance, rank, svd=svd)
+    if wrapped != set(plan.module_names):
+        raise LokuError(f"peft wrapped other modules than the targets ({sorted(wrapped ^ set(plan.module_names))[:3]}"
+                        "): pass full module names as targets")
+    return peft_model, apply_fila(peft_model, relative_importance(stats, eps), svd=svd)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -254,8 +219,6 @@ def export_original_adapter(peft_model: nn.Module, initial_factors: Factors, out
     """Write a standard PEFT adapter directory (adapter_config.json + adapter_model.safetensors) for the
     ORIGINAL base model: `PeftModel.from_pretrained(original_model, out_dir)` then reproduces the trained
     FILA model. Rank 2r with alpha rescaled so the LoRA scaling s stays the same."""
-    from safetensors.torch import save_file
-
     tensors = original_adapter_tensors(peft_model, initial_factors, adapter_name, state_dict)
     cfg = copy.deepcopy(peft_model.peft_config[adapter_name])
     # s = alpha / r (or alpha / sqrt(r) with rsLoRA); doubling r must leave s as it was.
@@ -272,44 +235,26 @@ def export_original_adapter(peft_model: nn.Module, initial_factors: Factors, out
 
 
 @torch.no_grad()
-def merged_weights(peft_model: nn.Module, adapter_name: str = "default",
-                   state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """{name: residual + s B A} (out, in) in the weight's dtype: the trained model's weights, which equal
-    original + dW. Reads only; the model is left as it was."""
-    from transformers.pytorch_utils import Conv1D
-
-    out = {}
+def save_merged(peft_model: nn.Module, out_dir: str | Path, adapter_name: str = "default", tokenizer=None,
+                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the trained model with the adapter merged in (each layer residual + s B A = original + dW), as a
+    plain transformers model directory, without changing `peft_model` (peft's merge_and_unload would rewrite
+    it in place). `state_dict`: the peft model's full weights when its own are shards (FSDP, DeepSpeed)."""
+    base = peft_model.get_base_model()
+    own = base.state_dict().items() if state_dict is None else \
+        ((k.split("base_model.model.", 1)[-1], v) for k, v in state_dict.items())
+    # adapter tensors (lora_A/B, magnitude, ...) are folded into the weight
+    state = {k.replace(".base_layer.", "."): v for k, v in own if ".lora_" not in k}
     for name, (full, layer) in lora_layers(peft_model, adapter_name).items():
         W, A, B = (_layer_tensor(state_dict, full, layer, part, adapter_name)
                    for part in ("base_layer", "lora_A", "lora_B"))
-        if state_dict is not None and isinstance(layer.get_base_layer(), Conv1D):
+        conv = isinstance(layer.get_base_layer(), conv1d_type())
+        if state_dict is not None and conv:
             W = W.T   # weight_of gives (out, in); a Conv1D's saved weight is (in, out)
-        out[name] = (W.float() + layer.scaling[adapter_name] * B.float() @ A.float()).to(W.dtype)
-    return out
-
-
-def save_merged(peft_model: nn.Module, out_dir: str | Path, adapter_name: str = "default", tokenizer=None,
-                state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the trained model with the adapter merged in, as a plain transformers model directory,
-    without changing `peft_model` (peft's merge_and_unload would rewrite it in place). `state_dict`: the
-    peft model's full weights when its own are shards (FSDP, DeepSpeed)."""
-    from transformers.pytorch_utils import Conv1D
-
-    base = peft_model.get_base_model()
-    layers = lora_layers(peft_model, adapter_name)
-    merged = merged_weights(peft_model, adapter_name, state_dict)
-    state = {}
-    own = base.state_dict().items() if state_dict is None else \
-        ((k.split("base_model.model.", 1)[-1], v) for k, v in state_dict.items())
-    for key, value in own:
-        if ".lora_" in key:   # adapter tensors (lora_A/B, magnitude, ...) are folded into the weight
-            continue
-        state[key.replace(".base_layer.", ".")] = value
-    for name, W in merged.items():
-        state[f"{name}.weight"] = W.T.contiguous() if isinstance(layers[name][1].get_base_layer(), Conv1D) else W
+        merged = (W.float() + layer.scaling[adapter_name] * B.float() @ A.float()).to(W.dtype)   # (out, in)
+        state[f"{name}.weight"] = merged.T.contiguous() if conv else merged
     out_dir = Path(out_dir)
     base.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
     return out_dir
-

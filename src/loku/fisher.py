@@ -25,9 +25,18 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
+from rich.progress import track
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from .distributed import is_main, rank_world, sum_over_ranks
 from .errors import LokuError
+from .io import atomic_path
+from .losses import cross_entropy
+from .lora import LoraPlan, conv1d_type, targeted_modules, weight_of
+from .models import model_device
+from .registry import unknown_choice
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]   # (logits, labels) -> mean token loss
 Pair = tuple[dict, "dict | None"]                                # (forget_batch, retain_batch)
@@ -38,49 +47,51 @@ _VOLATILE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "u
              "_attn_implementation", "_attn_implementation_autoset", "_attn_implementation_internal"}
 
 
-class LiftedFisher(Mapping):
+class _Computed(Mapping):
+    """A read-only mapping whose values are computed when read; membership and iteration see only the keys."""
+
+    def __init__(self, keys: Mapping):
+        self._keys = keys
+
+    def __contains__(self, name) -> bool:
+        return name in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class LiftedFisher(_Computed):
     """VILA statistics kept factored, name -> (F_B (out, r), F_A (r, in)); reading one module lifts it to
     F_B @ F_A (out, in). The whole model's statistics are never expanded at once, which is VILA's saving."""
 
     def __init__(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        super().__init__(factors)
         self.factors = factors
 
     def __getitem__(self, name: str) -> torch.Tensor:
         FB, FA = self.factors[name]
         return FB @ FA
 
-    def __contains__(self, name) -> bool:
-        return name in self.factors
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.factors)
-
-    def __len__(self) -> int:
-        return len(self.factors)
-
     def shape(self, name: str) -> tuple[int, int]:
         FB, FA = self.factors[name]
         return (FB.shape[0], FA.shape[1])
 
 
-class RelativeImportance(Mapping):
-    """F_forget / (eps + F_retain) computed one module at a time when read (a third full copy of the
-    statistics for all modules at once is what made FILA's peak memory)."""
+class relative_importance(_Computed):   # noqa: N801 (a function to its callers)
+    """FILA's importance of each weight for the forget set relative to the retain set, F_forget / (eps +
+    F_retain) (out, in), computed one module at a time when read (a third full copy of the statistics for all
+    modules at once is what made FILA's peak memory). eps (the paper's 1e-5) keeps weights that the retain
+    set never touches from dividing by zero."""
 
-    def __init__(self, stats: "FisherStats", eps: float):
+    def __init__(self, stats: "FisherStats", eps: float = 1e-5):
+        super().__init__(stats.forget)
         self.stats, self.eps = stats, eps
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.stats.forget[name] / (self.eps + self.stats.retain[name])
-
-    def __contains__(self, name) -> bool:
-        return name in self.stats.forget
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.stats.forget)
-
-    def __len__(self) -> int:
-        return len(self.stats.forget)
 
 
 def _shape(side: Mapping, name: str) -> tuple[int, int]:
@@ -105,10 +116,6 @@ class FisherStats:
         return {n: _shape(self.forget, n) for n in self.forget}
 
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        from .io import atomic_path
-
         tensors = {}
         for side, d in (("forget", self.forget), ("retain", self.retain)):
             if isinstance(d, LiftedFisher):   # kept factored on disk too: side/name/B and side/name/A
@@ -125,8 +132,6 @@ class FisherStats:
 
     @classmethod
     def load(cls, path: str | Path) -> "FisherStats":
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise LokuError(f"Fisher statistics file {path} does not exist: check the path or compute it first")
@@ -170,29 +175,9 @@ class FisherStats:
 
 # ---------------------------------------------------------------------------------------------- modules
 
-def weight_of(module: nn.Module) -> torch.Tensor:
-    """The module's weight as (out, in): GPT-2's Conv1D stores (in, out), so it is transposed (a view)."""
-    from transformers.pytorch_utils import Conv1D
-
-    return module.weight.T if isinstance(module, Conv1D) else module.weight
-
-
 def target_weights(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
-    """Full module name -> Linear/Conv1D module for `names`, each a full name or a suffix such as 'q_proj'
-    (matched as peft matches a list of targets)."""
-    from .lora import linear_modules
-
-    linear = linear_modules(model)
-    out: dict[str, nn.Module] = {}
-    for t in names:
-        hits = {n: m for n, m in linear.items() if n == t or n.endswith("." + t)}
-        if not hits:
-            short = sorted({n.rsplit(".", 1)[-1] for n in linear})
-            example = next(iter(linear), "")
-            raise LokuError(f"module {t!r} is not a linear layer of this model: choose from {', '.join(short)} "
-                            f"(or full names such as {example!r})")
-        out.update(hits)
-    return dict(sorted(out.items()))
+    """Full module name -> Linear/Conv1D module for `names` (full names or suffixes, as peft matches them), sorted."""
+    return dict(sorted(targeted_modules(model, list(names)).items()))
 
 
 def model_identity(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, str]:
@@ -229,23 +214,9 @@ def data_hash(batch_pairs: Iterable[Pair]) -> str:
 
 # ---------------------------------------------------------------------------------------------- gradients
 
-def _track(items, enabled: bool, description: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    total = len(items) if hasattr(items, "__len__") else None
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  disable=not enabled) as bar:
-        task = bar.add_task(description, total=total)
-        for item in items:
-            yield item
-            bar.advance(task)
-
-
 def _my_pairs(batch_pairs: Iterable[Pair]) -> tuple[list[Pair], str]:
     """(the pairs this process computes, the hash of all pairs). Under several processes each takes every
     world-th pair and the sums are all-reduced after (`_reduce`): the same statistics as one process."""
-    from .distributed import rank_world
-
     pairs = list(batch_pairs)
     if any(retain is None for _, retain in pairs):
         raise LokuError("Fisher statistics weigh the forget set against the retain set: pass --retain FILE "
@@ -256,8 +227,6 @@ def _my_pairs(batch_pairs: Iterable[Pair]) -> tuple[list[Pair], str]:
 
 def _reduce(sums: list[torch.Tensor], counts: dict[str, int]) -> dict[str, int]:
     """Sum the per-process partial sums (in place) and token counts over all processes."""
-    from .distributed import rank_world, sum_over_ranks
-
     if rank_world()[1] == 1:
         return counts
     n = torch.tensor([counts["forget"], counts["retain"]], dtype=torch.float64, device=sums[0].device)
@@ -269,8 +238,8 @@ def _batch_losses(model: nn.Module, batch_pairs: Iterable[Pair], loss_fn: LossFn
                   description: str):
     """Yields (side, n_tokens, the batch's mean token loss) for every forget and retain batch, ready for a
     backward pass. Eval mode (no dropout, so the numbers are reproducible)."""
-    device = next(model.parameters()).device
-    for forget, retain in _track(batch_pairs, progress, description):
+    device = model_device(model)
+    for forget, retain in track(batch_pairs, description, disable=not progress):
         for side, batch in (("forget", forget), ("retain", retain)):
             batch = {k: v.to(device) for k, v in batch.items()}
             n_tokens = int((batch["labels"][:, 1:] != IGNORE).sum())
@@ -297,20 +266,10 @@ def _grads_only(model: nn.Module, trainable: list[torch.Tensor]):
         model.train(training)
 
 
-def _default_loss() -> LossFn:
-    from .losses import cross_entropy
-
-    return cross_entropy
-
-
-def _loss_name(loss_fn: LossFn | None) -> str:
-    fn = loss_fn or _default_loss()
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
-
-
 def _settings(kind: str, loss_fn: LossFn | None, dtype: torch.dtype, **vila) -> dict:
     """What else (besides model and data) the numbers depend on; a cache hit needs all of it equal."""
-    out = {"loss": _loss_name(loss_fn), "dtype": str(dtype)}
+    fn = loss_fn or cross_entropy
+    out = {"loss": f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}", "dtype": str(dtype)}
     if kind == "vila":
         out.update(rank=vila["rank"], scaling=float(vila["scaling"]), std=float(vila["std"]), seed=vila["seed"])
     return out
@@ -335,11 +294,9 @@ def fisher_statistics(model: nn.Module, batch_pairs: Iterable[Pair], module_name
     accelerator memory on large models). Only the targeted weights get gradients during the pass.
     Under several processes (accelerate launch) each computes every world-th pair and the sums and token
     counts are all-reduced: every process gets the statistics one process would compute."""
-    from transformers.pytorch_utils import Conv1D
-
-    loss_fn = loss_fn or _default_loss()
+    loss_fn = loss_fn or cross_entropy
     modules = target_weights(model, module_names)
-    conv = {n for n, m in modules.items() if isinstance(m, Conv1D)}
+    conv = {n for n, m in modules.items() if isinstance(m, conv1d_type())}
     params = {n: m.weight for n, m in modules.items()}
     sums = {side: {n: torch.zeros(weight_of(m).shape, dtype=torch.float32, device=device or m.weight.device)
                    for n, m in modules.items()} for side in ("forget", "retain")}   # each (out, in)
@@ -395,7 +352,7 @@ def vila_statistics(model: nn.Module, batch_pairs: Iterable[Pair], module_names:
     measuring, as VILA does), so no full-weight gradient is ever held. Lifted to the weight's shape as
     F_B @ F_A: (out, r) @ (r, in) -> (out, in), so the rest of FILA is shared.
     VILA's code runs 10 passes over the data with fixed factors; pass the pairs repeated for that."""
-    loss_fn = loss_fn or _default_loss()
+    loss_fn = loss_fn or cross_entropy
     modules = target_weights(model, module_names)
     shapes = {n: tuple(weight_of(m).shape) for n, m in modules.items()}
     factors = factors if factors is not None else vila_factors(shapes, rank, std, seed)
@@ -437,23 +394,15 @@ def vila_statistics(model: nn.Module, batch_pairs: Iterable[Pair], module_names:
     return _finish("vila", model, modules, lifted, counts, data_sha256, settings)
 
 
-def relative_importance(stats: FisherStats, eps: float = 1e-5) -> RelativeImportance:
-    """FILA's importance of each weight for the forget set relative to the retain set:
-    F_forget / (eps + F_retain), (out, in), a read-only mapping that computes each module when read.
-    eps (the paper's 1e-5) keeps weights that the retain set never touches from dividing by zero."""
-    return RelativeImportance(stats, eps)
-
-
 def cached_statistics(path: str | Path, model: nn.Module, batch_pairs: Iterable[Pair], module_names: Iterable[str],
                       method: str = "fila", **kwargs) -> tuple[FisherStats, bool]:
     """Reuse the statistics at `path` when model, modules, data and settings match (returns (stats, True));
     otherwise compute, save there and return (stats, False). A file for another model raises LokuError
     instead of being overwritten: it is more likely a wrong path than a stale cache."""
-    if method not in ("fila", "vila"):
-        raise LokuError(f"unknown Fisher method {method!r}: choose fila or vila")
+    compute = statistics_function(method)
     pairs = list(batch_pairs)
-    names = sorted(target_weights(model, module_names))
-    compute = fisher_statistics if method == "fila" else vila_statistics
+    modules = target_weights(model, module_names)
+    names = sorted(modules)
     path = Path(path)
     if path.exists() and kwargs.get("factors") is None:   # hand-given VILA factors are not part of the key
         old = FisherStats.load(path)
@@ -461,14 +410,36 @@ def cached_statistics(path: str | Path, model: nn.Module, batch_pairs: Iterable[
         args = inspect.signature(compute).bind(model, pairs, names, **kwargs)
         args.apply_defaults()
         args = dict(args.arguments)
-        dtype = next(iter(target_weights(model, names).values())).weight.dtype
-        want = _settings(method, args.pop("loss_fn"), dtype, **args)
+        want = _settings(method, args.pop("loss_fn"), next(iter(modules.values())).weight.dtype, **args)
         if (old.kind == method and sorted(old.forget) == names and old.meta.get("data_sha256") == data_hash(pairs)
                 and json.loads(old.meta.get("settings", "{}")) == want):
             return old, True
     stats = compute(model, pairs, names, **kwargs)
-    from .distributed import is_main
-
     if is_main():   # every process holds the same reduced statistics; one writes them
         stats.save(path)
     return stats, False
+
+
+STATISTICS = ("fila", "vila")   # the kinds of statistics (a cache file's "kind")
+
+
+def statistics_function(kind: str, what: str = "Fisher method") -> Callable[..., FisherStats]:
+    """The function that computes `kind`'s statistics (the one place that chooses it)."""
+    if kind not in STATISTICS:
+        raise unknown_choice(what, kind, STATISTICS)
+    return fisher_statistics if kind == "fila" else vila_statistics
+
+
+def run_statistics(kind: str, model: nn.Module, batch_pairs: list[Pair], plan: LoraPlan, *,
+                   cache: str | Path | None = None, progress: bool = True, **kwargs) -> FisherStats:
+    """The statistics a `kind` ("fila", "vila") initialisation of `plan`'s modules starts from: VILA measures
+    with the plan's rank and scaling (those the adapter trains with). From `cache` when it matches there."""
+    statistics_function(kind)
+    if kind == "vila":
+        if len(batch_pairs) < 2:   # E[g^2] - E[g]^2 over one batch is 0: the init would explode
+            raise LokuError(f"VILA's statistics are variances over batches, but the forget set makes "
+                            f"{len(batch_pairs)} batch: lower --batch-size so it makes at least 2, or use fila")
+        kwargs = {"rank": plan.rank, "scaling": plan.scaling, **kwargs}
+    if cache is not None:
+        return cached_statistics(cache, model, batch_pairs, plan.module_names, kind, progress=progress, **kwargs)[0]
+    return statistics_function(kind)(model, batch_pairs, plan.module_names, progress=progress, **kwargs)

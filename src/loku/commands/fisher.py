@@ -2,29 +2,32 @@
 `loku unlearn --init fila --fisher-cache FILE` starts from them instead of recomputing.
 
 The cache only hits when the statistics were taken on the very batches the unlearning run will see, so
-this command builds the run's `UnlearnConfig` and the run's batches exactly as `loku.train.unlearn` does
-(same loader, tokenizer, `PairedBatches(forget, retain, batch_size, pad_id, seed).epoch(0)`, same targets,
-same VILA rank and scaling); `loku.fisher.cached_statistics` then recognises the file by model, modules,
-data hash and settings.
+this command builds the run's `UnlearnConfig` and takes the run's own set-up (`loku.training.setup`: the same
+batches, the same LoRA plan, so VILA's rank and scaling); `loku.fisher.cached_statistics` then recognises the
+file by model, modules, data hash and settings.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import typer
+from accelerate import PartialState
 
 from ..config import UnlearnConfig
 from ..config_base import Config, setting
 from ..distributed import barrier, is_main
 from ..errors import LokuError
+from ..fisher import STATISTICS, relative_importance, run_statistics, statistics_function
+from ..lora import plan_lora
+from ..losses import get_method
+from ..train import load_data
+from ..training.setup import model_to_train, run_batches
 from .options import config_command
-
-METHODS = ("fila", "vila")
 
 
 @dataclass
@@ -54,27 +57,17 @@ def check_out_file(path: str | Path, overwrite: bool) -> Path:
 
 
 def fisher_method(cfg: UnlearnConfig, method: str | None) -> str:
-    """The statistics to compute: the flag, else the config's FILA/VILA init, else fila."""
-    if method is not None:
-        if method not in METHODS:
-            raise LokuError(f"unknown Fisher method {method!r}: choose fila or vila")
-        return method
-    return cfg.init if cfg.init in METHODS else "fila"
+    """The statistics to compute: the flag (checked by compute_fisher), else the config's init when it takes
+    statistics, else fila."""
+    return method or (cfg.init if cfg.init in STATISTICS else "fila")
 
 
 def compute_fisher(cfg: UnlearnConfig, out: str | Path, method: str = "fila", *, overwrite: bool = False,
                    model=None, tokenizer=None, progress: bool = True) -> FisherRun:
-    """Fisher statistics of `cfg`'s model on the first-epoch batches `unlearn(cfg)` would train on,
-    saved (atomically) to `out`. Every input is checked before the model pass; nothing is written on error."""
-    from ..data.batches import PairedBatches
-    from ..data.text import tokenize_examples
-    from ..fisher import fisher_statistics, relative_importance, vila_statistics
-    from ..lora import check_rank, resolve_targets, targeted_modules
-    from ..losses import get_method
-    from ..train import load_data
-
-    if method not in METHODS:
-        raise LokuError(f"unknown Fisher method {method!r}: choose fila or vila")
+    """Fisher statistics of `cfg`'s model on the first-epoch batches `unlearn(cfg)` would train on (the run's
+    own set-up), saved (atomically) to `out`. Inputs are checked before the model pass; nothing is written
+    on error. A given `model` is read, not changed."""
+    statistics_function(method)
     if not cfg.lora:
         raise LokuError("Fisher statistics initialise LoRA adapters: drop lora: false (full fine-tuning) "
                         "from the config")
@@ -82,62 +75,22 @@ def compute_fisher(cfg: UnlearnConfig, out: str | Path, method: str = "fila", *,
     forget_ex, retain_ex = load_data(cfg, get_method(cfg.method))
     if not retain_ex:
         raise LokuError("Fisher statistics weigh the forget set against a retain set: pass --retain FILE")
-    world = _state().num_processes
-    n_batches = math.ceil(len(forget_ex) / (cfg.batch_size * world))
-    if method == "vila" and n_batches < 2:   # E[g^2] - E[g]^2 over one batch is 0 up to rounding
-        raise LokuError(f"VILA's statistics are variances over batches, but the {len(forget_ex)} forget examples "
-                        f"make {n_batches} batch of --batch-size {cfg.batch_size}: lower --batch-size to at most "
-                        f"{max(len(forget_ex) // 2, 1)}, or use --method fila")
-    if model is None:
-        from ..models import load_model
-
-        model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code,
-                                      allow_pickle=cfg.allow_pickle)
-        model.to(_device())   # the statistics do not depend on where they are computed (cache keys are on CPU)
-    elif tokenizer is None:
-        raise LokuError("a model object was given without its tokenizer: pass tokenizer= too")
-    else:
-        from ..models import ensure_pad_token
-
-        ensure_pad_token(tokenizer)
-    targets = resolve_targets(model, cfg.lora_targets)
-    check_rank(model, targets, cfg.lora_rank)   # the run these are for would fail; say so before the pass
-    names = sorted(targeted_modules(model, targets))
-    forget = tokenize_examples(forget_ex, tokenizer, cfg.max_length, "forget", cfg.prompt_format)
-    retain = tokenize_examples(retain_ex, tokenizer, cfg.max_length, "retain", cfg.prompt_format)
-    # unlearn's global batch is batch_size x processes; under accelerate launch the processes split the
-    # batches and all-reduce the sums (loku.fisher), so the file equals a one-process run's.
-    batches = PairedBatches(forget, retain, cfg.batch_size * world, tokenizer.pad_token_id, cfg.seed,
-                            (cfg.retain_batch_size or cfg.batch_size) * world)
-    pairs = list(batches.epoch(0))
-    model.config.use_cache = False   # as unlearn sets it before FILA (the statistics do not depend on it)
-
+    state = PartialState(cpu=not torch.cuda.is_available())   # under accelerate launch: the process group
+    loaded = model is None
+    model, tokenizer = model_to_train(cfg, model, tokenizer, inplace=True)
+    if loaded:   # where unlearn would train; the statistics do not depend on it (cache keys are on CPU)
+        model.to(state.device)
+    plan = plan_lora(model, cfg.lora_targets, cfg.lora_rank, cfg.alpha)   # a run with a bad rank fails here too
+    # The processes split the batches and all-reduce the sums (loku.fisher): the file equals a one-process run's.
+    pairs = list(run_batches(cfg, forget_ex, retain_ex, tokenizer, state.num_processes).epoch(0))
     t0 = time.time()
-    if method == "fila":
-        stats = fisher_statistics(model, pairs, names, progress=progress)
-    else:   # the rank and LoRA scaling the adapter will train with, as loku.fila.fila_init passes them
-        stats = vila_statistics(model, pairs, names, rank=cfg.lora_rank, scaling=cfg.alpha / cfg.lora_rank,
-                                progress=progress)
+    stats = run_statistics(method, model, pairs, plan, progress=progress)
     seconds = time.time() - t0
-    importance = relative_importance(stats, cfg.fisher_eps)
-    means = {n: float(t.double().mean()) for n, t in importance.items()}
+    means = {n: float(t.double().mean()) for n, t in relative_importance(stats, cfg.fisher_eps).items()}
     if is_main():
         stats.save(out)
     barrier()
     return FisherRun(stats, out, method, seconds, dict(sorted(means.items(), key=lambda kv: -kv[1])))
-
-
-def _state():
-    """accelerate's process state (starts the process group under accelerate launch)."""
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def _device():
-    """Where unlearn would train (accelerate's choice: the GPU when there is one)."""
-    return _state().device
 
 
 def _summary(run: FisherRun, cfg: UnlearnConfig, top: int = 5) -> list[str]:
@@ -163,7 +116,7 @@ class FisherConfig(Config):
     """Options of `loku fisher`: which statistics, where they go, and the unlearning run they are for."""
 
     method: str | None = setting(None, "fila (Fisher diagonal) or vila (variance over random LoRA factors; needs "
-                                 "the run's rank and alpha).", group="Output", choices=METHODS, kind="Fisher method",
+                                 "the run's rank and alpha).", group="Output", choices=tuple(STATISTICS), kind="Fisher method",
                                  default_text="the run's --init if fila or vila, else fila")
     out: str | None = setting(None, "New .safetensors file.", group="Output", default_text="the run's fisher_cache")
     overwrite: bool = setting(False, "Replace an existing --out file.", group="Output")

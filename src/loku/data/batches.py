@@ -6,25 +6,27 @@ import functools
 import math
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
+
+
+def pad_rows(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows padded to the longest on `side`: (input_ids (B, T), attention_mask (B, T))."""
+    ids = pad_sequence([torch.as_tensor(r, dtype=torch.long) for r in rows], batch_first=True,
+                       padding_value=pad_id, padding_side=side)
+    mask = pad_sequence([torch.ones(len(r), dtype=torch.long) for r in rows], batch_first=True, padding_side=side)
+    return ids, mask
 
 
 def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; padding is masked out of attention and loss. Examples with an
     alternate answer (DPO) also give "alt_input_ids", "alt_attention_mask", "alt_labels", row for row."""
+    ids, mask = pad_rows([f["input_ids"] for f in features], pad_id)
+    out = {"input_ids": ids, "attention_mask": mask, "labels": pad_rows([f["labels"] for f in features], -100)[0]}
     if "alt_input_ids" in features[0]:
-        alt = collate([{"input_ids": f["alt_input_ids"], "labels": f["alt_labels"]} for f in features], pad_id)
-        plain = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
-        return {**collate(plain, pad_id), **{f"alt_{k}": v for k, v in alt.items()}}
-    width = max(len(f["input_ids"]) for f in features)
-    ids = torch.full((len(features), width), pad_id, dtype=torch.long)      # (B, T)
-    labels = torch.full((len(features), width), -100, dtype=torch.long)     # (B, T)
-    mask = torch.zeros((len(features), width), dtype=torch.long)            # (B, T)
-    for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        ids[i, :n] = torch.tensor(f["input_ids"])
-        labels[i, :n] = torch.tensor(f["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        alt_ids, alt_mask = pad_rows([f["alt_input_ids"] for f in features], pad_id)
+        out.update(alt_input_ids=alt_ids, alt_attention_mask=alt_mask,
+                   alt_labels=pad_rows([f["alt_labels"] for f in features], -100)[0])
+    return out
 
 
 class PairedBatches:
@@ -65,3 +67,18 @@ class PairedBatches:
             if self.retain is not None:
                 retain = collate([self.retain[i] for i in self._retain_indices(epoch, step)], self.pad_id)
             yield forget, retain
+
+    def steps_per_epoch(self, accumulation: int) -> int:
+        return math.ceil(len(self) / accumulation)
+
+    def steps(self, epoch: int, accumulation: int, start_step: int = 0):
+        """The epoch's batches from `start_step` on, grouped into optimizer steps of `accumulation` micro-batches;
+        the epoch's last batch ends a step (which may be shorter), as in Hugging Face Trainer."""
+        group = []
+        for pair in self.epoch(epoch, start_step):
+            group.append(pair)
+            if len(group) == accumulation:
+                yield group
+                group = []
+        if group:
+            yield group

@@ -118,8 +118,9 @@ class MethodRun:
                 self.method.save(self.settings, model, self.state, Path(tmp))
 
 
-def set_trainable(model, modules: list[str]) -> None:
-    """Full fine-tuning of `modules` only: every other weight frozen."""
+def set_trainable(model, modules: list[str]):
+    """Full fine-tuning of `modules` only: every other weight frozen. Returns the model."""
     model.requires_grad_(False)
     for name in modules:
         find_module(model, name).requires_grad_(True)
+    return model

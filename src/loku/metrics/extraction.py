@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LokuError
-from .forward import check_features, model_device, per_feature
+from ..models import model_device
+from .forward import check_features, per_feature
 
 
 @dataclass

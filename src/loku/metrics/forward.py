@@ -18,10 +18,7 @@ import torch
 
 from ..data.batches import collate
 from ..errors import LokuError
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
+from ..models import model_device
 
 
 def pad_id(tokenizer) -> int:

@@ -11,7 +11,8 @@ from typing import Callable
 
 import torch
 
-from .forward import model_device
+from ..data.batches import pad_rows
+from ..models import model_device
 
 
 def stop_ids(model, tokenizer) -> list[int]:
@@ -46,12 +47,8 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], budgets: list[int
         rows = order[start:start + batch_size]
         idx = [i for i in rows if budgets[i] > 0]
         if idx:
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)    # (B, W), left-padded
-            mask = torch.zeros((len(idx), width), dtype=torch.long)       # (B, W)
-            for row, i in enumerate(idx):
-                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                mask[row, width - len(prompts[i]):] = 1
+            ids, mask = pad_rows([prompts[i] for i in idx], pad, "left")   # (B, W), (B, W)
+            width = ids.shape[1]
             config.max_new_tokens = max(budgets[i] for i in idx)
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
                                  tokenizer=tokenizer if stop_strings else None)[:, width:].tolist()  # (B, new)

@@ -162,7 +162,8 @@ def run_method(spec, cfg: MuseUnlearnConfig, inputs: MuseInputs, run_dir: Path, 
                                                               if v is not None))
         return metrics
 
-    result = unlearn(train, model, tokenizer, callbacks=[score], progress=progress, forget=forget, retain=retain)
+    result = unlearn(train, model, tokenizer, callbacks=[score], progress=progress, forget=forget, retain=retain,
+                     inplace=True)
     by_epoch = {h["epoch"]: h for h in result.history}
     for e in epochs:
         e.update({k: by_epoch[e["epoch"]][k] for k in ("loss", "forget", "retain") if k in by_epoch[e["epoch"]]})

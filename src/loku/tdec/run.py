@@ -18,7 +18,14 @@ from typing import Callable
 from .. import io
 from ..config import UnlearnConfig
 from ..config_base import Config, setting
+from ..data.eval_tasks import load_task
+from ..data.text import load_examples
+from ..distributed import barrier, is_main, rank_world
 from ..errors import LokuError
+from ..losses import get_method
+from ..metrics.utility import evaluate_utility, resolve_tasks, utility_table
+from ..models import load_model, load_tokenizer
+from ..train import unlearn
 from .data import read_texts, retain_examples, text_file, tokenize_sequences
 from .measure import ExtractionMeter
 from .report import markdown_table, plot_epochs, table_row
@@ -107,14 +114,11 @@ def method_label(cfg: UnlearnConfig) -> str:
     if not cfg.lora:
         return f"{cfg.method} (full)"
     init = cfg.resolved_init
-    return f"{cfg.method} ({'FILA ' if init == 'fila' else 'VILA ' if init == 'vila' else ''}LoRA r={cfg.lora_rank})"
+    return f"{cfg.method} ({'' if init == 'default' else init.upper() + ' '}LoRA r={cfg.lora_rank})"
 
 
 def check_utility_data(tasks: str | None, limit: int | None, data_dir: str | None) -> list[str]:
     """Task names, each task's file read once now, so a missing or empty file fails before any training."""
-    from ..data.eval_tasks import load_task
-    from ..metrics.utility import resolve_tasks
-
     names = resolve_tasks(tasks)
     for name in names:
         load_task(name, data_dir=data_dir, limit=limit)
@@ -124,8 +128,6 @@ def check_utility_data(tasks: str | None, limit: int | None, data_dir: str | Non
 def _retain(cfg: TdecConfig, needs_retain: bool) -> list[dict] | None:
     if not needs_retain:
         return None
-    from ..data.text import load_examples
-
     return load_examples(cfg.retain, "text") if cfg.retain else retain_examples(cfg.data_dir)
 
 
@@ -138,10 +140,6 @@ def run_tdec(cfg: TdecConfig, model=None, tokenizer=None, *, progress: bool = Tr
              log: Callable[[str], None] = print) -> dict:
     """Run the protocol; returns the report (also written to cfg.out when set). Every input is checked
     before the model runs and before anything is written."""
-    from ..losses import get_method
-    from ..metrics.utility import evaluate_utility
-    from ..train import unlearn
-
     t0 = time.time()
     method = get_method(cfg.unlearn.method)
     out = io.check_out_dir(cfg.out, cfg.overwrite) if cfg.out else None
@@ -150,17 +148,14 @@ def run_tdec(cfg: TdecConfig, model=None, tokenizer=None, *, progress: bool = Tr
     retain = _retain(cfg, method.needs_retain)
     thresholds = resolve_thresholds(cfg.thresholds, cfg.el_threshold, cfg.ma_threshold, cfg.model, cfg.n)
     tasks = check_utility_data(cfg.tasks, cfg.limit, cfg.data_dir) if cfg.utility or cfg.utility_before else None
-    if model is None:  # the tokenizer first: a too-short sequence fails before the weights load
-        from ..models import load_model, load_tokenizer
-
+    loaded = model is None   # then unlearning may train it in place (no second copy in memory)
+    if loaded:  # the tokenizer first: a too-short sequence fails before the weights load
         tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     seqs = tokenize_sequences(texts, tokenizer, max_tokens=cfg.max_tokens, n=cfg.n, path=str(forget), limit=cfg.rows)
     if model is None:
         log(f"loading {cfg.model}")
         model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code,
                                       allow_pickle=cfg.unlearn.allow_pickle)
-    from ..distributed import barrier, is_main, rank_world
-
     main = is_main()   # under accelerate launch: every process computes, the main one writes
     barrier()          # every process has checked --out before the main one creates it
     if out is not None and main:
@@ -192,8 +187,8 @@ def run_tdec(cfg: TdecConfig, model=None, tokenizer=None, *, progress: bool = Tr
     log(step_note(plan, len(seqs.ids)))
     ucfg = dataclasses.replace(cfg.unlearn, out=str(out / "unlearned") if out is not None and cfg.save else "",
                                overwrite=False, grad_accum=plan["grad_accum"])
-    result = unlearn(ucfg, model, tokenizer, callbacks=[rule], progress=progress, forget=seqs.texts(tokenizer),
-                     retain=retain)
+    result = unlearn(ucfg, model, tokenizer, callbacks=[rule], progress=progress, inplace=loaded,
+                     forget=seqs.texts(tokenizer), retain=retain)
     unlearned = plain_model(result.model)
     after_utility = None
     t_util = time.time()
@@ -322,9 +317,6 @@ def utility_report(model_name: str, out: str, *, adapter: str | None = None, tas
                    log: Callable[[str], None] = print) -> dict:
     """`loku tdec utility`: score any model (optionally with a PEFT adapter) on the TDEC utility tasks;
     writes utility.json (per item) and table.md."""
-    from ..metrics.utility import evaluate_utility, utility_table
-    from ..models import load_model
-
     out_dir = io.check_out_dir(out, overwrite)
     names = check_utility_data(tasks, limit, data_dir)
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():

@@ -13,6 +13,7 @@ prompt format for phi (`prompt_format`, recorded in tofu_finetune.json and used 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import time
@@ -26,6 +27,9 @@ from ..data.qa import PROMPT_FORMAT_HELP, PROMPT_FORMATS, TOFU_PROMPT_FORMAT, ch
 from ..data.tofu import QA_PER_AUTHOR, load_split, scaled_authors, tokenize_qa
 from ..distributed import barrier, is_main, rank_world
 from ..errors import LokuError
+from ..finetune import finetune
+from ..models import load_model, resolve_model_path
+from ..registry import unknown_choice
 
 SUMMARY = "tofu_finetune.json"
 MODELS = ("target", "retain")
@@ -73,8 +77,6 @@ class TofuFinetuneConfig(Config):
 
 def check_split(split: str) -> None:
     if split not in FORGET_SPLITS:
-        from ..registry import unknown_choice
-
         raise unknown_choice("forget split", split, FORGET_SPLITS)
 
 
@@ -130,9 +132,6 @@ def train_model(cfg: TofuFinetuneConfig, name: str, rows: list[dict], out_dir: s
                 progress: bool = True) -> dict:
     """Fine-tune a fresh copy of `cfg.model` on `rows` (QA loss on the answers) and write it, with its
     tokenizer, to `out_dir` as safetensors, all at once (a temporary folder renamed into place)."""
-    from ..finetune import finetune
-    from ..models import load_model
-
     t0 = time.time()
     model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model.requires_grad_(True)
@@ -154,8 +153,6 @@ def finetune_tofu(cfg: TofuFinetuneConfig, progress: bool = True,
     Every input is checked before anything is loaded or written."""
     out = io.check_out_dir(cfg.out, cfg.overwrite)
     rows = training_rows(cfg)
-    from ..models import resolve_model_path
-
     resolve_model_path(cfg.model)  # a bad --model fails here, before the output folder exists
     barrier()   # under accelerate launch: every process has checked --out before the main one creates it
     if is_main():
@@ -180,8 +177,6 @@ def finetune_tofu(cfg: TofuFinetuneConfig, progress: bool = True,
 
 def read_summary(model_dir: str | Path) -> dict | None:
     """The tofu_finetune.json beside a target/retain model folder, if it came from finetune_tofu."""
-    import json
-
     path = Path(model_dir).expanduser().parent / SUMMARY
     if not path.is_file():
         return None

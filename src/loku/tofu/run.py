@@ -31,6 +31,10 @@ from ..data.qa import PROMPT_FORMAT_HELP, PROMPT_FORMATS, resolve_format
 from ..data.tofu import QA_PER_AUTHOR, load_split
 from ..distributed import barrier, is_main
 from ..errors import LokuError
+from ..inits import INITS
+from ..losses import get_method
+from ..models import load_model, resolve_model_path
+from ..train import unlearn
 from .evaluate import TOFU_DS_SIZE, evaluate_tofu, load_sets
 from .finetune import (check_qa_per_author, check_qa_rows, check_split, per_author, read_summary, retain_split,
                        tofu_format)
@@ -39,7 +43,6 @@ from .report import headline, write_report
 from .summary import aggregate
 
 CONFIG = "config.json"
-INITS = ("auto", "default", "fila", "vila")
 # TOFU's unlearning recipe (5 epochs, effective batch 32, weight decay 0.01) with a LoRA learning rate.
 TRAIN_DEFAULTS = dict(epochs=5, lr=1e-4, batch_size=8, grad_accum=4, weight_decay=0.01, max_length=500)
 
@@ -52,12 +55,11 @@ class MethodSpec:
 
 
 def parse_method(spec: str) -> MethodSpec:
-    from ..losses import get_method
-
     name, _, init = spec.strip().partition("+")
     get_method(name)  # unknown names fail with "did you mean"
-    if init and init not in INITS:
-        raise LokuError(f"unknown init {init!r} in method {spec!r}: write NAME+INIT with INIT one of {', '.join(INITS)}")
+    if init and init != "auto" and init not in INITS:
+        raise LokuError(f"unknown init {init!r} in method {spec!r}: write NAME+INIT with INIT one of auto, "
+                        f"{', '.join(INITS.names())}")
     return MethodSpec(spec.strip(), name, init or None)
 
 
@@ -153,8 +155,6 @@ def check_model(path: str, role: str) -> None:
     if not p.exists():
         raise LokuError(f"{role} model folder {p} does not exist: run `loku tofu finetune --out DIR` and pass "
                         f"DIR/{role}")
-    from ..models import resolve_model_path
-
     resolve_model_path(str(p))  # config.json and weights, or a clear error
 
 
@@ -289,8 +289,6 @@ def evaluate_model(path: str, sets: dict, eval_dir: Path, cfg: TofuUnlearnConfig
     log is written last), else evaluated now and written there."""
     if (eval_dir / AGGREGATED).is_file():
         return read_logs(eval_dir)
-    from ..models import load_model
-
     model, tokenizer = load_model(path, trust_remote_code=cfg.trust_remote_code)
     return evaluate_tofu(model, tokenizer, sets, eval_dir, limit=None, max_new_tokens=cfg.max_new_tokens,
                          batch_size=cfg.eval_batch_size, log=_prefixed(log, f"  {eval_dir.name}: "),
@@ -315,9 +313,6 @@ def run_method(spec: MethodSpec, cfg: TofuUnlearnConfig, inputs: TofuInputs, ret
     done = run_dir / "tofu.json"
     if done.is_file():
         return json.loads(done.read_text(encoding="utf-8"))
-    from ..models import load_model
-    from ..train import unlearn
-
     train = dataclasses.replace(cfg.train, method=spec.method, init=spec.init or cfg.train.init, model=cfg.target,
                                 out=str(run_dir), overwrite=True, trust_remote_code=cfg.trust_remote_code,
                                 prompt_format=inputs.prompt_format)
@@ -343,7 +338,7 @@ def run_method(spec: MethodSpec, cfg: TofuUnlearnConfig, inputs: TofuInputs, ret
         return {"forget_quality": summary["Forget Quality"], "model_utility": summary["Model Utility"],
                 "forget_es": summary["ES Forget"], "forget_em": summary["EM Forget"]}
 
-    result = unlearn(train, model, tokenizer, callbacks=[evaluate], progress=progress,
+    result = unlearn(train, model, tokenizer, callbacks=[evaluate], progress=progress, inplace=True,
                      forget=inputs.forget, retain=inputs.retain, refusals=inputs.refusals)
     for e, h in zip(epochs, result.history):
         e.update({k: h[k] for k in ("loss", "forget", "retain") if k in h})

@@ -1,0 +1,1 @@
+"""The training machinery shared by unlearning and fine-tuning: setup, step, loop, checkpoints."""
