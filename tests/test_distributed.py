@@ -196,6 +196,44 @@ def test_fisher_command_under_two_processes_equals_one(tiny_model_dir, tokenizer
         assert torch.allclose(a.retain[n], b.retain[n], rtol=1e-5, atol=1e-12)
 
 
+def test_muse_eval_under_two_processes_equals_one(tiny_model_dir, tokenizer, tmp_path):
+    """`loku muse eval` under accelerate launch (DDP): every process scores everything, only the main one creates
+    --out and writes, so the launch exits 0 with the files and numbers of one process (before, every process
+    created --out and the later one found it not empty: exit 2, the launch 1)."""
+    from test_muse import write_muse
+    from conftest import tiny_llama
+
+    data = write_muse(tmp_path / "data", tiny_llama(len(tokenizer)), tokenizer)   # tiny_model_dir's weights
+    common = ["muse", "eval", "--model", tiny_model_dir, "--data-dir", data, "--limit", "3", "--batch-size", "2"]
+    two = _run(common + ["--out", tmp_path / "two"], processes=2)
+    assert two.stdout.count("VerbMem forget: ") == 1 and two.stdout.count("wrote ") == 1   # the main one reports
+    _run(common + ["--out", tmp_path / "one"], processes=1)
+    names = {d: sorted(p.name for p in (tmp_path / d).iterdir()) for d in ("one", "two")}
+    assert names["one"] == names["two"] and "muse.json" in names["two"]
+    for name in names["one"]:
+        a, b = (json.loads((tmp_path / d / name).read_text()) for d in ("one", "two"))
+        a.pop("seconds", None), b.pop("seconds", None)
+        assert a == b, name
+
+
+def test_wmdp_eval_under_two_processes_equals_one(tiny_model_dir, tmp_path):
+    """`loku wmdp eval` under accelerate launch (DDP): lm-evaluation-harness takes a model in memory as one
+    process, so every process runs it whole and the harness returns its results on the main one only; that one
+    writes wmdp.json, equal to one process's (before, the other process summarized the harness's None: the
+    launch exited 1)."""
+    from test_wmdp import questions, write
+
+    data = tmp_path / "data"
+    write(data / "wmdp" / "wmdp-bio", questions(6, 0))
+    write(data / "mmlu" / "anatomy", questions(3, 2))
+    common = ["wmdp", "eval", "--model", tiny_model_dir, "--data-dir", data, "--tasks", "wmdp_bio,mmlu", "--limit", "2"]
+    two = _run(common + ["--out", tmp_path / "two"], processes=2)
+    assert two.stdout.count("wmdp_bio: acc") == 1   # only the main process reports
+    _run(common + ["--out", tmp_path / "one"], processes=1)
+    a, b = (json.loads((tmp_path / d / "wmdp.json").read_text()) for d in ("one", "two"))
+    assert a == b and a["tasks"]["mmlu"]["n"] == 2
+
+
 def _max_diff(a: Path, b: Path) -> float:
     x, y = load_file(a), load_file(b)
     assert x.keys() == y.keys()
