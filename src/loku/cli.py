@@ -13,6 +13,7 @@ from .commands.options import config_command
 from .config import UnlearnConfig
 from .demo import DemoConfig, run_demo
 from .errors import LokuError
+from .quiet import quiet_libraries
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make a language model forget specific data (LoKU: inverted hinge loss + FILA).")
@@ -109,6 +110,7 @@ def _run() -> int:
     # and would break the one-line error contract.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    quiet_libraries()
     from .distributed import is_main, join_launch
 
     try:
