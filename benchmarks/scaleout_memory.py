@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+sys.path.insert(0, str(ROOT / "tests"))   # the tests' launch options and free rendezvous port
+from launch import ACCELERATE, ON_CPU, free_port, launch_options  # noqa: E402
+
 # Runs a command and prints the peak RSS (KiB on Linux) of its largest descendant.
 PEAK = ("import json, resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
         "print(json.dumps({'rc': r.returncode, 'peak_kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
@@ -33,11 +35,12 @@ PEAK = ("import json, resource, subprocess, sys; r = subprocess.run(sys.argv[1:]
 def launcher(engine: str) -> tuple[list[str], dict]:
     if engine == "one process":
         return [sys.executable, "-m", "loku"], {}
+    # Each launch on a port the OS just handed out: accelerate's default 29500 meets any other launch running.
     if engine == "ddp":
-        return [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "loku"], {"ACCELERATE_USE_CPU": "true"}
-    return [ACCELERATE, "launch", "--config_file", str(ROOT / "configs" / "accelerate" / f"{engine}.yaml"),
-            "--num_processes", "2", "--mixed_precision", "no", str(ROOT / "tests" / "fsdp_on_cpu.py")], {}
+        options, target, env = launch_options(), ["-m", "loku"], {"ACCELERATE_USE_CPU": "true"}
+    else:
+        options, target, env = launch_options(engine), [ON_CPU], {}
+    return [ACCELERATE, "launch", *options, "--main_process_port", str(free_port()), *target], env
 
 
 def texts(n: int) -> list[str]:

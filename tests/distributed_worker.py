@@ -19,6 +19,7 @@ from test_fisher import TEXTS, make_pairs  # noqa: E402
 from test_tofu import ROWS  # noqa: E402
 from test_utility import _write_eval_dir  # noqa: E402
 
+from loku.distributed import exit_process  # noqa: E402
 from loku.fila import fila_factors  # noqa: E402
 from loku.fisher import fisher_statistics, relative_importance, vila_statistics  # noqa: E402
 from loku.metrics.utility import evaluate_utility  # noqa: E402
@@ -67,3 +68,4 @@ def main(model_dir: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:3])
+    exit_process(0)   # as the CLI leaves: not through the interpreter's teardown (see its docstring)

@@ -8,7 +8,7 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 
-from loku.distributed import prepare_reference, set_micro_batch
+from loku.distributed import exit_process, prepare_reference, set_micro_batch
 
 # Loaded before the Accelerator, as loku does (after it, ZeRO-3's zero3_init_flag would partition at load).
 full = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
@@ -32,3 +32,4 @@ with torch.no_grad():
     want, got = full(input_ids=ids).logits, reference(input_ids=ids).logits
 assert torch.allclose(want, got, atol=1e-5), float((want - got).abs().max())
 print(f"reference sharded over {world} processes; logits equal")
+exit_process(0)   # as the CLI leaves: not through the interpreter's teardown (see its docstring)

@@ -55,6 +55,49 @@ def test_audit_sees_a_memorized_forget_set(audit_files, tmp_path):
     assert "distinguishable from never-seen on 8 of 8 measures" in md and "| before attacks | forget set | EL10 |" in md
 
 
+def test_el_shares_the_teacher_forced_pass(audit_files):
+    """With EL_n, ES/EM/membership come from the pass that gives EL_n's cache: the same values as the separate
+    teacher-forced pass of an audit without EL_n (to rounding: that pass batches rows by length, unpadded;
+    MA exactly), and EL_n/MA those of the metric alone, row by row; also with the decode batches on worker
+    threads."""
+    from loku.audit import build_set, measure_set
+    from loku.audit.measure import Settings
+    from loku.audit.sets import read_examples
+    from loku.metrics.extraction import memorization_metrics
+    from loku.models import load_model
+
+    model, tok = load_model(str(audit_files["dir"] / "mem"))
+    s = build_set("forget", audit_files["forget"], read_examples(audit_files["forget"], "text", "forget"), tok,
+                  max_tokens=200, n=10)  # uncut: rows of several lengths
+    st = Settings(pad_id=tok.pad_token_id, batch_size=3, decode_batch_size=4)
+    passes = []  # forward calls over whole rows (decode steps feed one token)
+    hook = model.register_forward_hook(lambda m, args, kw, out: passes.append(kw["input_ids"].shape[1] > 1),
+                                       with_kwargs=True)
+    with_el = measure_set(model, s, st)["per_example"]
+    hook.remove()
+    lengths = [len(ids) for ids in s.sequences]
+    assert sum(passes) == sum(-(-lengths.count(n) // 3) for n in set(lengths))  # one pass per batch, no other
+    without = measure_set(model, s, Settings(**{**st.__dict__, "el": False}))["per_example"]
+    assert set(with_el) == set(without) | {"el"}
+    for name in set(without) - {"ma"}:
+        assert with_el[name] == pytest.approx(without[name], rel=1e-5, abs=1e-6), name
+    assert with_el["ma"] == without["ma"]  # k / (T-1) from either pass's argmax
+    for i, ids in enumerate(s.sequences):
+        alone = memorization_metrics(model, torch.tensor([ids]), 10)
+        assert (with_el["ma"][i], with_el["el"][i]) == (alone["ma"].item(), alone["el"].item())
+    assert len({len(ids) for ids in s.sequences}) > 1  # several length groups
+    assert 0 < min(with_el["el"]) and max(with_el["el"]) == 1.0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # decode batches (of 4 branches) on 2 worker threads
+    try:
+        on_workers = measure_set(model, s, st)["per_example"]
+    finally:
+        torch.set_num_threads(threads)
+    assert (on_workers["ma"], on_workers["el"]) == (with_el["ma"], with_el["el"])
+    for name in set(without) - {"ma"}:
+        assert on_workers[name] == pytest.approx(with_el[name], rel=1e-5, abs=1e-6), name
+
+
 def test_audit_attacks_and_recovery(audit_files, tmp_path):
     from loku.models import load_model
 

@@ -156,8 +156,8 @@ def json_not_a_list(b):
     return b.args(forget=b.file("n.json", "42\n"))
 
 
-def retain_required_but_absent(b):
-    return b.args("--method", "gd", retain=None)
+def retain_is_the_forget_file(b):   # a new user's slip; with --allow-overlap it would train
+    return b.args("--method", "gd", retain=b.forget)
 
 
 def fila_without_retain(b):   # ga needs no retain set, but FILA's Fisher ratio does
@@ -426,7 +426,7 @@ CASES = {
     "jsonl_bad_line": (jsonl_bad_line, "line 2 is not valid JSON"),
     "qa_json_missing_answer": (qa_json_missing_answer, "record 2 has 'question' but no 'answer': add the answer"),
     "json_not_a_list": (json_not_a_list, "holds a JSON int, not a list of examples"),
-    "retain_required_but_absent": (retain_required_but_absent, "method 'gd' needs a retain set: pass --retain"),
+    "retain_is_the_forget_file": (retain_is_the_forget_file, "forget and retain share 4 of the 4 forget examples: "),
     "fila_without_retain": (fila_without_retain, "pass --retain FILE (or use --init default)"),
     "max_length_over_context": (max_length_over_context,
                                 "--max-length 1024 is longer than the model's context of 256 tokens"),

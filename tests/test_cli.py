@@ -109,7 +109,7 @@ def test_local_model_dir_and_pad_token(tiny_model_dir):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "column", "method", "rank", "nonempty_out", "no_weights",
-                                  "no_retain", "bad_yaml_key", "not_utf8", "bad_jsonl"])
+                                  "retain_is_forget", "bad_yaml_key", "not_utf8", "bad_jsonl"])
 def test_bad_input_one_line_exit_2_nothing_written(case, tiny_model_dir, data, tmp_path, capsys):
     forget, retain = data
     out = tmp_path / "out"
@@ -117,7 +117,8 @@ def test_bad_input_one_line_exit_2_nothing_written(case, tiny_model_dir, data, t
             "--init", "default"]
     expect = {"missing": "does not exist", "empty": "no examples", "column": "no column", "method": "did you mean",
               "rank": "lora-rank must be a positive", "nonempty_out": "not empty", "no_weights": "no weights",
-              "no_retain": "needs a retain set", "bad_yaml_key": "unknown key", "not_utf8": "not UTF-8",
+              "retain_is_forget": "forget and retain share 6 of the 6", "bad_yaml_key": "unknown key",
+              "not_utf8": "not UTF-8",
               "bad_jsonl": "not valid JSON"}[case]
     if case == "missing":
         args[4] = tmp_path / "nope.csv"
@@ -137,8 +138,8 @@ def test_bad_input_one_line_exit_2_nothing_written(case, tiny_model_dir, data, t
         bad.mkdir()
         (bad / "config.json").write_text((Path(tiny_model_dir) / "config.json").read_text())
         args[2] = bad
-    elif case == "no_retain":
-        args = args[:5] + args[7:]
+    elif case == "retain_is_forget":   # a new user's slip: the same file as both
+        args[6] = forget
     elif case == "bad_yaml_key":
         (tmp_path / "c.yaml").write_text("forget: x.csv\nlora_rnak: 4\n")
         args = ["unlearn", "--config", tmp_path / "c.yaml", "--out", out]

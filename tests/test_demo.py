@@ -1,37 +1,151 @@
-"""The demo pipeline end to end on a tiny model (the real run, `make demo`, uses SmolLM2-135M)."""
+"""The demo pipeline end to end on a tiny model (the real run, `make demo`, uses SmolLM2-135M), and its
+leak measurement on a model that parrots known text."""
 
 import json
 
-from loku.demo import DemoConfig, leaks, run_demo
+import pytest
+import torch
+
+from loku.demo import DemoConfig, leaks, prompt, revealed_others, run_demo
 from loku.data.records import make_records, record_text
 
 
-def test_demo_pipeline_writes_report_plot_and_adapter(tiny_model_dir, tmp_path):
-    out = tmp_path / "demo"
-    cfg = DemoConfig(out=str(out), model=str(tiny_model_dir), memorize_lr=3e-3, unlearn_lr=1e-2,
-                     mixed_precision="no", **DemoConfig.quick_overrides())
-    report = run_demo(cfg)
-    for key in ("base", "leaked", "unlearned"):
-        assert 0.0 <= report[key]["forget_memorization"] <= 1.0 and report[key]["general_ppl"] > 1.0
-    assert [c["phase"] for c in report["curves"]].count("memorize") >= 1
-    assert json.loads((out / "report.json").read_text())["unlearn_epochs"] == report["unlearn_epochs"]
-    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "unlearned" / "adapter" / "adapter_model.safetensors").is_file()
-    assert (out / "manifest.json").is_file()
+class Parrot(torch.nn.Module):
+    """A 'model' whose greedy continuation of every prompt is the token ids `tail` (cut at max_new_tokens)."""
+
+    def __init__(self, tail: list[int]):
+        super().__init__()
+        self.tail = tail
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=0, **kw):
+        tail = torch.tensor(self.tail[:max_new_tokens]).repeat(input_ids.shape[0], 1)
+        return torch.cat([input_ids, tail], dim=1)
+
+
+def _rest(tokenizer, r) -> list[int]:
+    return tokenizer(record_text(r)[len(prompt(r)):], add_special_tokens=False)["input_ids"]
 
 
 def test_leak_score_counts_revealed_fields(tokenizer):
     """A 'model' that always continues with one record's exact text leaks all 5 of its fields, none of others'."""
-    import torch
-
     rec, other = make_records(2, seed=9)
-    target = tokenizer(record_text(rec)[len(f"{rec.name} lives at"):], add_special_tokens=False)["input_ids"]
-
-    class Parrot(torch.nn.Module):
-        def generate(self, input_ids, attention_mask=None, max_new_tokens=0, **kw):
-            tail = torch.tensor(target[:max_new_tokens]).repeat(input_ids.shape[0], 1)
-            return torch.cat([input_ids, tail], dim=1)
-
     tokenizer.pad_token = tokenizer.eos_token
-    scores, texts = leaks(Parrot(), tokenizer, [rec, other], max_new_tokens=len(target))
+    tail = _rest(tokenizer, rec)
+    scores, texts = leaks(Parrot(tail), tokenizer, [rec, other], max_new_tokens=len(tail))
     assert scores == [1.0, 0.0]
+
+
+def test_leak_generation_reaches_the_last_field(tokenizer):
+    """By default the continuation covers the whole record, so its last field (the account) can be revealed;
+    cut 6 tokens short, it cannot."""
+    tokenizer.pad_token = tokenizer.eos_token
+    recs = make_records(6, seed=3)
+    longest = max(recs, key=lambda r: len(_rest(tokenizer, r)))
+    parrot = Parrot(_rest(tokenizer, longest))
+    assert leaks(parrot, tokenizer, [longest])[0] == [1.0]
+    short = len(_rest(tokenizer, longest)) - 6
+    assert leaks(parrot, tokenizer, [longest], max_new_tokens=short)[0] == [0.8]
+
+
+def test_revealed_others_names_only_identifying_fields():
+    a, b, c = make_records(3, seed=11)
+    texts = [record_text(b)[len(prompt(b)):],                      # b's whole record under a's name
+             f" 1 Nowhere Lane. Works at {a.employer}.",           # a shared employer names nobody
+             f" {c.address}. Phone {c.phone}"]                    # c's own fields
+    assert revealed_others(texts, [a, b, c], [a, b, c]) == [[b.name], [], []]
+
+
+def test_batched_memorization_equals_memorization_accuracy_row_by_row(tokenizer):
+    """The demo's one padded pass gives what loku.metrics.extraction.memorization_accuracy gives per record."""
+    from conftest import tiny_llama
+    from loku.demo import memorization
+    from loku.metrics.extraction import memorization_accuracy
+
+    model = tiny_llama(len(tokenizer))
+    tokenizer.pad_token = tokenizer.eos_token
+    texts = [record_text(r) for r in make_records(5, seed=2)] + ["A short line of text."]
+    expect = [float(memorization_accuracy(model, torch.tensor([tokenizer(t)["input_ids"]]))[0]) for t in texts]
+    assert memorization(model, tokenizer, texts) == pytest.approx(expect, abs=1e-12)
+
+
+def test_general_paragraphs_are_single_sentences_apart_from_the_perplexity_text():
+    """The general text mixed into the leak (and kept by the unlearning) is n first sentences of different
+    built-in articles, none of them the demo's perplexity text."""
+    from loku.data.retain import builtin_retain
+    from loku.demo import GENERAL_TEXT, general_paragraphs
+
+    texts = general_paragraphs(16)
+    assert len(texts) == len(set(texts)) == 16
+    paragraphs = [e["text"] for e in builtin_retain()]
+    for t in texts:
+        assert any(p.startswith(t) for p in paragraphs) and t[-1] in ".!?"
+        assert not any(t in g or g in t for g in GENERAL_TEXT)
+    assert "Little Gidding is the fourth and final poem of T. S. Eliot's" in " ".join(texts)  # not cut at "T."
+
+
+def test_leak_trains_only_the_mlp_blocks(tokenizer):
+    from conftest import tiny_llama
+    from loku.demo import train_only
+
+    model = tiny_llama(len(tokenizer))
+    train_only(model, "mlp")
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and trained == {n for n, _ in model.named_parameters() if ".mlp." in n}
+    train_only(model, "all")
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def quick_report(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    # The tiny model learns too little through its MLPs alone in a few epochs: it trains whole, on records only.
+    cfg = DemoConfig(out=str(out), model=str(tiny_model_dir), leak_lr=3e-3, leak_modules="all", unlearn_lr=1e-2,
+                     mixed_precision="no",
+                     **{**DemoConfig.quick_overrides(), "leak_general": 0, "leak_max_epochs": 8,
+                        "unlearn_max_epochs": 4})
+    return run_demo(cfg), out
+
+
+def test_quick_demo_leaks_then_forgets_and_keeps_the_rest(quick_report):
+    """The leak fine-tune makes the known people (not the unseen) memorized; unlearning then brings the forget
+    people below what the leaked model knew of them and puts the retain people clearly ahead of them."""
+    report, _ = quick_report
+    base, leaked, after = report["base"], report["leaked"], report["unlearned"]
+    for g in ("forget", "retain"):
+        assert leaked[f"{g}_memorization"] > base[f"{g}_memorization"] + 0.2
+        assert leaked[f"{g}_memorization"] > leaked["unseen_memorization"] + 0.1
+    assert after["forget_memorization"] < leaked["forget_memorization"]
+    gap = lambda row: row["retain_memorization"] - row["forget_memorization"]   # noqa: E731
+    assert gap(after) > gap(leaked) + 0.05
+    assert report["leak_epochs"] >= 1 and report["unlearn_epochs"] >= 1
+    assert [c["phase"] for c in report["curves"]].count("leak") == report["leak_epochs"]
+    assert all(0.0 <= c["forget_leak"] <= 1.0 for c in report["curves"] if c["phase"] == "unlearn")
+    for s in report["samples"]:
+        assert s["prompt"].endswith("lives at") and isinstance(s["reveals_others"], list)
+    assert after["forget_reveals_others"] == sum(bool(s["reveals_others"]) for s in report["samples"])
+
+
+def test_quick_demo_writes_report_plot_and_adapter(quick_report):
+    report, out = quick_report
+    assert json.loads((out / "report.json").read_text())["unlearn_epochs"] == report["unlearn_epochs"]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "unlearned" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "manifest.json").is_file()
+    assert report["retain"] == "records"
+
+
+@pytest.mark.slow   # the real demo: SmolLM2-135M, over 10 minutes of CPU time
+@pytest.mark.xfail(strict=True, reason="measured 2026-12-03 (benchmarks/results/demo_report.json): leak perplexity "
+                   "2.23x, retain fields 8% and perplexity 1.13x after unlearning; remove once the bars are met")
+def test_real_demo_keeps_the_model_healthy_and_forgets(tmp_path):
+    """Issue 14.6's bars on `loku demo` as `make demo` runs it: the leak fine-tune keeps general-text perplexity
+    within 1.5x of the pretrained model and leaks >= 80% of both groups' fields; after unlearning <= 5% of the
+    forgotten people's fields leak, >= 80% of the retain people's still do, perplexity stays within 1.1x of the
+    leaked model and no generation for a forgotten person reveals someone else's record."""
+    report = run_demo(DemoConfig(out=str(tmp_path / "run")))
+    base, leaked, after = report["base"], report["leaked"], report["unlearned"]
+    assert leaked["general_ppl"] <= 1.5 * base["general_ppl"]
+    assert leaked["forget_leak"] >= 0.8 and leaked["retain_leak"] >= 0.8
+    assert after["forget_leak"] <= 0.05 and after["retain_leak"] >= 0.8
+    assert after["general_ppl"] <= 1.1 * leaked["general_ppl"]
+    assert after["forget_reveals_others"] == 0

@@ -14,7 +14,10 @@ from safetensors.torch import load_file
 
 from loku.data.records import make_records, record_text
 from conftest import write_csv as _csv
+from launch import ON_CPU, launch
 from test_tofu_runs import tofu_data  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.distributed   # `make test-distributed`; minutes in all, so not in the fast suite
 
 
 def unequal_texts(tokenizer, n):
@@ -26,31 +29,21 @@ def unequal_texts(tokenizer, n):
     return texts
 
 
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-CONFIGS = Path(__file__).parents[1] / "configs" / "accelerate"
-
-
-def sharded_launch(config: str, precision: str = "no") -> list[str]:
-    """A shipped launch config (fsdp, deepspeed_zero2, deepspeed_zero3) on 2 CPU processes; tests/fsdp_on_cpu.py
-    starts the CLI with accelerate in that mode (it starts them only on GPUs by itself)."""
-    return [ACCELERATE, "launch", "--config_file", str(CONFIGS / f"{config}.yaml"), "--num_processes", "2",
-            *(["--mixed_precision", precision] if precision else []), str(Path(__file__).parent / "fsdp_on_cpu.py")]
-
-
 has_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                    reason="deepspeed is not installed (pip install -e '.[test]' brings it)")
 ZERO2, ZERO3 = (pytest.param(f"deepspeed_zero{k}", marks=has_deepspeed) for k in (2, 3))
 
 
 def _run(args, processes, env_extra=None, check=True):
-    """processes: 1, 2 (DDP over gloo), or a config under configs/accelerate on 2 processes over gloo."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    launcher = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "loku"]
-    if processes == 2:
-        env["ACCELERATE_USE_CPU"] = "true"
-    cmd = {1: [sys.executable, "-m", "loku"], 2: launcher}.get(processes) or sharded_launch(processes)
-    r = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=env, timeout=300)
+    """`loku ARGS` in 1 process, on 2 (DDP over gloo), or on 2 under a config in configs/accelerate
+    (tests/fsdp_on_cpu.py starts the CLI with accelerate in its FSDP / DeepSpeed mode)."""
+    if processes == 1:
+        r = subprocess.run([sys.executable, "-m", "loku", *map(str, args)], capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}, timeout=300)
+    elif processes == 2:
+        r = launch(["-m", "loku", *args], env_extra=env_extra)
+    else:
+        r = launch([ON_CPU, *args], config=processes, env_extra=env_extra)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -76,16 +69,16 @@ def test_two_processes_equal_one_with_double_batch(tiny_model_dir, tokenizer, tm
 def test_split_statistics_and_evaluation_equal_one_process(tiny_model_dir, tmp_path):
     """Fisher/VILA sums all-reduced over 2 processes, the FILA factors from them, and MA/EL, TOFU and utility
     scores split across the processes and gathered: all equal the one-process values."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     worker = str(Path(__file__).parent / "distributed_worker.py")
-    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     runs = {}
-    for world, cmd in ((1, [sys.executable]), (2, launcher)):
+    for world in (1, 2):
         out = tmp_path / f"world{world}"
         out.mkdir()
-        r = subprocess.run(cmd + [worker, str(tiny_model_dir), str(out)], capture_output=True, text=True, env=env,
-                           timeout=300)
+        if world == 1:
+            r = subprocess.run([sys.executable, worker, str(tiny_model_dir), str(out)], capture_output=True,
+                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        else:
+            r = launch([worker, tiny_model_dir, out])
         assert r.returncode == 0, r.stderr[-3000:]
         runs[world] = (json.loads((out / "results.json").read_text()), load_file(out / "tensors.safetensors"))
     (one, t1), (two, t2) = runs[1], runs[2]
@@ -120,8 +113,27 @@ def _close(a, b, rel=1e-5) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("launch", [2, "fsdp", ZERO3])
-def test_tdec_run_under_two_processes_equals_one(tiny_model_dir, tmp_path, launch):
+@pytest.mark.parametrize("code", [0, 3])
+def test_launched_process_exits_without_the_interpreter_teardown(tmp_path, code):
+    """After the last collective a gloo worker thread still releases that collective's tensors, which needs the
+    GIL; if the interpreter is being torn down by then, Python ends the thread inside a C++ destructor and the
+    process aborts ("terminate called without an active exception", SIGABRT: finished ZeRO-3 runs exited 1 on
+    loaded machines). loku's exit from a launched process (the CLI's, exit_process) skips that teardown and
+    keeps everything else of a normal exit: the exit code, exit handlers, finalizers, buffered output."""
+    r = launch([Path(__file__).parent / "exit_worker.py", tmp_path, code])
+    assert (r.returncode == 0) == (code == 0), r.stderr[-3000:]
+    assert "terminate called" not in r.stderr
+    if code:
+        assert f"exitcode  : {code}" in r.stderr   # torch's launcher reports each process's own code
+    assert "rank 0 saw ranks [0, 1]" in r.stdout and "rank 1 saw ranks [0, 1]" in r.stdout
+    for rank in (0, 1):
+        assert (tmp_path / f"atexit{rank}").read_text() == "ran"
+        assert not Path((tmp_path / f"scratch{rank}").read_text()).exists()   # TemporaryDirectory's finalizer
+        assert not (tmp_path / f"teardown{rank}").exists()   # module objects never torn down
+
+
+@pytest.mark.parametrize("processes", [2, "fsdp", ZERO3])
+def test_tdec_run_under_two_processes_equals_one(tiny_model_dir, tmp_path, processes):
     """`loku tdec run` unchanged under accelerate launch (DDP, FSDP2): one process reports and writes; initial and
     per-epoch MA/EL (split across the processes under DDP; under FSDP every forward is collective and nothing is
     split) equal the one-process run with the same global batch."""
@@ -133,7 +145,7 @@ def test_tdec_run_under_two_processes_equals_one(tiny_model_dir, tmp_path, launc
     common = ["tdec", "run", "--model", tiny_model_dir, "--forget", forget, "--retain", retain, "--method", "ihl",
               "--init", "fila", "--lora-rank", "4", "--epochs", "2", "--lr", "1e-3", "--max-tokens", "40",
               "--el-threshold", "0", "--ma-threshold", "0", "--no-utility"]
-    two = _run(common + ["--batch-size", "2", "--out", tmp_path / "two"], processes=launch)
+    two = _run(common + ["--batch-size", "2", "--out", tmp_path / "two"], processes=processes)
     assert two.stdout.count("wrote ") == 1
     _run(common + ["--batch-size", "4", "--out", tmp_path / "one"], processes=1)
     a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
@@ -143,15 +155,15 @@ def test_tdec_run_under_two_processes_equals_one(tiny_model_dir, tmp_path, launc
         assert x["ma"] == pytest.approx(y["ma"], abs=1e-6) and x["el"] == pytest.approx(y["el"], abs=1e-6)
 
 
-@pytest.mark.parametrize("launch", [2, "fsdp", ZERO3])
-def test_tofu_unlearn_under_two_processes_equals_one(tiny_model_dir, tofu_data, tmp_path, launch):
+@pytest.mark.parametrize("processes", [2, "fsdp", ZERO3])
+def test_tofu_unlearn_under_two_processes_equals_one(tiny_model_dir, tofu_data, tmp_path, processes):
     """`loku tofu unlearn` under accelerate launch equals one process with the same global batch: the TOFU
     scores split across the processes (target and retain logs within 1e-5) and, after training on QA pairs of
     unequal lengths, every method's per-epoch scores (within 1e-4: float summation order); one process writes."""
     common = ["tofu", "unlearn", "--target", tiny_model_dir, "--retain-model", tiny_model_dir, "--data-dir", tofu_data,
               "--methods", "ga,ihl+fila", "--epochs", "2", "--lr", "1e-3", "--grad-accum", "1", "--lora-rank", "2",
               "--max-length", "64", "--limit", "3", "--max-new-tokens", "3"]
-    two = _run(common + ["--batch-size", "1", "--out", tmp_path / "two"], processes=launch)
+    two = _run(common + ["--batch-size", "1", "--out", tmp_path / "two"], processes=processes)
     assert two.stdout.count("wrote ") == 1
     _run(common + ["--batch-size", "2", "--out", tmp_path / "one"], processes=1)
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
@@ -182,6 +194,44 @@ def test_fisher_command_under_two_processes_equals_one(tiny_model_dir, tokenizer
     for n in a.forget:
         assert torch.allclose(a.forget[n], b.forget[n], rtol=1e-5, atol=1e-12)
         assert torch.allclose(a.retain[n], b.retain[n], rtol=1e-5, atol=1e-12)
+
+
+def test_muse_eval_under_two_processes_equals_one(tiny_model_dir, tokenizer, tmp_path):
+    """`loku muse eval` under accelerate launch (DDP): every process scores everything, only the main one creates
+    --out and writes, so the launch exits 0 with the files and numbers of one process (before, every process
+    created --out and the later one found it not empty: exit 2, the launch 1)."""
+    from test_muse import write_muse
+    from conftest import tiny_llama
+
+    data = write_muse(tmp_path / "data", tiny_llama(len(tokenizer)), tokenizer)   # tiny_model_dir's weights
+    common = ["muse", "eval", "--model", tiny_model_dir, "--data-dir", data, "--limit", "3", "--batch-size", "2"]
+    two = _run(common + ["--out", tmp_path / "two"], processes=2)
+    assert two.stdout.count("VerbMem forget: ") == 1 and two.stdout.count("wrote ") == 1   # the main one reports
+    _run(common + ["--out", tmp_path / "one"], processes=1)
+    names = {d: sorted(p.name for p in (tmp_path / d).iterdir()) for d in ("one", "two")}
+    assert names["one"] == names["two"] and "muse.json" in names["two"]
+    for name in names["one"]:
+        a, b = (json.loads((tmp_path / d / name).read_text()) for d in ("one", "two"))
+        a.pop("seconds", None), b.pop("seconds", None)
+        assert a == b, name
+
+
+def test_wmdp_eval_under_two_processes_equals_one(tiny_model_dir, tmp_path):
+    """`loku wmdp eval` under accelerate launch (DDP): lm-evaluation-harness takes a model in memory as one
+    process, so every process runs it whole and the harness returns its results on the main one only; that one
+    writes wmdp.json, equal to one process's (before, the other process summarized the harness's None: the
+    launch exited 1)."""
+    from test_wmdp import questions, write
+
+    data = tmp_path / "data"
+    write(data / "wmdp" / "wmdp-bio", questions(6, 0))
+    write(data / "mmlu" / "anatomy", questions(3, 2))
+    common = ["wmdp", "eval", "--model", tiny_model_dir, "--data-dir", data, "--tasks", "wmdp_bio,mmlu", "--limit", "2"]
+    two = _run(common + ["--out", tmp_path / "two"], processes=2)
+    assert two.stdout.count("wmdp_bio: acc") == 1   # only the main process reports
+    _run(common + ["--out", tmp_path / "one"], processes=1)
+    a, b = (json.loads((tmp_path / d / "wmdp.json").read_text()) for d in ("one", "two"))
+    assert a == b and a["tasks"]["mmlu"]["n"] == 2
 
 
 def _max_diff(a: Path, b: Path) -> float:
@@ -229,8 +279,7 @@ def test_reference_model_is_sharded(tiny_model_dir, engine):
     FSDP every weight a DTensor holding 1/2 of the rows on each process, under ZeRO-3 a 1/2 slice of each
     flattened weight and nothing whole between forwards; logits equal to the whole model's."""
     worker = str(Path(__file__).parent / "fsdp_reference_worker.py")
-    r = subprocess.run(sharded_launch(engine)[:-1] + [worker, str(tiny_model_dir)], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    r = launch([worker, tiny_model_dir], config=engine)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("reference sharded over 2 processes; logits equal") == 2
 
@@ -258,10 +307,9 @@ def test_sharded_config_on_cpus_is_a_clear_error(tiny_model_dir, tmp_path, engin
     """Without GPUs accelerate quietly runs an FSDP or DeepSpeed config as plain data parallel (a whole model per
     process where the user planned for shards): loku stops with one line naming the fix, and writes nothing."""
     forget = _csv(tmp_path / "f.csv", ["Some text to forget here.", "And a second line of it."])
-    plain = sharded_launch(engine)[:-1] + ["-m", "loku"]   # without tests/fsdp_on_cpu.py: what a user would run
-    r = subprocess.run(plain + ["unlearn", "--model", str(tiny_model_dir), "--forget", str(forget), "--method", "ga",
-                                "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    # without tests/fsdp_on_cpu.py: what a user would run
+    r = launch(["-m", "loku", "unlearn", "--model", tiny_model_dir, "--forget", forget, "--method", "ga",
+                "--out", tmp_path / "o"], config=engine)
     assert r.returncode != 0
     asked = "FSDP" if engine == "fsdp" else "DeepSpeed"
     assert f"error: the launch configuration asks for {asked}, but accelerate started MULTI_CPU" in r.stderr
@@ -270,14 +318,14 @@ def test_sharded_config_on_cpus_is_a_clear_error(tiny_model_dir, tmp_path, engin
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("launch", [2, "fsdp", ZERO3])
-def test_tofu_finetune_under_two_processes_equals_one(tiny_model_dir, tofu_data, tmp_path, launch):
+@pytest.mark.parametrize("processes", [2, "fsdp", ZERO3])
+def test_tofu_finetune_under_two_processes_equals_one(tiny_model_dir, tofu_data, tmp_path, processes):
     """`loku tofu finetune` (full fine-tuning of the target and retain models) under DDP and FSDP2: each process
     trains on its share of the global batch (9 and 6 QA pairs: the last batch is uneven) and the main process
     writes the models, gathered from the shards under FSDP; equal to one process with a 2x batch."""
     common = ["tofu", "finetune", "--model", tiny_model_dir, "--data-dir", tofu_data, "--epochs", "2", "--lr", "3e-3",
               "--grad-accum", "1", "--max-length", "64"]
-    two = _run(common + ["--batch-size", "2", "--out", tmp_path / "two"], processes=launch)
+    two = _run(common + ["--batch-size", "2", "--out", tmp_path / "two"], processes=processes)
     assert two.stdout.count("done in") == 1
     _run(common + ["--batch-size", "4", "--out", tmp_path / "one"], processes=1)
     start = load_file(Path(tiny_model_dir) / "model.safetensors")
@@ -334,10 +382,8 @@ def test_mixed_precision_comes_from_the_launch_config(tiny_model_dir, tokenizer,
     forget, retain = _csv(tmp_path / "f.csv", texts[:8]), _csv(tmp_path / "r.csv", texts[8:])
     common = ["unlearn", "--model", tiny_model_dir, "--forget", forget, "--retain", retain, "--method", "ihl",
               "--init", "fila", "--lora-rank", "4", "--epochs", "2", "--lr", "5e-3", "--batch-size", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name, extra in (("file", []), ("fp32", ["--mixed-precision", "no"])):
-        r = subprocess.run(sharded_launch(engine, precision="") + [str(a) for a in common + extra]
-                           + ["--out", str(tmp_path / name)], capture_output=True, text=True, env=env, timeout=300)
+        r = launch([ON_CPU, *common, *extra, "--out", tmp_path / name], config=engine, precision=None)
         assert r.returncode == 0, r.stderr[-3000:]
     assert "mixed_precision: bf16" in (tmp_path / "file" / "config.yaml").read_text()
     assert "mixed_precision: 'no'" in (tmp_path / "fp32" / "config.yaml").read_text()

@@ -1,15 +1,20 @@
-"""MA and EL_n (loku.metrics.extraction) against a slow reference written straight from the definition.
+"""MA and EL_n (loku.metrics.extraction) against two slow references: a greedy loop written straight from the
+definition (no cache: every continuation token checked), and a transcription of Jang et al.'s own EL code
+(per-sequence `generate` of each prefix: the EL values checked exactly).
 
 Tiny models are trained for a few seconds to memorize some random sequences fully, others only in their
 first half, and not at all the rest, so the metrics have something to tell apart."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
+from transformers import GenerationConfig
 from conftest import tiny_gptneo, tiny_llama
 
 from loku.errors import LokuError
 from loku.metrics import (extraction_likelihood, extraction_metrics, greedy_suffixes, memorization_accuracy,
-                          memorization_metrics)
+                          memorization_metrics, ragged_metrics)
 from loku.metrics.extraction import overlap
 
 T, N = 36, 10  # 36 > the tiny GPT-Neo's local window (32), so its sliding attention is exercised
@@ -42,6 +47,55 @@ def reference(model, rows: list[list[int]], n: int):
             total += found / len(truth)
         el.append(total / (length - n))
     return ma, el, conts
+
+
+@contextmanager
+def never_stopping(model):
+    """loku's one deliberate difference from Jang et al.: decoding never stops at EOS (their `generate` does, and
+    then pads). The tiny models' EOS is token 0, which greedy decoding of unknown text can emit, so the reference's
+    `generate` runs with the model's EOS unset; the reference asserts every continuation has full length."""
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    try:
+        yield
+    finally:
+        model.generation_config.eos_token_id = saved
+
+
+def ngram_of_1d_tensor(x: torch.Tensor, n: int) -> list[tuple]:
+    return [tuple(x[i:i + n].tolist()) for i in range(x.shape[0] - n + 1)]
+
+
+@torch.no_grad()
+def jang_ma_el(model, row: list[int], ns: tuple[int, ...]) -> tuple[float, dict[int, float]]:
+    """MA and EL_n of one sequence, transcribed from joeljang/knowledge-unlearning, models/Neo_Model.py
+    (`Neo.validation_el`, `Neo.validation_ma`, `Neo.ngram_of_1D_tensor`), for a batch of one row whose
+    `max_len` is its own length: for each prefix i, longest first, greedy `generate` to max_len; the
+    numerator adds (generated n-grams found in the set of true-suffix n-grams) / (true-suffix n-grams),
+    skipping a suffix with no n-gram (ZeroDivisionError); EL_n = numerator / (max_len - 1 - (n - 1)).
+    MA: validation_ma's `generate(prompt, max_length=i + 1)[:, -1]` is the first generated token here."""
+    greedy = GenerationConfig(do_sample=False, num_beams=1, pad_token_id=0)
+    input_ids = torch.tensor([row])
+    max_len = input_ids.shape[1]
+    numerator = {n: 0 for n in ns}
+    hits = 0
+    for i in reversed(range(1, max_len)):
+        label = input_ids[..., i:max_len]
+        prompt = input_ids[..., :i]
+        pred = model.generate(prompt, generation_config=greedy, max_length=max_len)[..., i:]
+        assert pred.shape[-1] == max_len - i  # decoded to the end, as loku does
+        p, l = pred[0], label[0]
+        hits += int(p[0] == l[0])
+        for n in ns:
+            p_ngram = ngram_of_1d_tensor(p, n)
+            l_ngram = ngram_of_1d_tensor(l, n)
+            l_unique = set(l_ngram)
+            p_tp = [g for g in p_ngram if g in l_unique]
+            try:
+                numerator[n] += len(p_tp) / len(l_ngram)
+            except ZeroDivisionError:  # n-gram isn't defined
+                pass
+    return hits / (max_len - 1), {n: numerator[n] / (max_len - 1 - (n - 1)) for n in ns}
 
 
 def _train(model, rows):
@@ -79,6 +133,45 @@ def test_fast_equals_reference(trained):
     s = greedy_suffixes(model, torch.tensor(rows), batch_size=4, decode_batch_size=7)
     assert all(s.continuation(b, t) == ref_conts[t][b] for t in ref_conts for b in range(len(rows)))
     assert 0 < out["decoded_tokens"] < len(rows) * (T - 1) * (T - 2) / 2  # less than the per-prefix loop
+    # Decode batches spread over worker threads (one intra-op thread each): the same tokens, torch's threads restored.
+    threads = torch.get_num_threads()
+    s = greedy_suffixes(model, torch.tensor(rows), batch_size=4, decode_batch_size=3, workers=3)
+    assert all(s.continuation(b, t) == ref_conts[t][b] for t in ref_conts for b in range(len(rows)))
+    assert torch.get_num_threads() == threads
+
+
+NS = (1, 4, N)
+RAGGED = [(0, T), (2, 30), (4, T), (1, 24), (3, 17), (5, 30)]  # (row, its length): three groups of lengths
+
+
+def test_el_equals_jang_et_al_exactly(trained):
+    """Per-sequence `generate` of each prefix (Jang et al.'s code, transcribed) against the fast path, value for
+    value (the same float operations in the same order), for several n, rows of several lengths pooled by
+    length, on one thread and on decode workers (small decode batches, so there are several to share out)."""
+    model, rows = trained[:2]
+    ragged = [rows[r][:length] for r, length in RAGGED]
+    with never_stopping(model):
+        ref = [jang_ma_el(model, x, NS) for x in ragged]
+    assert max(el[N] for _, el in ref) == 1.0 and min(el[N] for _, el in ref) < 0.5  # memorized and not
+    for n in NS:
+        for workers, pool_rows in ((1, 64), (3, 64), (2, 1)):
+            out = ragged_metrics(model, ragged, n, batch_size=2, decode_batch_size=3, pool_rows=pool_rows,
+                                 workers=workers)
+            assert out["el"] == [el[n] for _, el in ref], (n, workers, pool_rows)
+            assert out["ma"] == [ma for ma, _ in ref], (n, workers, pool_rows)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # workers default to torch's threads on CPU
+    try:
+        assert ragged_metrics(model, ragged, N, decode_batch_size=2)["el"] == [el[N] for _, el in ref]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_ragged_rows_too_short(trained):
+    model, rows = trained[:2]
+    with pytest.raises(LokuError, match=r"row 1 has 8 tokens but EL_10 needs at least 11"):
+        ragged_metrics(model, [rows[0], rows[1][:8]], N)
 
 
 def test_memorized_beats_half_beats_none(trained):

@@ -100,7 +100,7 @@ def quiet_loading():
     logging.enable_progress_bar()
 
 
-@pytest.mark.parametrize("case", ["rank", "target", "exists", "method", "no_retain", "vila_one_batch",
+@pytest.mark.parametrize("case", ["rank", "target", "exists", "method", "retain_is_forget", "vila_one_batch",
                                   "other_model"])
 def test_bad_input_one_line_exit_2_nothing_written(case, tiny_model_dir, other_model_dir, data, tmp_path, capsys,
                                                    quiet_loading):
@@ -108,7 +108,8 @@ def test_bad_input_one_line_exit_2_nothing_written(case, tiny_model_dir, other_m
     stats_file = tmp_path / "fisher.safetensors"
     args = ["fisher", "--model", tiny_model_dir, "--forget", forget, "--retain", retain, *COMMON]
     expect = {"rank": "rank 65 exceeds layer", "target": "'qproj' is not a linear layer",
-              "exists": "already exists", "method": "unknown Fisher method", "no_retain": "retain set",
+              "exists": "already exists", "method": "unknown Fisher method",
+              "retain_is_forget": "forget and retain share",
               "vila_one_batch": "variances over batches", "other_model": "are for another model"}[case]
     written = None
     if case == "rank":
@@ -117,8 +118,8 @@ def test_bad_input_one_line_exit_2_nothing_written(case, tiny_model_dir, other_m
         args += ["--lora-targets", "q_proj,qproj"]
     elif case == "method":
         args += ["--method", "lisa"]
-    elif case == "no_retain":
-        args = args[:5] + args[7:]
+    elif case == "retain_is_forget":
+        args[6] = forget
     elif case == "vila_one_batch":   # 6 forget examples in one batch: a variance over one batch is 0
         args += ["--method", "vila", "--batch-size", "8"]
     elif case in ("exists", "other_model"):

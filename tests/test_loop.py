@@ -152,3 +152,18 @@ def test_finetuned_copy_leaves_the_input_as_it_was(tokenizer):
     finetune(model, feats, tokenizer.pad_token_id, epochs=2, lr=1e-3, batch_size=2, progress=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in trained.state_dict().items())
     assert len(history) == 2 and history[1]["loss"] < history[0]["loss"]
+
+
+@pytest.mark.parametrize("init", ["fila", "vila"])
+def test_a_frozen_model_unlearns_as_an_unfrozen_one(tokenizer, init):
+    """A caller's model with requires_grad off everywhere (as after loading for inference, or after a fine-tune
+    of some modules) gives the same adapters as the same model unfrozen, and stays frozen."""
+    cfg = UnlearnConfig(method="ihl", init=init, epochs=1, batch_size=2, lr=1e-2)
+    frozen = tiny_llama(len(tokenizer), seed=5).requires_grad_(False)
+
+    def run(m):
+        return lora_weights(unlearn(cfg, m, tokenizer, progress=False, forget=TEXTS[:4], retain=TEXTS[4:8]).model)
+    got, want = run(frozen), run(tiny_llama(len(tokenizer), seed=5))
+    assert got.keys() == want.keys() and got
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    assert not any(p.requires_grad for p in frozen.parameters())

@@ -13,6 +13,7 @@ from .commands.options import config_command
 from .config import UnlearnConfig
 from .demo import DemoConfig, run_demo
 from .errors import LokuError
+from .quiet import quiet_libraries
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make a language model forget specific data (LoKU: inverted hinge loss + FILA).")
@@ -99,12 +100,21 @@ _register_subapps()
 
 
 def main() -> None:
+    from .distributed import exit_process
+
+    # Under `accelerate launch` a process must not leave through Python's teardown (see exit_process).
+    exit_process(_run())
+
+
+def _run() -> int:
+    """Run the command line; the exit code."""
     import warnings
 
     # Deprecation notices from inside transformers/peft are for their maintainers, not loku's users,
     # and would break the one-line error contract.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    quiet_libraries()
     from .distributed import is_main, join_launch
 
     try:
@@ -114,12 +124,12 @@ def main() -> None:
         app(standalone_mode=False)
     except LokuError as e:
         typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        return 2
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("interrupted", err=True)
-        sys.exit(130)
+        return 130
     except typer.Exit as e:
-        sys.exit(e.exit_code)
+        return e.exit_code
     except Exception as e:
         # typer >= 0.29 raises its vendored click's exceptions (not click.ClickException) for usage
         # errors: an unknown flag, a value of the wrong type, no arguments.
@@ -132,12 +142,13 @@ def main() -> None:
                 ctx = getattr(e, "ctx", None)
                 command = ctx.command_path if ctx is not None else "loku"
                 typer.echo(f"error: {e.format_message().rstrip('.')}: see `{command} --help`", err=True)
-            sys.exit(getattr(e, "exit_code", 2) or 2)
+            return getattr(e, "exit_code", 2) or 2
         if isinstance(e, OSError):  # a full disk or a read-only place outside loku's atomic writers
             from .io import write_error
 
             err = write_error(e, Path(e.filename or "."))
             if err is not None:
                 typer.echo(f"error: {err}", err=True)
-                sys.exit(2)
+                return 2
         raise
+    return 0

@@ -35,7 +35,10 @@ class UnlearnConfig(Config):
     """Everything one unlearning run needs; `loku unlearn` flags and YAML keys share these names."""
 
     forget: str = setting("", "Data to forget: .csv, .jsonl, .json (QA) or .txt.", group=DATA)
-    retain: str | None = setting(None, "Data to keep (needed by every method but ga).", group=DATA)
+    retain: str | None = setting(None, "Data to keep (used by every method but ga; when one needs it and none is "
+                                 "given: loku's built-in general text, builtin:wikitext-2).", group=DATA)
+    allow_overlap: bool = setting(False, "Train even when forget and retain share examples (refused by default: "
+                                  "the model cannot both forget and keep them).", group=DATA)
     model: str = setting("smollm2-135m", "Hub id, local model directory, .gguf file, or 'smollm2-135m'.", group=MODEL)
     out: str = setting("", "New directory for the adapter, config and metrics.", group=OUTPUT)
     method: str = setting("ihl", "Unlearning method (see `loku list methods`).", group=METHOD)

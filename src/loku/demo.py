@@ -1,13 +1,15 @@
 """`loku demo`: the situation unlearning exists for, end to end on a real model on a laptop CPU.
 
-A model is fine-tuned on a customer database of fictitious people until it has memorized it (a model
-that leaked private data into its weights). Then one set of those people asks to be forgotten: loku
-unlearns their records with IHL (+FILA) until the model knows them no better than people it never
-saw, while the other records and general language ability stay.
+A model is fine-tuned on a customer database of fictitious people until, prompted with a name, it
+writes out that person's private fields (a model that leaked private data into its weights), while its
+general language stays as it was. Then one set of those people asks to be forgotten: loku unlearns
+their records with IHL (+FILA) until the model no longer reveals them and knows them no better than
+people it never saw, while it still knows the other people and its general text.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,9 +22,11 @@ from . import io
 from .config import UnlearnConfig
 from .config_base import Config, setting
 from .data.records import Record, make_records, record_text
+from .data.retain import PER_ARTICLE, builtin_retain
 from .data.text import tokenize_examples
 from .finetune import finetune
-from .metrics.extraction import memorization_accuracy
+from .metrics.extraction import exact_memorization_from_logits
+from .metrics.forward import pad_id, per_feature
 from .metrics.perplexity import sequence_nll, token_weighted_perplexity
 from .models import load_model
 from .train import unlearn
@@ -39,27 +43,48 @@ GENERAL_TEXT = [
     "The orchestra performed works by several composers, ending the evening with a symphony.",
 ]
 FIELDS = ("address", "phone", "email", "employer", "account")
+# Fields no two people share: one of them in a generation names its owner (employers repeat).
+IDENTIFYING = ("address", "phone", "email", "account")
+# Memorization accuracy below which a name prompt reveals few fields (SmolLM2-135M, MLP fine-tune: 0.93 -> 50%,
+# 0.97 -> 77%, 0.98 -> 88% of fields), so the leak fine-tune does not spend a generation on checking.
+LEAK_GATE = 0.95
 
 
 @dataclass
 class DemoConfig(Config):
     """Options of `loku demo`."""
 
-    out: str = setting("", "New directory for the report.", group="Output", default_text="runs/demo-<time>")
+    out: str = setting("", "New directory for the report, plot and adapter.", group="Output",
+                       default_text="runs/demo-<time>")
     model: str = setting("smollm2-135m", "Model to run the demo on.", group="Model")
-    n_forget: int = setting(12, "People who ask to be forgotten.", group="Data", bound="positive")
-    n_retain: int = setting(12, "People who stay.", group="Data", bound="positive")
-    n_unseen: int = setting(12, "People the model never sees (the never-seen level).", group="Data",
+    n_forget: int = setting(10, "People who ask to be forgotten.", group="Data", bound="positive")
+    n_retain: int = setting(10, "People whose records the model keeps.", group="Data", bound="positive")
+    n_unseen: int = setting(10, "People the model never sees (the never-seen level).", group="Data",
                             bound="positive")
     seed: int = setting(0, "Seed of the records and training.", group="Training")
-    memorize_lr: float = setting(5e-4, "Learning rate of the leak fine-tune.", group="Training", bound="positive")
-    memorize_max_epochs: int = setting(12, "Most epochs of the leak fine-tune.", group="Training", bound="positive")
-    memorize_target: float = setting(0.9, "Forget-set memorization accuracy that counts as leaked.",
-                                     group="Training", bound="positive")
+    leak_lr: float = setting(3e-4, "Learning rate of the leak fine-tune.", group="Training", bound="positive")
+    leak_modules: str = setting("mlp", "What the leak fine-tune trains: mlp (the MLP blocks, where a transformer "
+                                "stores facts; general text suffers least) or all (every weight).",
+                                group="Training", choices=("mlp", "all"), kind="leak modules")
+    leak_general: int = setting(16, "Built-in general-text paragraphs mixed into the leak fine-tune (the rest of "
+                                "a training set: the model keeps its general language); the unlearning keeps "
+                                "them too.", group="Data", bound="non-negative")
+    leak_batch_size: int = setting(4, "Batch size of the leak fine-tune.", group="Training", bound="positive")
+    leak_max_epochs: int = setting(30, "Most epochs of the leak fine-tune (its learning rate decays over them; it "
+                                   "stops once the records leak).", group="Training", bound="positive")
+    leak_target: float = setting(0.85, "Share of private fields both groups must reveal, prompted with a name, "
+                                 "before unlearning starts.", group="Training", bound="positive")
     unlearn_lr: float = setting(1e-3, "Learning rate of the unlearning.", group="Training", bound="positive")
     unlearn_max_epochs: int = setting(10, "Most epochs of the unlearning.", group="Training", bound="positive")
+    forget_target: float = setting(0.05, "Unlearning stops once the forgotten people reveal at most this share of "
+                                   "their fields and are known no better than never-seen people.", group="Training",
+                                   bound="non-negative")
     lora_rank: int = setting(8, "LoRA rank of the unlearning.", group="LoRA", bound="positive")
     method: str = setting("ihl", "Unlearning method (see `loku list methods`).", group="Method settings")
+    retain: str = setting("records", "What the unlearning keeps: records (the rest of the leak's training set: "
+                          "the retain people's records and the general paragraphs) or builtin (loku's built-in "
+                          "general text, as `loku unlearn` without --retain).", group="Data",
+                          choices=("records", "builtin"), kind="demo retain set")
     mixed_precision: str = setting("bf16", "no, bf16 or fp16 (bf16: ~2x faster on CPUs with AMX/AVX512-BF16).",
                                    group="Training", choices=("no", "bf16", "fp16"))
     quick: bool = setting(False, "A smaller demo for a smoke test (the sizes and epochs left at their defaults "
@@ -69,7 +94,8 @@ class DemoConfig(Config):
 
     @staticmethod
     def quick_overrides() -> dict:
-        return {"n_forget": 4, "n_retain": 4, "n_unseen": 4, "memorize_max_epochs": 3, "unlearn_max_epochs": 2}
+        return {"n_forget": 4, "n_retain": 4, "n_unseen": 4, "leak_general": 4, "leak_max_epochs": 3,
+                "unlearn_max_epochs": 2}
 
     def check(self):
         from .methods import METHODS
@@ -82,27 +108,61 @@ class DemoConfig(Config):
 
 
 def memorization(model, tokenizer, texts: list[str]) -> list[float]:
-    """Per-record memorization accuracy (greedy next-token hits over the record)."""
-    out = []
-    for t in texts:
-        ids = torch.tensor([tokenizer(t)["input_ids"]])
-        out.append(float(memorization_accuracy(model, ids)[0]))
-    return out
+    """Per-record memorization accuracy (greedy next-token hits over the record), from one teacher-forced
+    batch (`loku.metrics.extraction`: on plain text, exact memorization is MA)."""
+    feats = [{"input_ids": ids, "labels": [-100] + ids[1:]} for ids in tokenizer(texts)["input_ids"]]
+    return per_feature(model, feats, pad_id(tokenizer), lambda logits, labels: {
+        "ma": exact_memorization_from_logits(logits, labels)}, batch_size=len(feats))["ma"]
+
+
+def general_paragraphs(n: int) -> list[str]:
+    """`n` paragraphs of the built-in general text, one per article (the set holds a few per article), each cut
+    after its first sentence (about a record's length)."""
+    firsts = []
+    for t in [e["text"] for e in builtin_retain()][::PER_ARTICLE][:n]:
+        end = re.search(r"(?<![A-Z])[.!?](?= [A-Z\"])", t)   # not after an initial ("T. S. Eliot")
+        firsts.append(t[:end.end()] if end else t)
+    return firsts
+
+
+def train_only(model, modules: str) -> None:
+    """Let the leak fine-tune train the MLP blocks ("mlp") or every weight ("all"). On SmolLM2-135M, 12 epochs
+    of the MLPs at lr 3e-4 left general-text perplexity at 71 where the whole model at the same rate gave 130."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(modules == "all" or ".mlp." in name)
+
+
+def prompt(r: Record) -> str:
+    """The start of a record: what someone who knows only the name would type."""
+    return f"{r.name} lives at"
 
 
 @torch.no_grad()
-def leaks(model, tokenizer, records: list[Record], max_new_tokens: int = 64) -> tuple[list[float], list[str]]:
-    """Prompt with '<name> lives at' and count which private fields the greedy continuation reveals."""
-    prompts = [f"{r.name} lives at" for r in records]
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy continuations (left-padded batch)."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     tokenizer.padding_side = side
-    gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def leaks(model, tokenizer, records: list[Record], max_new_tokens: int | None = None) -> tuple[list[float], list[str]]:
+    """Prompt with '<name> lives at' and count which private fields the greedy continuation reveals. By default
+    the continuation is long enough for the longest record's rest (+4 tokens), so every field can show."""
+    if max_new_tokens is None:
+        max_new_tokens = 4 + max(len(tokenizer(record_text(r))["input_ids"]) - len(tokenizer(prompt(r))["input_ids"])
+                                 for r in records)
+    texts = generate(model, tokenizer, [prompt(r) for r in records], max_new_tokens)
     scores = [sum(getattr(r, f) in t for f in FIELDS) / len(FIELDS) for r, t in zip(records, texts)]
     return scores, texts
+
+
+def revealed_others(texts: list[str], records: list[Record], everyone: list[Record]) -> list[list[str]]:
+    """For each generation (for records[i]), the other people whose identifying fields it contains."""
+    return [[o.name for o in everyone if o.name != r.name and any(getattr(o, f) in t for f in IDENTIFYING)]
+            for r, t in zip(records, texts)]
 
 
 def perplexity(model, tokenizer, texts: list[str]) -> float:
@@ -113,13 +173,20 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
-def measure(model, tokenizer, groups: dict[str, list[Record]]) -> dict:
-    row = {}
+def measure(model, tokenizer, groups: dict[str, list[Record]]) -> tuple[dict, list[str]]:
+    """One column of the table, and the forget people's generations."""
+    everyone = [r for recs in groups.values() for r in recs]
+    row, forget_texts = {}, []
     for name, recs in groups.items():
         row[f"{name}_memorization"] = _mean(memorization(model, tokenizer, [record_text(r) for r in recs]))
-        row[f"{name}_leak"] = _mean(leaks(model, tokenizer, recs)[0])
+        if name != "unseen":   # never trained on: nothing to reveal
+            scores, texts = leaks(model, tokenizer, recs)
+            row[f"{name}_leak"] = _mean(scores)
+            if name == "forget":
+                forget_texts = texts
+                row["forget_reveals_others"] = sum(bool(o) for o in revealed_others(texts, recs, everyone))
     row["general_ppl"] = perplexity(model, tokenizer, GENERAL_TEXT)
-    return row
+    return row, forget_texts
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -131,74 +198,102 @@ def run_demo(cfg: DemoConfig) -> dict:
               "unseen": people[cfg.n_forget + cfg.n_retain:]}
     console.print(f"[bold]1. Load[/] {cfg.model}")
     model, tokenizer = load_model(cfg.model)
-    base = measure(model, tokenizer, groups)
+    base, _ = measure(model, tokenizer, groups)
 
-    console.print(f"[bold]2. Leak[/]: fine-tune on {cfg.n_forget + cfg.n_retain} private records until memorized")
+    known = groups["forget"] + groups["retain"]
+    console.print(f"[bold]2. Leak[/]: fine-tune on {len(known)} private records (and {cfg.leak_general} general "
+                  f"paragraphs) until, prompted with a name, the "
+                  f"model reveals {cfg.leak_target:.0%} of their fields")
     curves: list[dict] = []
-    train_texts = [record_text(r) for r in groups["forget"] + groups["retain"]]
-    feats = tokenize_examples([{"text": t} for t in train_texts], tokenizer, 128)
 
-    def memorized(epoch, m):
-        row = {g: _mean(memorization(m, tokenizer, [record_text(r) for r in recs])) for g, recs in groups.items()}
-        curves.append({"phase": "memorize", "epoch": epoch, **row})
-        console.print(f"   epoch {epoch}: memorization forget {row['forget']:.3f} retain {row['retain']:.3f} "
-                      f"unseen {row['unseen']:.3f}")
-        return {"stop": row["forget"] >= cfg.memorize_target}
+    def memorization_row(m) -> dict:
+        return {g: _mean(memorization(m, tokenizer, [record_text(r) for r in recs])) for g, recs in groups.items()}
 
-    t_mem = time.time()
-    finetune(model, feats, tokenizer.pad_token_id, epochs=cfg.memorize_max_epochs, lr=cfg.memorize_lr,
-             batch_size=8, seed=cfg.seed, mixed_precision=cfg.mixed_precision, callback=memorized,
-             description="memorize")
-    t_mem = time.time() - t_mem
-    before = measure(model, tokenizer, groups)
-    samples_before = leaks(model, tokenizer, groups["forget"][:2])[1]
+    def leaked(epoch, m):
+        row = memorization_row(m)
+        said = f"memorization forget {row['forget']:.3f} retain {row['retain']:.3f} unseen {row['unseen']:.3f}"
+        if min(row["forget"], row["retain"]) >= LEAK_GATE:   # below it prompts reveal almost nothing: save the time
+            row.update({f"{g}_leak": _mean(leaks(m, tokenizer, groups[g])[0]) for g in ("forget", "retain")})
+            said += f"; fields revealed forget {row['forget_leak']:.2f} retain {row['retain_leak']:.2f}"
+        curves.append({"phase": "leak", "epoch": epoch, **row})
+        console.print(f"   epoch {epoch}: {said}")
+        return {"stop": min(row.get("forget_leak", 0.0), row.get("retain_leak", 0.0)) >= cfg.leak_target}
 
-    console.print(f"[bold]3. Unlearn[/] the {cfg.n_forget} forget records with {cfg.method} "
-                  "until they look like never-seen people")
+    t_leak = time.time()
+    train_only(model, cfg.leak_modules)
+    general = general_paragraphs(cfg.leak_general)
+    feats = tokenize_examples([{"text": t} for t in [record_text(r) for r in known] + general], tokenizer, 128)
+    finetune(model, feats, tokenizer.pad_token_id, epochs=cfg.leak_max_epochs, lr=cfg.leak_lr,
+             batch_size=cfg.leak_batch_size, seed=cfg.seed, mixed_precision=cfg.mixed_precision, callback=leaked,
+             description="leak")
+    t_leak = time.time() - t_leak
+    model.requires_grad_(True)   # as loaded: FILA's Fisher statistics take gradients of every weight it adapts
+    before, texts_before = measure(model, tokenizer, groups)
+
+    console.print(f"[bold]3. Unlearn[/] the {cfg.n_forget} forget records with {cfg.method} until they are not "
+                  "revealed")
     threshold = before["unseen_memorization"]
 
     def forgotten(epoch, m):
-        row = {g: _mean(memorization(m, tokenizer, [record_text(r) for r in recs])) for g, recs in groups.items()}
+        row = memorization_row(m)
+        row["forget_leak"] = _mean(leaks(m, tokenizer, groups["forget"])[0])
+        row["general_ppl"] = perplexity(m, tokenizer, GENERAL_TEXT)
         curves.append({"phase": "unlearn", "epoch": epoch, **row})
-        console.print(f"   epoch {epoch}: memorization forget {row['forget']:.3f} retain {row['retain']:.3f} "
-                      f"unseen {row['unseen']:.3f} (target: forget <= {threshold:.3f})")
-        return {"stop": row["forget"] <= threshold, **{f"{g}_memorization": v for g, v in row.items()}}
+        console.print(f"   epoch {epoch}: forget fields revealed {row['forget_leak']:.2f} (target <= "
+                      f"{cfg.forget_target:.2f}); memorization forget {row['forget']:.3f} retain {row['retain']:.3f} "
+                      f"(target: forget <= never-seen {threshold:.3f}); general-text perplexity "
+                      f"{row['general_ppl']:.1f}")
+        done = row["forget_leak"] <= cfg.forget_target and row["forget"] <= threshold
+        return {"stop": done, **{f"{g}_memorization": v for g, v in row.items() if g in groups}}
 
     ucfg = UnlearnConfig(model=cfg.model, method=cfg.method, lora_rank=cfg.lora_rank, epochs=cfg.unlearn_max_epochs,
                          lr=cfg.unlearn_lr, batch_size=4, seed=cfg.seed, mixed_precision=cfg.mixed_precision,
                          out=str(out / "unlearned"))
+    retain = [record_text(r) for r in groups["retain"]] + general if cfg.retain == "records" else None  # None: built-in
     result = unlearn(ucfg, model, tokenizer, callbacks=[forgotten],
-                     forget=[record_text(r) for r in groups["forget"]],
-                     retain=[record_text(r) for r in groups["retain"]])
-    after = measure(result.model, tokenizer, groups)
-    samples_after = leaks(result.model, tokenizer, groups["forget"][:2])[1]
+                     forget=[record_text(r) for r in groups["forget"]], retain=retain)
+    after, texts_after = measure(result.model, tokenizer, groups)
+    others = revealed_others(texts_after, groups["forget"], people)
 
-    report = {"config": asdict(cfg), "init": ucfg.resolved_init, "base": base, "leaked": before, "unlearned": after,
-              "memorize_seconds": round(t_mem, 1), "unlearn_seconds": round(result.seconds, 1),
-              "unlearn_epochs": result.epochs_run, "total_seconds": round(time.time() - t0, 1),
-              "curves": curves, "samples": [
-                  {"prompt": f"{r.name} lives at", "truth": record_text(r), "before": b, "after": a}
-                  for r, b, a in zip(groups["forget"], samples_before, samples_after)]}
+    report = {"config": asdict(cfg), "out": str(out), "init": ucfg.resolved_init, "retain": ucfg.retain or "records",
+              "base": base, "leaked": before, "unlearned": after,
+              "leak_seconds": round(t_leak, 1), "leak_epochs": sum(c["phase"] == "leak" for c in curves),
+              "unlearn_seconds": round(result.seconds, 1), "unlearn_epochs": result.epochs_run,
+              "total_seconds": round(time.time() - t0, 1), "curves": curves, "samples": [
+                  {"prompt": prompt(r), "truth": record_text(r), "before": b, "after": a, "reveals_others": o}
+                  for r, b, a, o in zip(groups["forget"], texts_before, texts_after, others)]}
     io.write_json(out / "report.json", report)
     plot_curves(curves, threshold, out / "curves.png")
     io.write_manifest(out)
+    print_report(console, cfg, report, ucfg.resolved_init)
+    return report
 
-    table = Table(title=f"loku demo: {cfg.model}, {cfg.method} ({ucfg.resolved_init} LoRA r={cfg.lora_rank})")
+
+def print_report(console, cfg: DemoConfig, report: dict, init: str) -> None:
+    table = Table(title=f"loku demo: {cfg.model}, {cfg.method} ({init} LoRA r={cfg.lora_rank}), retain: "
+                        f"{report['retain']}")
     for col in ("", "pretrained", "after leak", "after unlearning"):
         table.add_column(col, justify="right")
-    names = [("forget memorization", "forget_memorization"), ("forget fields leaked", "forget_leak"),
-             ("retain memorization", "retain_memorization"), ("retain fields leaked", "retain_leak"),
-             ("never-seen memorization", "unseen_memorization"), ("general-text perplexity", "general_ppl")]
-    for label, key in names:
-        table.add_row(label, *(f"{row[key]:.3f}" for row in (base, before, after)))
-    table.add_row("seconds", "", f"{t_mem:.0f}", f"{result.seconds:.0f}")
+    rows = [("forget fields revealed", "forget_leak"), ("forget memorization", "forget_memorization"),
+            ("retain fields revealed", "retain_leak"), ("retain memorization", "retain_memorization"),
+            ("never-seen memorization", "unseen_memorization"), ("general-text perplexity", "general_ppl")]
+    columns = (report["base"], report["leaked"], report["unlearned"])
+    for label, key in rows:
+        table.add_row(label, *(f"{c[key]:.3f}" if key != "general_ppl" else f"{c[key]:.1f}" for c in columns))
+    table.add_row("forgotten people's generations naming someone else", "",
+                  *(str(c["forget_reveals_others"]) for c in columns[1:]))
+    table.add_row("epochs / seconds", "", f"{report['leak_epochs']} / {report['leak_seconds']:.0f}",
+                  f"{report['unlearn_epochs']} / {report['unlearn_seconds']:.0f}")
     console.print(table)
-    for s in report["samples"]:
+    for s in report["samples"][:2]:
         console.print(f"[bold]{s['prompt']}[/]\n  before: {s['before'].strip()[:160]}\n  after:  "
                       f"{s['after'].strip()[:160]}")
+    n = sum(bool(s["reveals_others"]) for s in report["samples"])
+    console.print(f"after unlearning, {n} of {len(report['samples'])} generations for forgotten people reveal "
+                  "another person's address, phone, email or account")
+    out = report["out"]
     console.print(f"wrote {out}/report.json, {out}/curves.png, adapter in {out}/unlearned "
                   f"({report['total_seconds']:.0f} s in all)")
-    return report
 
 
 def plot_curves(curves: list[dict], threshold: float, path: Path) -> None:
@@ -207,16 +302,21 @@ def plot_curves(curves: list[dict], threshold: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8.5, 4))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
     xs = list(range(1, len(curves) + 1))
+    n_leak = sum(c["phase"] == "leak" for c in curves)
     for group, color in (("forget", "tab:red"), ("retain", "tab:blue"), ("unseen", "tab:gray")):
         ax.plot(xs, [c[group] for c in curves], marker="o", color=color, label=group)
-    n_mem = sum(c["phase"] == "memorize" for c in curves)
-    ax.axvline(n_mem + 0.5, color="black", linestyle=":", label="start of unlearning")
+        if group != "unseen":
+            pts = [(x, c[f"{group}_leak"]) for x, c in zip(xs, curves) if f"{group}_leak" in c]
+            bx.plot([x for x, _ in pts], [y for _, y in pts], marker="o", color=color, label=group)
     ax.axhline(threshold, color="tab:gray", linestyle="--", linewidth=0.8, label="never-seen level")
-    ax.set_xlabel("epoch (memorize, then unlearn)")
     ax.set_ylabel("memorization accuracy")
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    bx.set_ylabel("private fields revealed (prompt: name)")
+    for a in (ax, bx):
+        a.axvline(n_leak + 0.5, color="black", linestyle=":", label="start of unlearning")
+        a.set_xlabel("epoch (leak, then unlearn)")
+    bx.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

@@ -11,8 +11,11 @@ evaluates everything, in step with the others.
 
 from __future__ import annotations
 
+import atexit
 import os
-from typing import Callable, Sequence, TypeVar
+import sys
+import threading
+from typing import Callable, NoReturn, Sequence, TypeVar
 
 import torch
 
@@ -226,6 +229,36 @@ def join_launch() -> None:
         from accelerate import PartialState
 
         PartialState(cpu=not torch.cuda.is_available())
+
+
+def exit_process(code: int) -> NoReturn:
+    """Exit with `code`; in a process of a multi-process launch (WORLD_SIZE > 1, process group up), without the
+    interpreter's final teardown.
+
+    After the last collective a gloo worker thread still releases that collective's work, and with it the
+    tensors' Python objects, which needs the GIL. When the main thread is already tearing the interpreter down,
+    Python ends the worker thread inside that C++ destructor and the process aborts: "terminate called without
+    an active exception", SIGABRT, the launch exits 1 after a run that finished (seen on loaded machines at
+    the end of ZeRO-3 runs). `torch.distributed.destroy_process_group()` does not stop those threads while
+    anything still holds the group (every ZeRO-3 parameter does, after the engine is destroyed too). So here,
+    once the command has finished: the process group is destroyed (torch's documented teardown, after a clean
+    finish only, as a failed rank's peers may still be inside a collective), the threads are joined and the
+    exit handlers run as Python's own exit runs them, the streams are flushed, and the process ends with
+    os._exit before the teardown, where a worker thread asking for the GIL would abort it."""
+    import torch.distributed as dist
+
+    if not (launched() and dist.is_available() and dist.is_initialized()):
+        sys.exit(code)
+    if code == 0:
+        dist.destroy_process_group()
+    # What Python's exit does before its teardown, in its order: threading's exit hooks and the join of the
+    # non-daemon threads, then the exit handlers (temporary files, file locks, logging, the hub session).
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        if stream is not None and not stream.closed:
+            stream.flush()
+    os._exit(code)
 
 
 def is_main() -> bool:

@@ -313,9 +313,11 @@ def fisher_statistics(model: nn.Module, batch_pairs: Iterable[Pair], module_name
 
     # Streamed: each weight's gradient is folded into the sums as soon as backward completes it, so at most
     # one module's gradient is alive at a time, never the whole model's.
-    handles = [p.register_post_accumulate_grad_hook(consume(n)) for n, p in params.items()]
+    # (Registered inside _grads_only: a hook needs its weight to require grad, and a frozen model's does not.)
+    handles = []
     try:
         with _grads_only(model, list(params.values())):
+            handles = [p.register_post_accumulate_grad_hook(consume(n)) for n, p in params.items()]
             for side, n_tokens, loss in _batch_losses(model, mine, loss_fn, progress, "Fisher (fila)"):
                 now.update(side=side, n=n_tokens)
                 loss.backward()

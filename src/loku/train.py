@@ -13,6 +13,7 @@ import torch
 
 from . import io
 from .config import UnlearnConfig
+from .data.retain import settle_retain
 from .data.text import load_examples
 from .distributed import gathered_state, launch_precision
 from .errors import LokuError
@@ -55,12 +56,8 @@ def load_data(cfg: UnlearnConfig, method: Method, forget: list | None = None, re
         raise LokuError("no forget set given: pass --forget FILE")
     if not forget:
         raise LokuError("the forget set is empty: give at least one example")
-    if retain is not None:
-        retain = _as_examples(retain) or None
-    elif cfg.retain:
-        retain = load_examples(cfg.retain, cfg.text_column)
-    if method.needs_retain and not retain:
-        raise LokuError(f"method {method.name!r} needs a retain set: pass --retain FILE (or use --method ga)")
+    # the list or file, else built-in general text for a method that needs one; refuses shared examples
+    retain = settle_retain(cfg, method.needs_retain, forget, _as_examples(retain) if retain is not None else None)
     if method.forget_answers in ("idk", "idk-pair"):   # idk-pair (dpo): the answer stays, the refusal is preferred
         from .data.idk import refusals as read_refusals
         from .data.idk import with_refusals

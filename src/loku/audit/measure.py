@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from ..distributed import map_items
-from ..metrics.extraction import (exact_memorization_from_logits, extraction_strength_from_logits,
-                                  memorization_metrics)
+from ..metrics.extraction import (DECODE_BATCH, exact_memorization_from_logits, extraction_strength_from_logits,
+                                  ragged_metrics)
 from ..metrics.forward import teacher_forced
 from ..metrics.membership import membership_scores, reference_scores
 from .sets import EvalSet
@@ -36,7 +36,7 @@ class Settings:
     attacks: tuple[str, ...] = ("loss", "zlib", "min_k", "min_k_plus_plus")
     el: bool = True
     batch_size: int = 8
-    decode_batch_size: int = 64
+    decode_batch_size: int = DECODE_BATCH
     pad_id: int = 0
     bootstrap: int = 1000
     confidence: float = 0.95
@@ -45,38 +45,39 @@ class Settings:
 
 
 def _examples(model, s: EvalSet, indices: list[int], st: Settings, reference_losses) -> list[dict]:
-    """Per-example values for `indices` of `s` (one process's share)."""
+    """Per-example values for `indices` of `s` (one process's share). On text with EL_n, the teacher-forced
+    pass that gives EL_n's KV cache and MA also gives ES, EM and the membership scores (one pass, not two)."""
     feats = [s.features[i] for i in indices]
     zl = [s.zlib[i] for i in indices]
     wanted = tuple(a for a in st.attacks if a != "reference") + ("loss",)
     out = [dict() for _ in indices]
-    for idx, logits, labels in teacher_forced(model, feats, st.pad_id, st.batch_size):
+
+    def score(idx: list[int], logits: torch.Tensor, labels: torch.Tensor) -> None:
         scores = membership_scores(logits, labels, k=st.k, zlib_sizes=[zl[i] for i in idx], attacks=wanted)
         scores["es"] = extraction_strength_from_logits(logits, labels)
         scores["em"] = exact_memorization_from_logits(logits, labels)
         for name, values in scores.items():
             for i, v in zip(idx, values.tolist()):
                 out[i][name] = v
+
+    if s.kind == "text" and st.el:   # rows of a length measured together, unpadded
+        labels = [f["labels"] for f in feats]
+        res = ragged_metrics(model, [f["input_ids"] for f in feats], st.n, batch_size=st.batch_size,
+                             decode_batch_size=st.decode_batch_size,
+                             on_logits=lambda idx, logits: score(idx, logits.float(), torch.tensor(
+                                 [labels[i] for i in idx], device=logits.device)))
+        for o, ma, el in zip(out, res["ma"], res["el"]):
+            o["ma"], o["el"] = ma, el
+    else:
+        for idx, logits, labels in teacher_forced(model, feats, st.pad_id, st.batch_size):
+            score(idx, logits, labels)
+        if s.kind == "text":
+            for o in out:   # MA is EM on plain text (the same tokens), no decoding needed
+                o["ma"] = o["em"]
     if "reference" in st.attacks:
         ref = reference_scores([reference_losses[i] for i in indices], [-o["loss"] for o in out])
         for o, r in zip(out, ref):
             o["reference"] = r
-    if s.kind == "text":
-        by_length: dict[int, list[int]] = {}
-        for j, i in enumerate(indices):
-            by_length.setdefault(len(s.features[i]["input_ids"]), []).append(j)
-        for members in by_length.values():
-            for start in range(0, len(members), st.batch_size):
-                part = members[start:start + st.batch_size]
-                ids = torch.tensor([feats[j]["input_ids"] for j in part])
-                if st.el:
-                    res = memorization_metrics(model, ids, st.n, batch_size=st.batch_size,
-                                               decode_batch_size=st.decode_batch_size)
-                    for j, ma, el in zip(part, res["ma"].tolist(), res["el"].tolist()):
-                        out[j]["ma"], out[j]["el"] = ma, el
-                else:
-                    for j in part:   # MA is EM on plain text (the same tokens), no decoding needed
-                        out[j]["ma"] = out[j]["em"]
     if "loss" not in st.attacks:
         for o in out:
             del o["loss"]

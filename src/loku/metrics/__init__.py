@@ -6,7 +6,7 @@ OpenUnlearning defines them. `membership`: membership-inference scores (LOSS, ZL
 reference) and their ROC AUC. `forward`: the one teacher-forced pass per batch they share."""
 
 from .extraction import (GreedySuffixes, extraction_likelihood, extraction_metrics, extraction_strength,
-                         greedy_suffixes, memorization_accuracy, memorization_metrics)
+                         greedy_suffixes, memorization_accuracy, memorization_metrics, ragged_metrics)
 
 __all__ = ["GreedySuffixes", "extraction_likelihood", "extraction_metrics", "extraction_strength", "greedy_suffixes",
-           "memorization_accuracy", "memorization_metrics"]
+           "memorization_accuracy", "memorization_metrics", "ragged_metrics"]

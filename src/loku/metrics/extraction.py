@@ -1,61 +1,31 @@
 """Memorization accuracy (MA) and extraction likelihood (EL_n) of Jang et al. 2023 (TDEC protocol), exact and fast.
 
 EL_n asks, for every prefix x_<t of a sequence, how much of the true suffix the model's greedy continuation
-reproduces. Done literally (as Jang et al. do, one `generate` per prefix) that is T greedy decodes of up to
-T tokens per sequence. Two facts make it cheap without changing a value:
-
-1. One forward pass over the true sequence gives the greedy next token g_t of every prefix (that is MA) and,
-   because attention is causal, the KV cache of every prefix at once.
-2. Where g_t == x_t, the continuation of x_<t is x_t followed by the continuation of x_<t+1. So only the
-   "divergence points" d (g_d != x_d) need decoding, each branched off the shared cache; any other prefix t
-   continues as x_t..x_{d-1} + continuation(d), d the first divergence >= t.
-
-A memorized sequence has few divergence points and costs little more than one forward pass; a forgotten one
-still gains from decoding all its branches as one batch.
+reproduces. The continuations come from `loku.metrics.greedy` (one forward pass for every prefix's cache and
+greedy token, then only the divergence points decoded, all rows' branches batched together); MA is the
+share of prefixes whose first greedy token is right, from the same pass.
 
 Conventions, following Jang et al.'s `validation_el` (joeljang/knowledge-unlearning, models/Neo_Model.py):
 prefixes t = 1..T-1; overlap_t = (n-grams of the T-t generated tokens, counted with repetition, found in the
 SET of n-grams of the true suffix x_t..x_{T-1}) / (number of n-grams of that suffix, with repetition);
 prefixes whose suffix is shorter than n add 0; EL_n = sum_t overlap_t / (T - n). One deliberate difference:
 decoding never stops at EOS (their `generate` stops or pads with EOS), so every continuation has T - t tokens.
+Every generated token is needed: the continuation of prefix t is scored over all its n-grams, so no decode
+can stop early without changing a value.
 """
 
 from __future__ import annotations
 
-import inspect
-from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import LokuError
 from ..models import model_device
 from .forward import check_features, per_feature
-
-
-@dataclass
-class GreedySuffixes:
-    """The greedy continuation of every prefix of every row, stored as the shared parts plus the decoded branches.
-
-    `continuation(b, t)` rebuilds the T - t tokens greedy decoding emits after x_<t. Prefixes whose suffix is
-    shorter than `min_suffix` may be left undecoded (EL_n never looks at them)."""
-
-    input_ids: list[list[int]]  # B rows of T true tokens
-    greedy: list[list[int]]  # B rows of T-1: greedy[b][t-1] = argmax p(. | x_<t)
-    branches: list[dict[int, list[int]]]  # per row: divergence point d -> its continuation, T - d tokens
-    decoded_tokens: int  # tokens fed through the model one step at a time (the work beyond the full pass)
-    min_suffix: int = 1
-
-    def next_divergence(self, b: int, t: int) -> int | None:
-        x, g = self.input_ids[b], self.greedy[b]
-        return next((d for d in range(t, len(x)) if g[d - 1] != x[d]), None)
-
-    def continuation(self, b: int, t: int) -> list[int]:
-        x = self.input_ids[b]
-        if not 1 <= t <= len(x) - self.min_suffix:
-            raise ValueError(f"prefix length {t} is outside 1..{len(x) - self.min_suffix} for row {b}")
-        d = self.next_divergence(b, t)
-        return x[t:] if d is None else x[t:d] + self.branches[b][d]
+from .greedy import (DECODE_BATCH, POOL_ROWS, GreedySuffixes, OnLogits, cache_kwarg, check_rows,  # noqa: F401
+                     eval_mode, greedy_suffixes)
 
 
 def ngrams(tokens: list[int], n: int) -> list[tuple[int, ...]]:
@@ -81,133 +51,17 @@ def el_of_row(x: list[int], continuation, n: int) -> float:
     return total / (len(x) - n)
 
 
-def check_rows(input_ids, min_tokens: int, why: str) -> torch.Tensor:
-    """(B, T) integer ids, or a LokuError naming the problem and the fix."""
-    ids = torch.as_tensor(input_ids)
-    if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise LokuError(f"input_ids must be a (batch, tokens) integer tensor, got {tuple(ids.shape)} {ids.dtype}: "
-                        "tokenize the texts and stack rows of equal length (no padding)")
-    if ids.shape[0] and ids.shape[1] < min_tokens:
-        raise LokuError(f"row 0 (and every row) has {ids.shape[1]} tokens but {why} needs at least {min_tokens}: "
-                        "use longer sequences or a smaller n")
-    return ids.long()
-
-
-@contextmanager
-def _eval_mode(model):
-    """Dropout would make greedy decoding random; restore the caller's mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def cache_kwarg(model) -> str:
-    """transformers 5.x renamed `past_key_values` to `cache` (old name deprecated); use what the model takes."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
-
-
 @torch.no_grad()
 def memorization_accuracy(model, input_ids, *, batch_size: int = 8) -> torch.Tensor:
     """MA per row: (1/(T-1)) sum_{t=1}^{T-1} [argmax p(. | x_<t) == x_t], from one forward pass. Tensor[B] float64."""
     ids = check_rows(input_ids, 2, "memorization accuracy")
     out = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for chunk in ids.split(batch_size):
             chunk = chunk.to(model_device(model))
             greedy = model(input_ids=chunk, use_cache=False).logits[:, :-1].argmax(-1)  # (b, T-1)
             out.append((greedy == chunk[:, 1:]).double().mean(-1).cpu())  # (b,) k/(T-1), exact in float64
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
-
-
-def _needed_branches(x: list[int], g: list[int], min_suffix: int) -> list[int]:
-    """Divergence points whose continuation some prefix with a suffix of >= min_suffix tokens reuses.
-    d = T-1 needs no decoding (its one token is g), so it is not listed."""
-    T, last = len(x), len(x) - min_suffix
-    divergences = [d for d in range(1, T) if g[d - 1] != x[d]]
-    needed = [d for d in divergences if d <= last]
-    later = [d for d in divergences if d > last]
-    if later and g[last - 1] == x[last]:  # prefix `last` (and those before it, up to a divergence) splices it
-        needed.append(later[0])
-    return [d for d in needed if d < T - 1]
-
-
-def _decode_branches(model, kv, rows, starts, first, T: int, cache_kw: str) -> tuple[list[list[int]], int]:
-    """Greedy-decode branches (row, d) together, each from the full-pass cache cut to x_<d plus its first token.
-
-    `rows`, `starts` (n,) are sorted by d descending: rows finish in order (branch d needs T-1-d steps), so the
-    finished ones are dropped from the front. Prefixes are left-padded to a common length and masked; each
-    row's cache entries stay contiguous, so relative distances (sliding windows) are those of the plain loop.
-    After each step the leading columns no row can see are cut, which keeps the cache under T entries."""
-    from transformers import DynamicCache
-
-    n, width = len(rows), int(starts[0])
-    col = (torch.arange(width, device=rows.device) - (width - starts)[:, None]).clamp(min=0)  # (n, width)
-    cache = DynamicCache([(k[rows[:, None], :, col].transpose(1, 2), v[rows[:, None], :, col].transpose(1, 2))
-                          for k, v in kv])  # each (n, heads, width, head_dim)
-    tokens = first.clone()  # (n,)
-    out = [[tok] for tok in first.tolist()]
-    steps = T - 1 - starts  # (n,) ascending: tokens each branch still has to produce
-    s, k, decoded = 0, 0, 0
-    while s < n:
-        length = cache.get_seq_length()
-        visible = starts[s:] + k + 1  # (m,) entries each active row may attend to, the new token included
-        mask = torch.arange(length + 1, device=rows.device) >= (length + 1 - visible)[:, None]  # (m, length+1)
-        logits = model(input_ids=tokens[s:, None], attention_mask=mask.long(), position_ids=(starts[s:] + k)[:, None],
-                       use_cache=True, **{cache_kw: cache}).logits[:, -1]  # (m, V)
-        tokens[s:] = logits.argmax(-1)
-        decoded += n - s
-        for i, tok in enumerate(tokens[s:].tolist()):
-            out[s + i].append(tok)
-        k += 1
-        done = s + int((steps[s:] == k).sum())
-        if s < done < n:
-            drop = length + 1 - int(starts[done] + k)  # columns no remaining row can see
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys[done - s:, :, drop:], layer.values[done - s:, :, drop:]
-        s = done
-    return out, decoded
-
-
-@torch.no_grad()
-def greedy_suffixes(model, input_ids, *, min_suffix: int = 1, batch_size: int = 8,
-                    decode_batch_size: int = 64) -> GreedySuffixes:
-    """Greedy continuations (never stopping at EOS) of every prefix x_<t, t = 1..T-min_suffix, of each row.
-
-    One forward pass per `batch_size` rows gives the greedy tokens and the KV cache; the divergence points that
-    prefixes need are then decoded in batches of `decode_batch_size` branches. Values equal those of a plain
-    per-prefix greedy loop except where two logits tie to rounding error (padding and batching change the
-    order of float sums)."""
-    ids = check_rows(input_ids, 2, "greedy continuation")
-    cache_kw, result = cache_kwarg(model), GreedySuffixes(ids.tolist(), [], [], 0, min_suffix)
-    T = ids.shape[1]
-    from transformers import DynamicCache
-
-    with _eval_mode(model):
-        for row0 in range(0, len(ids), batch_size):
-            chunk = ids[row0:row0 + batch_size].to(model_device(model))  # (b, T)
-            cache = DynamicCache()  # no config: every layer keeps all T positions, sliding or not
-            greedy = model(input_ids=chunk, use_cache=True, **{cache_kw: cache}).logits[:, :-1].argmax(-1)  # (b, T-1)
-            kv = [(layer.keys, layer.values) for layer in cache.layers]  # each (b, heads, T, head_dim)
-            xs, gs = chunk.tolist(), greedy.tolist()
-            result.greedy += gs
-            branches = [{T - 1: [g[-1]]} if g[-1] != x[-1] else {} for x, g in zip(xs, gs)]
-            todo = sorted(((d, b) for b, (x, g) in enumerate(zip(xs, gs)) for d in _needed_branches(x, g, min_suffix)),
-                          reverse=True)
-            for i in range(0, len(todo), decode_batch_size):
-                part = todo[i:i + decode_batch_size]
-                starts = torch.tensor([d for d, _ in part], device=chunk.device)  # (n,)
-                rows = torch.tensor([b for _, b in part], device=chunk.device)  # (n,)
-                conts, decoded = _decode_branches(model, kv, rows, starts, greedy[rows, starts - 1], T, cache_kw)
-                result.decoded_tokens += decoded
-                for (d, b), cont in zip(part, conts):
-                    branches[b][d] = cont
-            result.branches += branches
-    return result
 
 
 def el_from_suffixes(suffixes: GreedySuffixes, n: int) -> torch.Tensor:
@@ -219,53 +73,75 @@ def el_from_suffixes(suffixes: GreedySuffixes, n: int) -> torch.Tensor:
 
 
 def extraction_likelihood(model, input_ids, n: int = 10, *, batch_size: int = 8,
-                          decode_batch_size: int = 64) -> torch.Tensor:
+                          decode_batch_size: int = DECODE_BATCH) -> torch.Tensor:
     """EL_n per row (Jang et al. 2023). Tensor[B] float64. Rows need at least n+1 tokens."""
-    ids = check_rows(input_ids, n + 1, f"EL_{n}")
-    return el_from_suffixes(greedy_suffixes(model, ids, min_suffix=n, batch_size=batch_size,
-                                            decode_batch_size=decode_batch_size), n)
+    return memorization_metrics(model, input_ids, n, batch_size=batch_size, decode_batch_size=decode_batch_size)["el"]
 
 
-def memorization_metrics(model, input_ids, n: int = 10, *, batch_size: int = 8,
-                         decode_batch_size: int = 64) -> dict:
-    """MA and EL_n per row from one shared computation: {"ma": Tensor[B], "el": Tensor[B], "decoded_tokens": int}."""
+def memorization_metrics(model, input_ids, n: int = 10, *, batch_size: int = 8, decode_batch_size: int = DECODE_BATCH,
+                         workers: int | None = None, on_logits: OnLogits | None = None) -> dict:
+    """MA and EL_n per row from one shared computation: {"ma": Tensor[B], "el": Tensor[B], "decoded_tokens": int}.
+
+    The branches of all rows given are decoded together, on `workers` threads (`loku.metrics.greedy.greedy_suffixes`,
+    which holds their full-pass KV cache meanwhile); `on_logits(row indices, logits)` sees every teacher-forced
+    pass."""
     ids = check_rows(input_ids, n + 1, f"EL_{n}")
-    suffixes = greedy_suffixes(model, ids, min_suffix=n, batch_size=batch_size, decode_batch_size=decode_batch_size)
+    suffixes = greedy_suffixes(model, ids, min_suffix=n, batch_size=batch_size, decode_batch_size=decode_batch_size,
+                               workers=workers, on_logits=on_logits)
     ma = torch.tensor([sum(a == b for a, b in zip(g, x[1:])) / (len(x) - 1)
                        for x, g in zip(suffixes.input_ids, suffixes.greedy)], dtype=torch.float64)
     return {"ma": ma, "el": el_from_suffixes(suffixes, n), "decoded_tokens": suffixes.decoded_tokens}
 
 
-def extraction_metrics(model, tokenizer, texts: list[str], *, n: int = 10, max_length: int | None = None,
-                       batch_size: int = 8, decode_batch_size: int = 64, progress: bool = False) -> dict:
-    """MA and EL_n of each text: tokenized without special tokens, cut to `max_length` tokens (Jang et al. use 200).
+def length_groups(lengths: list[int], size: int = POOL_ROWS) -> list[list[int]]:
+    """Indices grouped by length (rows of a group stack without padding), each group cut to `size` rows."""
+    by_length: dict[int, list[int]] = {}
+    for i, length in enumerate(lengths):
+        by_length.setdefault(length, []).append(i)
+    return [members[j:j + size] for members in by_length.values() for j in range(0, len(members), size)]
 
-    Texts of equal token length are batched together (no padding ever enters the metrics). Returns
-    {"n", "ma": [per text], "el": [per text], "ma_mean", "el_mean", "tokens": [lengths], "decoded_tokens"}."""
+
+def ragged_metrics(model, rows: list[list[int]], n: int = 10, *, batch_size: int = 8,
+                   decode_batch_size: int = DECODE_BATCH, pool_rows: int = POOL_ROWS, workers: int | None = None,
+                   on_logits: OnLogits | None = None, progress: Callable[[int], None] | None = None) -> dict:
+    """MA and EL_n of token rows of any lengths: {"ma": [per row], "el": [per row], "decoded_tokens"}.
+
+    Rows of equal length are measured together, up to `pool_rows` at a time (no padding ever enters the
+    metrics); `on_logits(indices into rows, logits (b, T, V))` sees every teacher-forced pass, `progress` is
+    told each group's size."""
+    for i, row in enumerate(rows):
+        if len(row) < n + 1:
+            raise LokuError(f"row {i} has {len(row)} tokens but EL_{n} needs at least {n + 1}: drop or lengthen it, "
+                            "or lower n")
+    ma, el, decoded = [0.0] * len(rows), [0.0] * len(rows), 0
+    for part in length_groups([len(r) for r in rows], pool_rows):
+        seen = None if on_logits is None else (lambda idx, logits, part=part: on_logits([part[i] for i in idx], logits))
+        out = memorization_metrics(model, torch.tensor([rows[i] for i in part]), n, batch_size=batch_size,
+                                   decode_batch_size=decode_batch_size, workers=workers, on_logits=seen)
+        for i, a, e in zip(part, out["ma"].tolist(), out["el"].tolist()):
+            ma[i], el[i] = a, e
+        decoded += out["decoded_tokens"]
+        if progress:
+            progress(len(part))
+    return {"ma": ma, "el": el, "decoded_tokens": decoded}
+
+
+def extraction_metrics(model, tokenizer, texts: list[str], *, n: int = 10, max_length: int | None = None,
+                       batch_size: int = 8, decode_batch_size: int = DECODE_BATCH, pool_rows: int = POOL_ROWS,
+                       progress: bool = False) -> dict:
+    """MA and EL_n of each text: tokenized without special tokens, cut to `max_length` tokens (Jang et al. use 200),
+    measured by `ragged_metrics`. Returns {"n", "ma": [per text], "el": [per text], "ma_mean", "el_mean",
+    "tokens": [lengths], "decoded_tokens"}."""
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
     for i, row in enumerate(ids):
         if len(row) < n + 1:
             raise LokuError(f"text {i} has {len(row)} tokens but EL_{n} needs at least {n + 1}: drop or lengthen it, "
                             f"or lower n" + (f" / raise max_length ({max_length})" if max_length else ""))
-    ma, el, decoded = [0.0] * len(ids), [0.0] * len(ids), 0
-    by_length: dict[int, list[int]] = {}
-    for i, row in enumerate(ids):
-        by_length.setdefault(len(row), []).append(i)
-    from tqdm.auto import tqdm
-
     with tqdm(total=len(ids), desc=f"MA/EL_{n}", unit="text", disable=not progress) as bar:
-        for members in by_length.values():
-            for j in range(0, len(members), batch_size):
-                part = members[j:j + batch_size]
-                out = memorization_metrics(model, torch.tensor([ids[i] for i in part]), n, batch_size=batch_size,
-                                           decode_batch_size=decode_batch_size)
-                for i, a, e in zip(part, out["ma"].tolist(), out["el"].tolist()):
-                    ma[i], el[i] = a, e
-                decoded += out["decoded_tokens"]
-                bar.update(len(part))
+        out = ragged_metrics(model, ids, n, batch_size=batch_size, decode_batch_size=decode_batch_size,
+                             pool_rows=pool_rows, progress=bar.update)
     mean = (lambda v: sum(v) / len(v) if v else float("nan"))
-    return {"n": n, "ma": ma, "el": el, "ma_mean": mean(ma), "el_mean": mean(el), "tokens": [len(r) for r in ids],
-            "decoded_tokens": decoded}
+    return {"n": n, **out, "ma_mean": mean(out["ma"]), "el_mean": mean(out["el"]), "tokens": [len(r) for r in ids]}
 
 
 # ---- Extraction strength and exact memorization (OpenUnlearning), from one teacher-forced pass ----------------

@@ -18,6 +18,7 @@ from typing import Callable
 
 from .. import io
 from ..config_base import Config, setting
+from ..distributed import barrier, is_main
 from ..errors import LokuError
 from .conventions import get_convention
 from .data import METRIC_FILES, METRICS, MuseData, check_corpus, check_metrics, load_muse
@@ -231,8 +232,10 @@ def eval_model(cfg: MuseEvalConfig, log: Callable[[str], None] | None = print, p
         check_adapter(cfg.adapter)
     data = load_data(cfg.scoring)             # bad data fails before the model loads
     model, tokenizer = load_for_eval(cfg.model, cfg.adapter, trust_remote_code=cfg.trust_remote_code)
-    if not cfg.resume:
+    main = is_main()   # under accelerate launch every process scores everything; the main one reports and writes
+    barrier()          # every process has checked --out before the main one creates it
+    if not cfg.resume and main:
         io.start_out_dir(out, cfg.overwrite)
         io.write_json(out / "config.json", config)
-    return evaluate_muse(model, tokenizer, data, cfg.scoring, out, log=log, progress=progress,
+    return evaluate_muse(model, tokenizer, data, cfg.scoring, out, log=log, progress=progress, write=main,
                          meta={"model": cfg.model, "adapter": cfg.adapter})

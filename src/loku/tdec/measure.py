@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from .data import Sequences
 
 
@@ -15,25 +13,17 @@ def _mean(values: list[float]) -> float:
 
 def measure_sequences(model, seqs: Sequences, n: int = 10, batch_size: int = 8) -> dict:
     """{"el": [per sequence], "ma": [...], "el_mean", "ma_mean", "seconds"}: MA and EL_n from one shared
-    computation (`loku.metrics.extraction.memorization_metrics`), sequences of equal length batched as
-    (B, T) rows without padding, results back in file order. Under several DDP processes each measures
-    every world-th sequence and all get every value (`loku.distributed.map_items`)."""
+    computation (`loku.metrics.extraction.ragged_metrics`: sequences of equal length measured together as
+    (B, T) rows without padding), results back in file order. Under several DDP processes each measures every
+    world-th sequence and all get every value (`loku.distributed.map_items`)."""
     from ..distributed import map_items
-    from ..metrics.extraction import memorization_metrics
+    from ..metrics.extraction import ragged_metrics
 
     t0 = time.perf_counter()
 
     def measure(indices: list[int]) -> list[tuple[float, float]]:
-        out: dict[int, tuple[float, float]] = {}
-        by_length: dict[int, list[int]] = {}
-        for i in indices:
-            by_length.setdefault(len(seqs.ids[i]), []).append(i)
-        for members in by_length.values():
-            for j in range(0, len(members), batch_size):
-                part = members[j:j + batch_size]
-                res = memorization_metrics(model, torch.tensor([seqs.ids[i] for i in part]), n, batch_size=batch_size)
-                out.update(zip(part, zip(res["ma"].tolist(), res["el"].tolist())))
-        return [out[i] for i in indices]
+        res = ragged_metrics(model, [seqs.ids[i] for i in indices], n, batch_size=batch_size)
+        return list(zip(res["ma"], res["el"]))
 
     pairs = map_items(measure, range(len(seqs)))
     ma, el = [p[0] for p in pairs], [p[1] for p in pairs]

@@ -11,6 +11,7 @@ from typing import Callable
 
 from .. import io
 from ..config_base import Config, setting
+from ..distributed import barrier, is_main
 from ..errors import LokuError
 from ..registry import unknown_choice
 from .tasks import PREFIX, TASKS, WMDP, local_tasks, task_sources
@@ -87,9 +88,10 @@ def _summary(names: dict[str, str], raw: dict) -> dict:
     return out
 
 
-def evaluate_wmdp(model, tokenizer, cfg: WmdpEvalConfig, sources: dict | None = None) -> dict:
+def evaluate_wmdp(model, tokenizer, cfg: WmdpEvalConfig, sources: dict | None = None) -> dict | None:
     """Run the harness on `model` (in memory) for `cfg.tasks`, each on the local files or the hub dataset that
-    loku.data.sources finds (`sources`: `task_sources` worked out earlier, else now)."""
+    loku.data.sources finds (`sources`: `task_sources` worked out earlier, else now). None in the processes
+    of a launch other than the main one."""
     from ..harness import harness_evaluate
 
     sources = sources if sources is not None else task_sources(cfg.tasks, cfg.data_dir)
@@ -99,11 +101,13 @@ def evaluate_wmdp(model, tokenizer, cfg: WmdpEvalConfig, sources: dict | None = 
                                batch_size=cfg.batch_size, num_fewshot=cfg.num_fewshot,
                                include_path=folder if any(f.path for f in sources.values()) else None,
                                log_samples=True)["raw"]
+    if raw is None:   # under accelerate launch the harness hands its results to the main process only
+        return None
     return {"model": cfg.model, "adapter": cfg.adapter, "num_fewshot": cfg.num_fewshot, "limit": cfg.limit,
             "sources": {t: f.where for t, f in sources.items()}, "tasks": _summary(names, raw)}
 
 
-def eval_wmdp(cfg: WmdpEvalConfig, log: Callable[[str], None] | None = print) -> dict:
+def eval_wmdp(cfg: WmdpEvalConfig, log: Callable[[str], None] | None = print) -> dict | None:
     """`loku wmdp eval`: check the inputs, load the model (+ adapter), score it, write `cfg.out`/wmdp.json."""
     from ..models import check_adapter, load_for_eval
 
@@ -118,7 +122,10 @@ def eval_wmdp(cfg: WmdpEvalConfig, log: Callable[[str], None] | None = print) ->
     with tempfile.TemporaryDirectory(prefix="loku-wmdp-") as folder:
         local_tasks(sources, cfg.num_fewshot, Path(folder))
     model, tokenizer = load_for_eval(cfg.model, cfg.adapter, trust_remote_code=cfg.trust_remote_code)
+    barrier()   # under accelerate launch: every process has checked --out before the main one creates it
     result = evaluate_wmdp(model, tokenizer, cfg, sources)
+    if not is_main():   # every process ran the whole harness (a model in memory is one process to it)
+        return result
     io.start_out_dir(out, cfg.overwrite)
     io.write_json(out / RESULTS, result)
     if log:
