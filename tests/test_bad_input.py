@@ -373,6 +373,45 @@ def wmdp_data_hub_unreachable(b):
     return ["wmdp", "eval", "--model", b.model, "--out", b.out, "--data-dir", b.root / "data", "--tasks", "wmdp_bio"]
 
 
+def until_without_unseen(b):
+    return b.args("--until", "forgotten")
+
+
+def unseen_empty(b):
+    return b.args("--until", "forgotten", "--unseen", b.file("unseen.csv", "text\n"))
+
+
+def unseen_missing(b):
+    return b.args("--until", "forgotten", "--unseen", b.root / "nope_unseen.csv")
+
+
+def unseen_of_another_kind(b):
+    return b.args("--until", "forgotten", "--unseen", b.file("holdout.json", '[{"question": "Q?", "answer": "A."}]'))
+
+
+def unseen_without_until(b):
+    return b.args("--unseen", b.file("unseen.csv", "text\nNever seen.\n"))
+
+
+def until_auc_margin_over_half(b):
+    return b.args("--until", "forgotten", "--unseen", b.file("unseen.csv", "text\nNever seen.\n"),
+                  "--until-auc-margin", "0.7")
+
+
+def unseen_too_short_for_el10(b):   # checked once the model's tokenizer is loaded: still nothing written
+    return b.args("--until", "forgotten", "--unseen", b.file("unseen.csv", "text\nHi.\n"))
+
+
+UNTIL_CASES = {
+    "until_without_unseen": (until_without_unseen, "pass --unseen FILE"),
+    "unseen_empty": (unseen_empty, "holds no examples: add at least one row"),
+    "unseen_missing": (unseen_missing, "does not exist: check the path"),
+    "unseen_of_another_kind": (unseen_of_another_kind, "holds question/answer pairs but the forget set holds plain "
+                                                       "text: the never-seen set must be of the same kind"),
+    "unseen_without_until": (unseen_without_until, "--unseen belongs to the stop rule: add --until forgotten"),
+    "until_auc_margin_over_half": (until_auc_margin_over_half, "at most 0.5, got 0.7"),
+}
+
 CASES = {
     "missing_file": (missing_file, "does not exist: check the path"),
     "forget_is_a_directory": (forget_is_a_directory, "is a directory: pass a .csv"),
@@ -439,6 +478,8 @@ CASES = {
     "lmcleaner_without_trajectory": (lmcleaner_without_trajectory, "lmcleaner needs --lmcleaner-trajectory DIR"),
     "lmcleaner_trajectory_incomplete": (lmcleaner_trajectory_incomplete, "has no examples.jsonl"),
     "t3_with_fila": (t3_with_fila, "--init fila has nothing to initialise: drop --init"),
+    **UNTIL_CASES,
+    "unseen_too_short_for_el10": (unseen_too_short_for_el10, "row 1 has"),
 }
 
 
@@ -642,6 +683,17 @@ def test_invalid_settings_refused_before_any_model_loads(flag, value, box, heavy
     before = snapshot(box.root)
     code, _, err = run_cli(box.args(flag, value, init="fila" if flag != "--init" else value), capsys)
     one_error_line(code, err, INVALID_SETTINGS[(flag, value)], f"{flag} {value}")
+    assert heavy_calls == [], heavy_calls
+    assert snapshot(box.root) == before
+
+
+@pytest.mark.parametrize("case", list(UNTIL_CASES))
+def test_until_forgotten_refused_before_any_model_loads(case, box, heavy_calls, capsys):
+    make, phrase = UNTIL_CASES[case]
+    args = make(box)
+    before = snapshot(box.root)
+    code, _, err = run_cli(args, capsys)
+    one_error_line(code, err, phrase, case)
     assert heavy_calls == [], heavy_calls
     assert snapshot(box.root) == before
 

@@ -48,15 +48,22 @@ SPECIAL = {"method": ("npo", "npo"), "methods": ("ga,npo", ["ga", "npo"]), "init
            "paraphrase_kinds": ("case", ["case"]), "k": ("0.2", 0.2), "relearn_fraction": ("0.3", 0.3),
            "prefix_fraction": ("0.3", 0.3), "perturb_rate": ("0.3", 0.3), "confidence": ("0.9", 0.9)}
 # Settings another field needs to be valid alongside: field -> {YAML key: value} (given as flags too)
+UNTIL = {"until": {"unseen": "u.csv"}, "unseen": {"until": "forgotten"},   # the stop rule's fields go together
+         "until_auc_margin": {"until": "forgotten", "unseen": "u.csv"},
+         "until_auc_attack": {"until": "forgotten", "unseen": "u.csv", "until_auc_margin": 0.1}}
 COMPANIONS = {("tdec", "run"): {"grad_accum": {"full_batch": False}},
-              ("wmdp", "eval"): {"num_fewshot": {"tasks": ["mmlu"]}}}   # WMDP itself is zero-shot only
+              ("wmdp", "eval"): {"num_fewshot": {"tasks": ["mmlu"]}},   # WMDP itself is zero-shot only
+              **{cmd: UNTIL for cmd in (("unlearn",), ("tofu", "unlearn"), ("muse", "unlearn"))}}
 
 
 def companion_flags(command, name) -> list[str]:
     flags = []
     for key, value in COMPANIONS.get(command, {}).get(name, {}).items():
         flag = key.replace("_", "-")
-        flags += [f"--{'' if value else 'no-'}{flag}"] if isinstance(value, bool) else [f"--{flag}", ",".join(value)]
+        if isinstance(value, bool):
+            flags += [f"--{'' if value else 'no-'}{flag}"]
+        else:
+            flags += [f"--{flag}", ",".join(value) if isinstance(value, list) else str(value)]
     return flags
 
 
@@ -234,7 +241,7 @@ def test_help_groups_the_options(capsys):
     code, out, _ = run_cli(["unlearn", "--help"], capsys)
     assert code == 0
     panels = [line.strip("╭─ ").split(" ─")[0] for line in out.splitlines() if line.startswith("╭─")]
-    assert panels[1:] == ["Data", "Model", "LoRA", "Training", "Method settings", "Output"], panels
+    assert panels[1:] == ["Data", "Model", "LoRA", "Training", "Method settings", "Output", "Stop rule"], panels
     code, out, _ = run_cli(["tdec", "run", "--help"], capsys)
     assert "--grad-accum" in out and "--full-batch" in out and "--simnpo-margin" in out
 

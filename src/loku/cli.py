@@ -46,6 +46,10 @@ def unlearn(cfg: UnlearnConfig, given: dict,
     if PartialState().is_main_process:  # under `accelerate launch`, one line, not one per process
         typer.echo(f"done in {result.seconds:.0f} s, {result.epochs_run} epochs; final loss "
                    f"{last.get('loss', float('nan')):.4f}; wrote {result.out}")
+        if cfg.until:
+            from .audit.stop import verdict_line
+
+            typer.echo(verdict_line(result.history, cfg.epochs))
 
 
 @list_app.command("methods")

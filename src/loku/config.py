@@ -16,6 +16,8 @@ from .inits import INITS
 from .methods import METHODS, setting_fields
 
 DATA, MODEL, LORA, TRAINING, METHOD, OUTPUT = "Data", "Model", "LoRA", "Training", "Method settings", "Output"
+STOP = "Stop rule"
+UNTIL_AUC_ATTACKS = ("best", "loss", "zlib", "min_k", "min_k_plus_plus")   # = loku.audit.stop's (tested)
 
 
 def with_method_settings(cls):
@@ -82,6 +84,19 @@ class UnlearnConfig(Config):
     forget_weight: float | None = setting(None, "Coefficient of the forget term.", group=METHOD, bound="non-negative",
                                           default_text="the method's: 0.125 for simnpo, 0.1 for satimp, else 1", example=1)
     retain_weight: float = setting(1.0, "Coefficient of the retain term.", group=METHOD, bound="non-negative")
+    until: str | None = setting(None, "forgotten: stop after the first epoch at which the forget set is at the "
+                                "never-seen level of --unseen (mean MA and EL10 below the model's on --unseen before "
+                                "training, as TDEC; EM and ES for question/answer data); --epochs is the cap.",
+                                group=STOP, choices=("forgotten",), default_text="train all --epochs")
+    unseen: str | None = setting(None, "--until forgotten: data of the same kind as --forget that the model never "
+                                 "saw (e.g. a held-out split).", group=STOP)
+    until_auc_margin: float | None = setting(None, "--until forgotten also waits until the membership AUC "
+                                             "(forget vs --unseen, measured each epoch) is within this margin of "
+                                             "0.5, e.g. 0.1.", group=STOP, bound="positive", default_text="off",
+                                             example=0.1)
+    until_auc_attack: str = setting("best", "Membership attack of --until-auc-margin: best (each epoch the one "
+                                    "farthest from 0.5, so all must pass), loss, zlib, min_k, min_k_plus_plus.",
+                                    group=STOP, choices=UNTIL_AUC_ATTACKS, kind="membership attack")
     save_merged: bool = setting(False, "Also write the merged model (safetensors).", group=OUTPUT)
     overwrite: bool = setting(False, "Replace a non-empty --out directory.", group=OUTPUT)
     trust_remote_code: bool = setting(False, "Run the model repository's own code.", group=MODEL)
@@ -102,9 +117,29 @@ class UnlearnConfig(Config):
             INITS[self.init]  # raises with "did you mean"
         if self.init not in ("auto", "default") and not self.lora:
             raise LokuError(f"--init {self.init} initialises LoRA adapters: drop --full or use --init default")
+        self.check_until()
         if self.lora_targets is not None and not self.lora_targets:
             raise LokuError("lora_targets is empty: name at least one module (e.g. q_proj,v_proj), or leave it "
                             "out for every linear layer")
+
+    def check_until(self):
+        if self.until is None:
+            given = [flag for flag, on in (("--unseen", self.unseen),
+                                           ("--until-auc-margin", self.until_auc_margin is not None),
+                                           ("--until-auc-attack", self.until_auc_attack != "best")) if on]
+            if given:
+                raise LokuError(f"{given[0]} belongs to the stop rule: add --until forgotten"
+                                + ("" if self.unseen else " and --unseen FILE"))
+            return
+        if not self.unseen:
+            raise LokuError("--until forgotten compares the forget set with data the model never saw: pass "
+                            "--unseen FILE (of the same kind as --forget, e.g. a held-out split)")
+        if self.until_auc_margin is not None and not self.until_auc_margin <= 0.5:
+            raise LokuError(f"until-auc-margin is a distance from AUC 0.5, at most 0.5, got "
+                            f"{self.until_auc_margin!r}: pass e.g. --until-auc-margin 0.1")
+        if self.until_auc_attack != "best" and self.until_auc_margin is None:
+            raise LokuError("--until-auc-attack chooses the attack of --until-auc-margin: add --until-auc-margin M "
+                            "(e.g. 0.1)")
 
     @property
     def alpha(self) -> float:

@@ -80,6 +80,7 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     t_start = time.time()
     method = get_method(cfg.method)
     forget_ex, retain_ex = load_data(cfg, method, forget, retain, refusals)
+    until = read_until(cfg, forget)   # --unseen checked before the model loads
     out = check_resumable(cfg) if resume else io.check_out_dir(cfg.out, cfg.overwrite) if cfg.out else None
     model, tokenizer = model_to_train(cfg, model, tokenizer, inplace)
     settings, run = TrainSettings.of(cfg), MethodRun(method, cfg)
@@ -87,6 +88,9 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     batches = run_batches(cfg, forget_ex, retain_ex, tokenizer, accelerator.num_processes)
     main = accelerator.is_main_process
     model = place_model(cfg, model, accelerator, engine)
+    # --until forgotten: the never-seen level is the model's before any training (also when resuming)
+    rule = until.start(cfg, model, tokenizer, log=print if progress and main else None) if until else None
+    callbacks = [*callbacks, rule] if rule else callbacks
     run.setup(model, tokenizer, forget_ex, retain_ex, model_device(model), accelerator.num_processes)
     model, plan, initial_factors = prepare_policy(cfg, model, batches, progress and main, run.trainable(),
                                                   method.adapters)
@@ -110,9 +114,21 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
         if out is not None and engine else None   # collective: shards gathered to the main process
     model = accelerator.unwrap_model(model).eval()
     if out is not None and main:
+        if rule is not None:   # before save_run, whose manifest lists it
+            rule.save(out, at.history)
         save_run(cfg, run, model, tokenizer, out, initial_factors, state)
     return UnlearnResult(model, tokenizer, at.history, len(at.history), len(at.history) < cfg.epochs, out,
                          time.time() - t_start, log.diverged_at_step)
+
+
+def read_until(cfg: UnlearnConfig, forget: list | None):
+    """`--until forgotten`'s inputs (loku.audit.stop.UntilForgotten), or None without the rule."""
+    if not cfg.until:
+        return None
+    # loku.audit imports scikit-learn and scipy (~2 s at CLI start): only when the rule is asked for
+    from .audit.stop import UntilForgotten
+
+    return UntilForgotten.read(cfg, forget)
 
 
 def resume_run(run_dir: str | Path, **kwargs) -> UnlearnResult:

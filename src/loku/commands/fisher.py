@@ -120,7 +120,9 @@ class FisherConfig(Config):
                                  default_text="the run's --init if fila or vila, else fila")
     out: str | None = setting(None, "New .safetensors file.", group="Output", default_text="the run's fisher_cache")
     overwrite: bool = setting(False, "Replace an existing --out file.", group="Output")
-    run: UnlearnConfig = setting(help="The unlearning run the statistics are for.", factory=UnlearnConfig)
+    run: UnlearnConfig = setting(help="The unlearning run the statistics are for.", factory=UnlearnConfig,
+                                 # the statistics are taken before training: the run's stop rule plays no part
+                                 hide=("until", "unseen", "until_auc_margin", "until_auc_attack"))
 
 
 @config_command(FisherConfig, config_file="run",

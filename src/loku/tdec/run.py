@@ -75,7 +75,9 @@ class TdecConfig(Config):
     overwrite: bool = setting(False, "Replace a non-empty --out directory.", group=OUTPUT)
     trust_remote_code: bool = setting(False, "Run the model repository's own code.", group=MODEL)
     unlearn: UnlearnConfig = setting(help="Method, LoRA and optimisation settings.",
-                                     factory=lambda: UnlearnConfig(epochs=10), hide=("refusals",))
+                                     factory=lambda: UnlearnConfig(epochs=10),
+                                     # TDEC's own stop rule (its thresholds) replaces --until forgotten
+                                     hide=("refusals", "until", "unseen", "until_auc_margin", "until_auc_attack"))
 
     def check(self):
         if not self.forget:

@@ -28,14 +28,15 @@ class Thresholds:
         """Both strictly below, as Jang et al.'s stopping check (`ma < ma_threshold and el < el_threshold`).
         A threshold of exactly 0 (unseen text never extracted, common for short sequences) is met by 0,
         since nothing can fall below it."""
-        return _below(el, self.el) and _below(ma, self.ma)
+        return below(el, self.el) and below(ma, self.ma)
 
     def describe(self) -> str:
         text = f"EL{self.n} {100 * self.el:.2f} %, MA {100 * self.ma:.2f} %"
         return text + (f" ({self.source})" if self.source else "")
 
 
-def _below(value: float, threshold: float) -> bool:
+def below(value: float, threshold: float) -> bool:
+    """TDEC's test of one mean against its never-seen level (also `loku unlearn --until forgotten`'s)."""
     return value < threshold or value == threshold == 0
 
 
