@@ -31,7 +31,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))   # the tiny model and tokenizer of the test suite
 
-from conftest import build_tokenizer, tiny_llama  # noqa: E402
+from conftest import build_tokenizer, tiny_llama, token_accuracy  # noqa: E402
 
 from loku import UnlearnConfig, unlearn  # noqa: E402
 from loku.data.batches import collate  # noqa: E402
@@ -101,16 +101,6 @@ method("gru_npo_code", "GRU (NPO) with OpenUnlearning's per-micro-batch rectific
 
 
 # ------------------------------------------------------------------------------- measuring
-
-def token_accuracy(model, tokenizer, texts) -> float:
-    accs = []
-    with torch.no_grad():
-        for t in texts:
-            ids = torch.tensor([tokenizer(t)["input_ids"]])
-            pred = model(input_ids=ids).logits[0, :-1].argmax(-1)
-            accs.append((pred == ids[0, 1:]).float().mean().item())
-    return sum(accs) / len(accs)
-
 
 def memorized_model(tokenizer):
     model = tiny_llama(len(tokenizer), seed=1)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))   # the tiny model and tokenizer of the test suite
 
-from conftest import build_tokenizer, tiny_llama  # noqa: E402
+from conftest import build_tokenizer, tiny_llama, token_accuracy  # noqa: E402
 
 from loku import UnlearnConfig, unlearn  # noqa: E402
 from loku.data.records import make_records, record_text  # noqa: E402
@@ -48,16 +48,6 @@ def simnpo_v0(x: LossInputs, s):
     avg_logp = sequence_logprob(x.forget_logits, x.forget_labels, mean=True)
     forget = -(2.0 / 4.5) * F.logsigmoid(-4.5 * avg_logp - 0.125).mean()
     return {"forget": forget, "retain": cross_entropy(x.retain_logits, x.retain_labels)}
-
-
-def token_accuracy(model, tokenizer, texts) -> float:
-    accs = []
-    with torch.no_grad():
-        for t in texts:
-            ids = torch.tensor([tokenizer(t)["input_ids"]])
-            pred = model(input_ids=ids).logits[0, :-1].argmax(-1)
-            accs.append((pred == ids[0, 1:]).float().mean().item())
-    return sum(accs) / len(accs)
 
 
 def memorized_model(tokenizer):

@@ -126,6 +126,17 @@ def need_shared(*parts: str) -> Path:
     return p
 
 
+def token_accuracy(model, tokenizer, texts) -> float:
+    """Mean over sequences of the fraction of next tokens the model predicts greedily."""
+    accs = []
+    with torch.no_grad():
+        for t in texts:
+            ids = torch.tensor([tokenizer(t)["input_ids"]])
+            pred = model(input_ids=ids).logits[0, :-1].argmax(-1)
+            accs.append((pred == ids[0, 1:]).float().mean().item())
+    return sum(accs) / len(accs)
+
+
 def memorize(model, tokenizer, texts, steps: int = 120, lr: float = 1e-2):
     """Full-batch Adam on `texts` (tokenized without special tokens, as the audit scores them): after 120 steps
     a tiny model reproduces 16 records nearly token for token. Returns the model in eval mode."""

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import tiny_llama, token_accuracy
 from loku import UnlearnConfig, unlearn
 from loku.data.batches import PairedBatches, collate
 from loku.data.records import make_records, record_text
@@ -14,17 +14,6 @@ from loku.finetune import finetune
 
 RECORDS = [record_text(r) for r in make_records(32, seed=7)]
 FORGET, RETAIN = RECORDS[:16], RECORDS[16:]
-
-
-def token_accuracy(model, tokenizer, texts) -> float:
-    """Mean over sequences of the fraction of next tokens the model predicts greedily."""
-    accs = []
-    with torch.no_grad():
-        for t in texts:
-            ids = torch.tensor([tokenizer(t)["input_ids"]])
-            pred = model(input_ids=ids).logits[0, :-1].argmax(-1)
-            accs.append((pred == ids[0, 1:]).float().mean().item())
-    return sum(accs) / len(accs)
 
 
 @pytest.fixture(scope="module")
