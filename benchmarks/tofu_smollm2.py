@@ -43,8 +43,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "tofu_smollm2.json"
 BASELINES = ("ga", "gd", "npo", "idk", "ihl")
 
 
-def finetune_phase(args, out: Path) -> dict:
-    """Target and retain models in out/models/, each skipped when its folder is already complete."""
+def finetune_phase(args, out: Path, names=MODELS) -> dict:
+    """Target and retain models (`names`) in out/models/, each skipped when its folder is already complete."""
     cfg = TofuFinetuneConfig(out=str(out / "models"), model=args.model, data_dir=str(args.data_dir),
                              split=args.split, authors=args.authors, qa_per_author=args.qa_per_author,
                              epochs=args.ft_epochs, lr=args.ft_lr, batch_size=args.ft_batch_size, grad_accum=1,
@@ -57,7 +57,7 @@ def finetune_phase(args, out: Path) -> dict:
     summary.update({"config": dataclasses.asdict(cfg), "splits": {"target": "full", "retain": retain_split(cfg.split)},
                     "forget_split": cfg.split, "authors": cfg.authors, "qa_per_author": cfg.qa_per_author,
                     "prompt_format": cfg.prompt_format})
-    for i, name in enumerate(MODELS, 1):
+    for i, name in enumerate(names, 1):
         folder = out / "models" / name
         if (folder / "model.safetensors").is_file() and name in summary:
             print(f"[1.{i}] {name} model: done earlier ({folder})", flush=True)
@@ -106,7 +106,8 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The flags (robustness_tofu.py reads their defaults: the same target model)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "tofu_smollm2", help="work folder (resumable)")
     ap.add_argument("--results", type=Path, default=RESULTS)
@@ -128,7 +129,11 @@ def main() -> None:
     ap.add_argument("--prompt-format", default=TofuFinetuneConfig.prompt_format, choices=PROMPT_FORMATS,
                     help="how QA pairs become tokens (default: TOFU's phi format)")
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     if not (args.data_dir / "tofu").is_dir():
         raise SystemExit(f"TOFU data folder {args.data_dir / 'tofu'} is missing: pass --data-dir (../shared/data)")
     torch.set_num_threads(args.threads)
