@@ -25,7 +25,7 @@ The setting (chosen 2026-12-03): LoRA lr 1e-3, batch 2 (4 optimizer steps per ep
 --max-epochs 10. At lr 5e-3 / batch 4 (the first run) GA+LoRA and IHL+FILA reached the never-seen level only by
 destroying the model (WikiText perplexity 23 -> 1e13 and 2e4), so "it stays forgotten" said little; at lr 1e-3
 / batch 4 no LoRA method got there within 6 epochs (12 steps). At 1e-3 / batch 2 IHL+FILA forgets at epoch 3
-with its perplexity kept (see the README). GA full keeps tdec_smollm2.py's lr 1e-3.
+at WikiText perplexity 30.3 (memorized model: 22.9; README "Robustness"). GA full keeps tdec_smollm2.py's lr 1e-3.
 
 What was cut for time (measured with cProfile on one IHL+FILA epoch, 2026-12-03: EL10's greedy decoding was
 382 of 497 s; it costs ~8,600 decoded tokens per 16 x 64-token measurement when the model no longer predicts
