@@ -16,7 +16,8 @@ For each method (from the same memorized model, one learning rate, LoRA rank --r
    per output channel) and NF4 (bitsandbytes' code book, block 64)
    fake quantization of the merged weights (`loku.attacks.quantize_model`);
 4. the same after 10 and 25 relearning steps (--relearn-steps; the issue's 50 is left out for time)
-   (`loku.attacks.relearn`: AdamW lr --relearn-lr, batch --relearn-batch) on half of the forget set, measured on the whole forget set and on the held-out half;
+   (`loku.attacks.relearn`: AdamW lr --relearn-lr, batch --relearn-batch) on half of the forget set,
+   measured on the whole forget set and on the held-out half;
 5. utility: perplexity on the first --limit items of WikiText-2 and the Pile (`loku.metrics.utility`).
 The memorized model is measured the same way (the "original" of every recovery fraction
 (attacked - unlearned) / (original - unlearned)).
