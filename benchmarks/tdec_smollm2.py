@@ -9,22 +9,36 @@ GPT-Neo was trained on the Pile, where the TDEC sequences come from. SmolLM2 was
               fine-tuned into the model until its mean MA reaches --memorize-target (as TOFU does with its
               fictitious authors), unless the model already knows it that well.
 3. thresholds - the memorized model's mean EL10 and MA on --seqs sequences of another, unseen TDEC file.
-4. before   - utility of the memorized model (reasoning accuracy, perplexity; first --limit items per task).
-5. methods  - GA (full fine-tuning), GA/GD/NPO/IHL with LoRA, IHL with FILA (when loku.fila is importable),
-              all at the same rank and learning rate, each from the memorized model, with the stop rule
-              (stop after the first epoch where the forget set's mean EL10 and MA are both below the
-              thresholds, at most --max-epochs); then utility.
+4. before   - utility of the memorized model (reasoning accuracy, perplexity; first --limit items per task),
+              and PDU's retain-loss budget (its WikiText-2 cross-entropy).
+5. methods  - every method of --methods (default all), each from the memorized model, at one rank and
+              learning rate, with the stop rule (stop after the first epoch where the forget set's mean EL10
+              and MA are both below the thresholds, at most --max-epochs; ES, the extraction strength, is
+              measured beside them); then utility. Labels as `loku tofu unlearn --methods` reads them: a loku
+              method name (LoRA, default init), `ihl+fila`, `ga+full` / `npo+full` (full fine-tuning). idk and
+              dpo refuse the second half of each sequence (loku's built-in refusals). Not run, with the reason
+              in the JSON: lunar without --lunar-harmful FILE, lmcleaner (no recorded trajectory of phase 2).
 
-Every phase writes its result under --work and is skipped when that result exists, so a killed run resumes.
-Prints a markdown table and writes benchmarks/results/tdec_smollm2.json.
+Every phase and every method writes its result under --work (a method: WORK/methods/<label>/report.json, or
+failed.json when it failed, e.g. diverged) and is skipped when that result exists, so a killed run resumes
+and runs with different --methods share one --work (one at a time, with the same other flags). Each run
+prints the markdown table and writes --results from every method finished in --work; `--report-only` only
+that.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/tdec_smollm2.py                      # the real run
+The README table's scale, every method, split into runs that each fit 2 CPU cores in under 90 minutes
+(estimated by `benchmarks/split_plan.py tdec --smoke TOY/results.json`: the 2026-11-28 timings of the six
+methods it had, the others scaled per epoch from the toy run below and assumed to run all 8 epochs; the first
+run also does phases 1-4, ~8 min):
 
-The real run (16 sequences x 100 tokens, batch 4, at most 10 epochs, 10 utility items per task) is expected to
-take about an hour on 2 idle CPU cores (up to ~2 h if several methods run to the 10-epoch cap): most of it is the
-per-epoch EL10 of the forget set (~20 s while it is memorized, ~2 min once it is forgotten), then ~1 min of
-utility per method. The toy run below checks the plumbing. To rerun methods with another --lr, delete
-WORK/methods (memorization, thresholds and the reference utility are kept).
+    TDEC="--seqs 8 --tokens 100 --max-epochs 8 --limit 5 --tasks piqa,arc_easy,copa,pile,wikitext \\
+          --work runs/tdec_all --results benchmarks/results/tdec_smollm2_all.json"
+TDEC_RUNS
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/tdec_smollm2.py $TDEC --report-only
+
+Most of a method's time is the per-epoch EL10 of the forget set (~20 s while it is memorized, ~2 min once it is
+forgotten), then ~15 s of utility. The toy run below checks the plumbing (every method, ~25 min on 1 thread
+beside other jobs). To rerun methods with another --lr, delete WORK/methods (memorization, thresholds and the
+reference utility are kept).
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/tdec_smollm2.py --seqs 4 --tokens 48 --max-epochs 2 \\
         --memorize-epochs 2 --survey-rows 4 --limit 2 --work /tmp/tdec_toy --results /tmp/tdec_toy/results.json
 """

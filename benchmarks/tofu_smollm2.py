@@ -288,7 +288,10 @@ def main() -> None:
     t_ft = time.time() - t0
     print(f"[2/2] unlearn with {len(run)} methods ({', '.join(run)}), scoring each epoch", flush=True)
     if run:
-        unlearn_phase(args, args.out, run)
+        try:
+            unlearn_phase(args, args.out, run)
+        except LokuError as e:   # e.g. another flag than the earlier runs in this --out
+            raise SystemExit(f"error: {e}")
     report(args, labels_for("all"), not_applicable(labels_for("all"), args.lunar_harmful, "tofu"),
            {"methods_this_run": run, "finetune_seconds_this_run": round(t_ft, 1),
             "total_seconds_this_run": round(time.time() - t0, 1)})

@@ -166,7 +166,7 @@ def test_unlearn_two_methods_report_and_resume(models, tmp_path, capsys):
     assert code == 0, err
     assert os.stat(out / "runs" / "ga" / "tofu.json").st_mtime_ns == stamp
     code, _, err = run_cli([*args, "--resume", "--lr", "2e-3"], capsys)
-    assert code == 2 and "--resume: train was" in err
+    assert code == 2 and "--resume: train.lr was 0.001 in" in err and "now 0.002" in err
 
 
 def test_full_fine_tuning_for_one_method_beside_lora(models, tmp_path, capsys):

@@ -293,8 +293,12 @@ def _check_same_run(cfg: TofuUnlearnConfig, out: Path) -> None:
     saved = json.loads((out / CONFIG).read_text(encoding="utf-8"))
     mine = json.loads(json.dumps(_config_dict(cfg), default=str))
     for key in sorted(set(saved) | set(mine)):
-        if saved.get(key) != mine.get(key):
-            raise LokuError(f"--resume: {key} was {saved.get(key)!r} in {out / CONFIG}, now {mine.get(key)!r}: "
+        was, now = saved.get(key), mine.get(key)
+        if was != now:
+            if isinstance(was, dict) and isinstance(now, dict):   # name the nested setting (train.lr), not all
+                key = next(f"{key}.{k}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k))
+                was, now = was.get(key.split(".", 1)[1]), now.get(key.split(".", 1)[1])
+            raise LokuError(f"--resume: {key} was {was!r} in {out / CONFIG}, now {now!r}: "
                             "resume with the same options, or start a new --out")
 
 
