@@ -48,8 +48,8 @@ def not_applicable(labels: list[str], lunar_harmful, benchmark: str) -> dict[str
         if spec.method == "lmcleaner":
             out[label] = TRAJECTORY.format(where=WHERE[benchmark])
         elif spec.method == "lunar" and not lunar_harmful:
-            out[label] = ("needs --lunar-harmful FILE, prompts the model refuses (OpenUnlearning's splits/harmful.json); "
-                          "the data folder has none")
+            out[label] = ("needs --lunar-harmful FILE, prompts the model refuses (OpenUnlearning's "
+                          "splits/harmful.json); the data folder has none")
         elif spec.init in ("fila", "vila") and not fila:
             out[label] = "loku.fila is not importable"
     return out

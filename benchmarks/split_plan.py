@@ -5,7 +5,8 @@ a toy run of every method (`--methods all` at the docstring's smoke sizes) gives
 those the real run measured, scaled by the real run's mean (TOFU: unlearning + per-epoch scoring; TDEC: per
 epoch of unlearning, times --max-epochs as if no method stopped early, plus utility). The first run also
 carries the shared set-up (TOFU: target/retain fine-tuning and their evaluation; TDEC: survey, memorizing,
-thresholds, utility before), the real run's total minus its methods. Methods are packed into the fewest runs under the budget, longest first onto the least loaded run.
+thresholds, utility before), the real run's total minus its methods. Methods are packed into the fewest runs
+under the budget, longest first onto the least loaded run.
 
     .venv/bin/python benchmarks/split_plan.py tofu --smoke /tmp/toy.json          # the TOFU plan
     .venv/bin/python benchmarks/split_plan.py tdec --smoke /tmp/tdec_toy/results.json

@@ -30,10 +30,14 @@ The README table's scale, every method, split into runs that each fit 2 CPU core
 methods it had, the others scaled per epoch from the toy run below and assumed to run all 8 epochs; the first
 run also does phases 1-4, ~8 min):
 
+    export OMP_NUM_THREADS=2
     TDEC="--seqs 8 --tokens 100 --max-epochs 8 --limit 5 --tasks piqa,arc_easy,copa,pile,wikitext \\
           --work runs/tdec_all --results benchmarks/results/tdec_smollm2_all.json"
-TDEC_RUNS
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/tdec_smollm2.py $TDEC --report-only
+    .venv/bin/python benchmarks/tdec_smollm2.py $TDEC --methods ga,npo,rmu,t3,npo+full               # ~62 min (+ phases 1-4)
+    .venv/bin/python benchmarks/tdec_smollm2.py $TDEC --methods gd,undial,ceu,sibl                   # ~63 min
+    .venv/bin/python benchmarks/tdec_smollm2.py $TDEC --methods kl,simnpo,dpo,wga,gru                # ~61 min
+    .venv/bin/python benchmarks/tdec_smollm2.py $TDEC --methods idk,ihl,satimp,pdu,ihl+fila,ga+full  # ~64 min
+    .venv/bin/python benchmarks/tdec_smollm2.py $TDEC --report-only
 
 Most of a method's time is the per-epoch EL10 of the forget set (~20 s while it is memorized, ~2 min once it is
 forgotten), then ~15 s of utility. The toy run below checks the plumbing (every method, ~25 min on 1 thread
@@ -59,6 +63,7 @@ from loku.errors import LokuError
 from loku.finetune import finetune
 from loku.io import write_json
 from loku.metrics.extraction import memorization_accuracy
+from loku.methods import METHODS
 from loku.metrics.utility import evaluate_utility
 from loku.tdec import (TDEC_FILES, TdecConfig, compute_thresholds, load_sequences, markdown_table, retain_examples,
                        run_tdec, table_row, tokenize_sequences)
@@ -212,8 +217,11 @@ def run_method(args, name: str, mem: dict, th: dict, forget_path: Path, pdu_eps:
     label = name
     say(f"5. {label}: unlearn (lr {args.lr}, rank {args.rank}, at most {args.max_epochs} epochs), then utility")
     model, tokenizer = load_model(mem["model_dir"])
-    ucfg = UnlearnConfig(lora_rank=args.rank, epochs=args.max_epochs, lr=args.lr,
-                         batch_size=args.batch_size, max_length=args.tokens + 1, seed=args.seed,
+    # idk/dpo train on (first half, refusal) pairs in the chat format: its template and the refusal need room
+    # beyond the sequence's own tokens; the other methods train on exactly the measured tokens
+    refusing = METHODS[parse_method(name).method].forget_answers in ("idk", "idk-pair")
+    ucfg = UnlearnConfig(lora_rank=args.rank, epochs=args.max_epochs, lr=args.lr, batch_size=args.batch_size,
+                         max_length=2 * args.tokens + 128 if refusing else args.tokens + 1, seed=args.seed,
                          mixed_precision=args.mixed_precision, pdu_retain_loss_eps=pdu_eps,
                          lunar_harmful=str(args.lunar_harmful) if args.lunar_harmful else None, **overrides(name))
     cfg = TdecConfig(forget=str(forget_path), out=str(out), model=mem["model_dir"], rows=args.seqs,

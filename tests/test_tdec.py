@@ -172,8 +172,8 @@ def test_table_layout():
     assert markdown_table(rows[:1], extraction=False).splitlines()[2] == "| before | 40.0 | - | 20.0 | - |"
     with_es = [table_row("before", el=0.5, ma=0.9, es=0.75), table_row("ga", epochs=2, el=0.0, ma=0.1)]
     assert markdown_table(with_es).splitlines()[0::2] == [
-        "| Method | Epochs | EL10 (%) ↓ | MA (%) ↓ | ES (%) ↓ | Reasoning (Acc) ↑ | Dialogue (F1) ↑ | Pile (PPL) ↓ | "
-        "Wikitext (PPL) ↓ |", "| before | - | 50.0 | 90.0 | 75.0 | - | - | - | - |",
+        "| Method | Epochs | EL10 (%) ↓ | MA (%) ↓ | ES (%) ↓ | Reasoning (Acc) ↑ | Dialogue (F1) ↑ | "
+        "Pile (PPL) ↓ | Wikitext (PPL) ↓ |", "| before | - | 50.0 | 90.0 | 75.0 | - | - | - | - |",
         ]
     assert markdown_table(with_es).splitlines()[3] == "| ga | 2 | 0.0 | 10.0 | - | - | - | - | - |"
 
