@@ -147,6 +147,7 @@ class Setting:
     utility_columns = (("WikiText ppl", "wikitext_ppl"), ("Pile ppl", "pile_ppl"))
     extra_attacks: tuple[str, ...] = ()              # attacks besides quantization and relearning
     title = "SmolLM2-135M, memorized TDEC sequences: unlearned until forgotten, then attacked"
+    original_label = "memorized (original)"
 
     def __init__(self, args):
         self.args = args
@@ -314,7 +315,7 @@ def table(s: Setting, results: dict, steps: list[int]) -> str:
             + ["seconds (unlearn / all)"])
     blank = [""] * (len(attacks) + len(relearn))
     o, u = s.original["point"], s.original["point"]["unseen"]
-    rows = [["memorized (original)", "-"] + [pct(o[m]) for m in s.shown]
+    rows = [[s.original_label, "-"] + [pct(o[m]) for m in s.shown]
             + [f"{o['best_auc']:.2f} ({o['best_attack']})"] + blank
             + [fmt_utility(k, s.original["utility"].get(k)) for _, k in s.utility_columns] + [""],
             ["never-seen level (unseen set)", "-"] + [pct(u.get(m)) for m in s.shown] + ["0.50"] + blank

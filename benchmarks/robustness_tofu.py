@@ -47,6 +47,7 @@ class TofuSetting(Setting):
     utility_columns = (("retain-QA EM %", "retain_em"), ("WikiText ppl", "wikitext_ppl"))
     extra_attacks = ("paraphrase",)
     title = "SmolLM2-135M, 10-author TOFU: the forget author unlearned until forgotten, then attacked"
+    original_label = "target model (original)"
 
     def __init__(self, args):
         self.args = args
