@@ -353,7 +353,7 @@ def plot(s: Setting, results: dict, steps: list[int], path: Path) -> None:
         level = s.original["point"]["unseen"][m] if key == m else 0.5
         ax.axhline(level, color="k", ls="--", lw=1, label="never-seen level" if key == m else "chance (0.5)")
         if key == m:
-            ax.axhline(s.original["point"][m], color="r", ls=":", lw=1, label="memorized")
+            ax.axhline(s.original["point"][m], color="r", ls=":", lw=1, label=s.original_label.split(" (")[0])
         ax.set_xticks(range(len(ok)), [r["label"] for r in ok.values()], rotation=30, ha="right", fontsize=8)
         ax.set_title(f"{what}: unlearned, then quantized")
         ax.legend(fontsize=7)
@@ -364,7 +364,7 @@ def plot(s: Setting, results: dict, steps: list[int], path: Path) -> None:
                                                      for k in steps if k]
             ax.plot([0] + [k for k in steps if k], ys, marker="o", label=r["label"])
         if key == m:
-            ax.axhline(s.original["point"]["held_out"][m], color="r", ls=":", lw=1, label="memorized")
+            ax.axhline(s.original["point"]["held_out"][m], color="r", ls=":", lw=1, label=s.original_label.split(" (")[0])
             ax.axhline(s.original["point"]["unseen"][m], color="k", ls="--", lw=1, label="never-seen level")
         else:
             ax.axhline(0.5, color="k", ls="--", lw=1)
