@@ -364,7 +364,8 @@ def plot(s: Setting, results: dict, steps: list[int], path: Path) -> None:
                                                      for k in steps if k]
             ax.plot([0] + [k for k in steps if k], ys, marker="o", label=r["label"])
         if key == m:
-            ax.axhline(s.original["point"]["held_out"][m], color="r", ls=":", lw=1, label=s.original_label.split(" (")[0])
+            ax.axhline(s.original["point"]["held_out"][m], color="r", ls=":", lw=1,
+                       label=s.original_label.split(" (")[0])
             ax.axhline(s.original["point"]["unseen"][m], color="k", ls="--", lw=1, label="never-seen level")
         else:
             ax.axhline(0.5, color="k", ls="--", lw=1)
