@@ -55,32 +55,75 @@ def test_revealed_others_names_only_identifying_fields():
     assert revealed_others(texts, [a, b, c], [a, b, c]) == [[b.name], [], []]
 
 
-def test_batched_memorization_equals_memorization_accuracy_row_by_row(tokenizer):
-    """The demo's one padded pass gives what loku.metrics.extraction.memorization_accuracy gives per record."""
+def test_value_examples_split_the_record_at_its_private_values():
+    """One prompt/completion pair per private value: the prompt is the record up to the value, the completion
+    the value (with its leading space), so the words between values are in no completion."""
+    from loku.demo import PRIVATE, value_examples
+
+    for r in make_records(20, seed=4):
+        exs, text = value_examples(r), record_text(r)
+        assert [e["answer"] for e in exs] == [" " + getattr(r, f) for f in PRIVATE]
+        for e in exs:
+            assert text.startswith(e["question"] + e["answer"]) and not e["question"].endswith(" ")
+        assert text == exs[-1]["question"] + exs[-1]["answer"] + "."
+
+
+def test_value_features_score_the_tokens_the_per_value_examples_learn(tokenizer):
+    """Each record in one feature scores exactly the tokens that its value examples, tokenized one by one in the
+    `continuation` format (what the unlearning trains on), carry loss on."""
+    from loku.data.qa import format_qa
+    from loku.demo import value_examples, value_features
+
+    for r, f in zip(recs := make_records(8, seed=5), value_features(tokenizer, recs)):
+        assert f["input_ids"] == tokenizer(record_text(r))["input_ids"]
+        learned = []
+        for e in value_examples(r):
+            ex = format_qa(tokenizer, e["question"], e["answer"], 256, "continuation")
+            assert ex["input_ids"] == f["input_ids"][:len(ex["input_ids"])]
+            learned += [i for i, label in enumerate(ex["labels"]) if label != -100]
+        assert learned == [i for i, label in enumerate(f["labels"]) if label != -100]
+        assert all(f["labels"][i] == f["input_ids"][i] for i in learned)
+
+
+def test_batched_memorization_is_exact_memorization_over_the_values(tokenizer):
+    """The demo's one padded pass gives, per record, the share of its value tokens that are the model's argmax
+    given the true prefix, as computed example by example."""
     from conftest import tiny_llama
-    from loku.demo import memorization
-    from loku.metrics.extraction import memorization_accuracy
+    from loku.data.qa import format_qa
+    from loku.demo import memorization, value_examples
 
     model = tiny_llama(len(tokenizer))
     tokenizer.pad_token = tokenizer.eos_token
-    texts = [record_text(r) for r in make_records(5, seed=2)] + ["A short line of text."]
-    expect = [float(memorization_accuracy(model, torch.tensor([tokenizer(t)["input_ids"]]))[0]) for t in texts]
-    assert memorization(model, tokenizer, texts) == pytest.approx(expect, abs=1e-12)
+    recs = make_records(5, seed=2)
+    expect = []
+    for r in recs:
+        hits = total = 0
+        for e in value_examples(r):
+            ex = format_qa(tokenizer, e["question"], e["answer"], 256, "continuation")
+            with torch.no_grad():
+                pred = model(torch.tensor([ex["input_ids"]])).logits[0, :-1].argmax(-1)
+            labels = torch.tensor(ex["labels"][1:])
+            hits += int(((pred == labels) & (labels != -100)).sum())
+            total += int((labels != -100).sum())
+        expect.append(hits / total)
+    assert memorization(model, tokenizer, recs) == pytest.approx(expect, abs=1e-12)
 
 
 def test_general_paragraphs_are_single_sentences_apart_from_the_perplexity_text():
-    """The general text mixed into the leak (and kept by the unlearning) is n first sentences of different
-    built-in articles, none of them the demo's perplexity text."""
-    from loku.data.retain import builtin_retain
+    """The general text mixed into the leak (and kept by the unlearning) is first sentences of the built-in
+    paragraphs, first one per article, all different and none of them the demo's perplexity text."""
+    from loku.data.retain import PER_ARTICLE, builtin_retain
     from loku.demo import GENERAL_TEXT, general_paragraphs
 
-    texts = general_paragraphs(16)
-    assert len(texts) == len(set(texts)) == 16
     paragraphs = [e["text"] for e in builtin_retain()]
+    texts = general_paragraphs(10_000)
+    assert len(texts) == len(set(texts)) == len(paragraphs)
     for t in texts:
         assert any(p.startswith(t) for p in paragraphs) and t[-1] in ".!?"
         assert not any(t in g or g in t for g in GENERAL_TEXT)
-    assert "Little Gidding is the fourth and final poem of T. S. Eliot's" in " ".join(texts)  # not cut at "T."
+    first = general_paragraphs(16)
+    assert first == texts[:16] and all(paragraphs[i * PER_ARTICLE].startswith(t) for i, t in enumerate(first))
+    assert "Little Gidding is the fourth and final poem of T. S. Eliot's" in " ".join(first)  # not cut at "T."
 
 
 def test_leak_trains_only_the_mlp_blocks(tokenizer):
@@ -93,6 +136,26 @@ def test_leak_trains_only_the_mlp_blocks(tokenizer):
     assert trained and trained == {n for n, _ in model.named_parameters() if ".mlp." in n}
     train_only(model, "all")
     assert all(p.requires_grad for p in model.parameters())
+    train_only(model, "mlp", "1-1")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if ".layers.1.mlp." in n}
+
+
+def test_leak_lora_band_names_the_linear_layers_of_the_band(tokenizer):
+    from conftest import tiny_llama
+    from loku.demo import band_modules
+
+    model = tiny_llama(len(tokenizer), layers=3)
+    names = band_modules(model, "1-2")
+    assert names and all(".layers.1." in n or ".layers.2." in n for n in names)
+    assert len(names) == 2 * len(band_modules(model, "0-0")) and band_modules(model, "") is None
+
+
+def test_leak_layers_must_be_a_range():
+    from loku.errors import LokuError
+
+    with pytest.raises(LokuError, match="FIRST-LAST"):
+        DemoConfig(leak_layers="8").check()
 
 
 @pytest.fixture(scope="module")
