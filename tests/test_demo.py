@@ -85,6 +85,20 @@ def test_value_features_score_the_tokens_the_per_value_examples_learn(tokenizer)
         assert all(f["labels"][i] == f["input_ids"][i] for i in learned)
 
 
+def test_tokenized_examples_are_taken_as_they_are_and_checked_for_overlap(tokenizer):
+    """The unlearning receives `value_features` as tokenized examples: kept as given (cut to max_length), and
+    one given as both forget and retain counts as shared."""
+    from loku.data.retain import shared_examples
+    from loku.data.text import tokenize_examples
+    from loku.demo import value_features
+
+    feats = value_features(tokenizer, make_records(3, seed=6))
+    assert tokenize_examples(feats, tokenizer, 256) == feats
+    n = len(feats[0]["input_ids"]) - 3
+    assert tokenize_examples(feats[:1], tokenizer, n) == [{k: v[:n] for k, v in feats[0].items()}]
+    assert shared_examples(feats, feats[1:] + [{"text": record_text(make_records(1)[0])}]) == 2
+
+
 def test_batched_memorization_is_exact_memorization_over_the_values(tokenizer):
     """The demo's one padded pass gives, per record, the share of its value tokens that are the model's argmax
     given the true prefix, as computed example by example."""

@@ -127,9 +127,7 @@ class DemoConfig(Config):
 
 def value_examples(r: Record) -> list[dict]:
     """The record as one prompt/completion pair per private value, in the `continuation` prompt format: the text
-    before the value is the prompt (no loss), the value the completion. Unlearning these forgets the values and
-    leaves alone the words around them, which every record shares (pushing those down breaks the retain
-    people's records too)."""
+    before the value is the prompt (no loss), the value the completion."""
     text, out, end = record_text(r), [], 0
     for f in PRIVATE:
         start = text.index(getattr(r, f), end)
@@ -141,7 +139,9 @@ def value_examples(r: Record) -> list[dict]:
 
 def value_features(tokenizer, records: list[Record]) -> list[dict]:
     """Each whole record as one feature whose labels are its private values' tokens only (-100 elsewhere): in a
-    causal model the same logits as `value_examples` tokenized one by one, from one forward pass per record."""
+    causal model the same logits as `value_examples` tokenized one by one, from one forward pass per record.
+    What the unlearning forgets: the values, not the words around them, which every record shares (pushing
+    those down broke the retain people's records too: 86% -> 8% of their fields revealed)."""
     feats = []
     for r in records:
         ids = tokenizer(record_text(r))["input_ids"]
@@ -317,12 +317,12 @@ def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, c
 
     ucfg = UnlearnConfig(model=cfg.model, method=cfg.method, lora_rank=cfg.lora_rank, epochs=cfg.unlearn_max_epochs,
                          lr=cfg.unlearn_lr, batch_size=cfg.unlearn_batch_size, retain_weight=cfg.retain_weight,
-                         seed=cfg.seed, mixed_precision=cfg.mixed_precision, prompt_format="continuation",
+                         seed=cfg.seed, mixed_precision=cfg.mixed_precision,
                          out=str(out / "unlearned") if out is not None else "")
     retain = ([record_text(r) for r in groups["retain"]] + general_paragraphs(cfg.retain_general)
               if cfg.retain == "records" else None)   # None: loku's built-in general text
     result = unlearn(ucfg, model, tokenizer, callbacks=[forgotten], retain=retain,
-                     forget=[ex for r in groups["forget"] for ex in value_examples(r)])
+                     forget=value_features(tokenizer, groups["forget"]))
     return result, ucfg
 
 
