@@ -50,9 +50,10 @@ FIELDS = ("address", "phone", "email", "employer", "account")
 PRIVATE = ("address", "phone", "email", "employer", "condition", "account")
 # Fields no two people share: one of them in a generation names its owner (employers repeat).
 IDENTIFYING = ("address", "phone", "email", "account")
-# Memorization accuracy below which a name prompt reveals few fields (SmolLM2-135M, MLP fine-tune: 0.93 -> 50%,
-# 0.97 -> 77%, 0.98 -> 88% of fields), so the leak fine-tune does not spend a generation on checking.
-LEAK_GATE = 0.95
+# Memorization of the private values below which a name prompt reveals few fields (SmolLM2-135M, MLP fine-tune
+# with general text mixed in: 0.94 -> under 50%, 0.97 -> 54%, 0.986 -> 78% of fields), so the leak fine-tune
+# does not spend a generation on checking.
+LEAK_GATE = 0.97
 
 
 @dataclass
@@ -82,14 +83,14 @@ class DemoConfig(Config):
     retain_general: int = setting(16, "Of those sentences, how many the unlearning keeps beside the retain "
                                   "people's records (retain records).", group="Data", bound="non-negative")
     leak_batch_size: int = setting(4, "Batch size of the leak fine-tune.", group="Training", bound="positive")
-    leak_max_epochs: int = setting(30, "Most epochs of the leak fine-tune (its learning rate decays over them; it "
+    leak_max_epochs: int = setting(14, "Most epochs of the leak fine-tune (its learning rate decays over them; it "
                                    "stops once the records leak).", group="Training", bound="positive")
-    leak_target: float = setting(0.85, "Share of private fields both groups must reveal, prompted with a name, "
+    leak_target: float = setting(0.8, "Share of private fields both groups must reveal, prompted with a name, "
                                  "before unlearning starts.", group="Training", bound="positive")
-    unlearn_lr: float = setting(1e-3, "Learning rate of the unlearning.", group="Training", bound="positive")
-    unlearn_batch_size: int = setting(8, "Batch size of the unlearning (forget values; as many retain "
-                                      "examples).", group="Training", bound="positive")
-    retain_weight: float = setting(1.0, "Coefficient of the unlearning's retain term.", group="Training",
+    unlearn_lr: float = setting(5e-4, "Learning rate of the unlearning.", group="Training", bound="positive")
+    unlearn_batch_size: int = setting(4, "Forgotten records per step of the unlearning (with retain records, "
+                                      "every step keeps the whole retain set).", group="Training", bound="positive")
+    retain_weight: float = setting(3.0, "Coefficient of the unlearning's retain term.", group="Training",
                                    bound="non-negative")
     unlearn_max_epochs: int = setting(10, "Most epochs of the unlearning.", group="Training", bound="positive")
     forget_target: float = setting(0.05, "Unlearning stops once the forgotten people reveal at most this share of "
@@ -315,12 +316,13 @@ def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, c
         done = row["forget_leak"] <= cfg.forget_target and row["forget"] <= threshold
         return {"stop": done, **{f"{g}_memorization": v for g, v in row.items() if g in groups}}
 
-    ucfg = UnlearnConfig(model=cfg.model, method=cfg.method, lora_rank=cfg.lora_rank, epochs=cfg.unlearn_max_epochs,
-                         lr=cfg.unlearn_lr, batch_size=cfg.unlearn_batch_size, retain_weight=cfg.retain_weight,
-                         seed=cfg.seed, mixed_precision=cfg.mixed_precision,
-                         out=str(out / "unlearned") if out is not None else "")
     retain = ([record_text(r) for r in groups["retain"]] + general_paragraphs(cfg.retain_general)
               if cfg.retain == "records" else None)   # None: loku's built-in general text
+    # records: every step keeps the whole retain set (a retain person's values are what a forget step hits)
+    ucfg = UnlearnConfig(model=cfg.model, method=cfg.method, lora_rank=cfg.lora_rank, epochs=cfg.unlearn_max_epochs,
+                         lr=cfg.unlearn_lr, batch_size=cfg.unlearn_batch_size, retain_weight=cfg.retain_weight,
+                         retain_batch_size=len(retain) if retain else None, seed=cfg.seed,
+                         mixed_precision=cfg.mixed_precision, out=str(out / "unlearned") if out is not None else "")
     result = unlearn(ucfg, model, tokenizer, callbacks=[forgotten], retain=retain,
                      forget=value_features(tokenizer, groups["forget"]))
     return result, ucfg
@@ -367,6 +369,7 @@ def print_report(console, cfg: DemoConfig, report: dict, init: str) -> None:
     rows = [("forget fields revealed", "forget_leak"), ("forget memorization", "forget_memorization"),
             ("retain fields revealed", "retain_leak"), ("retain memorization", "retain_memorization"),
             ("never-seen memorization", "unseen_memorization"), ("general-text perplexity", "general_ppl")]
+    console.print("memorization: of the private values' tokens (greedy next token given the true record)")
     columns = (report["base"], report["leaked"], report["unlearned"])
     for label, key in rows:
         table.add_row(label, *(f"{c[key]:.3f}" if key != "general_ppl" else f"{c[key]:.1f}" for c in columns))
