@@ -150,26 +150,6 @@ def test_leak_trains_only_the_mlp_blocks(tokenizer):
     assert trained and trained == {n for n, _ in model.named_parameters() if ".mlp." in n}
     train_only(model, "all")
     assert all(p.requires_grad for p in model.parameters())
-    train_only(model, "mlp", "1-1")
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        n for n, _ in model.named_parameters() if ".layers.1.mlp." in n}
-
-
-def test_leak_lora_band_names_the_linear_layers_of_the_band(tokenizer):
-    from conftest import tiny_llama
-    from loku.demo import band_modules
-
-    model = tiny_llama(len(tokenizer), layers=3)
-    names = band_modules(model, "1-2")
-    assert names and all(".layers.1." in n or ".layers.2." in n for n in names)
-    assert len(names) == 2 * len(band_modules(model, "0-0")) and band_modules(model, "") is None
-
-
-def test_leak_layers_must_be_a_range():
-    from loku.errors import LokuError
-
-    with pytest.raises(LokuError, match="FIRST-LAST"):
-        DemoConfig(leak_layers="8").check()
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,10 @@ from rich.table import Table
 from . import io
 from .config import UnlearnConfig
 from .config_base import Config, setting
-from .errors import LokuError
 from .data.records import Record, make_records, record_text
 from .data.retain import PER_ARTICLE, builtin_retain
 from .data.text import tokenize_examples
 from .finetune import finetune
-from .lora import add_lora, linear_modules
 from .metrics.extraction import exact_memorization_from_logits
 from .metrics.forward import pad_id, per_feature
 from .metrics.perplexity import sequence_nll, token_weighted_perplexity
@@ -71,11 +69,7 @@ class DemoConfig(Config):
     leak_lr: float = setting(3e-4, "Learning rate of the leak fine-tune.", group="Training", bound="positive")
     leak_modules: str = setting("mlp", "What the leak fine-tune trains: mlp (the MLP blocks, where a transformer "
                                 "stores facts; general text suffers least) or all (every weight).",
-                                group="Training", choices=("mlp", "all", "lora"), kind="leak modules")
-    leak_lora_rank: int = setting(16, "LoRA rank of the leak fine-tune with leak_modules lora.", group="Training",
-                                  bound="positive")
-    leak_layers: str = setting("", "Layers the leak fine-tune trains, FIRST-LAST (0-based, inclusive); empty: "
-                               "all.", group="Training")
+                                group="Training", choices=("mlp", "all"), kind="leak modules")
     leak_general: int = setting(240, "Built-in general-text sentences mixed into the leak fine-tune (the rest of "
                                 "a training set: the model keeps its general language), a batch of them with each "
                                 "batch of records, drawn from a stream that cycles across epochs.", group="Data",
@@ -118,8 +112,6 @@ class DemoConfig(Config):
         from .methods import METHODS
 
         METHODS[self.method]  # raises with "did you mean"
-        if self.leak_layers and not re.fullmatch(r"\d+-\d+", self.leak_layers):
-            raise LokuError(f"leak_layers {self.leak_layers!r} is not a range of layers: write FIRST-LAST, e.g. 8-21")
         if self.quick:
             for name, value in self.quick_overrides().items():
                 if getattr(self, name) == self.__dataclass_fields__[name].default:
@@ -175,24 +167,12 @@ def general_paragraphs(n: int) -> list[str]:
     return firsts
 
 
-def train_only(model, modules: str, layers: str = "") -> None:
-    """Let the leak fine-tune train the MLP blocks ("mlp") or every weight ("all"), of the layers `layers`
-    ("FIRST-LAST", 0-based, inclusive; "": all). On SmolLM2-135M, 12 epochs of the MLPs at lr 3e-4 left
-    general-text perplexity at 71 where the whole model at the same rate gave 130. Training no layer below
-    FIRST also saves the backward pass through them."""
-    first, last = (int(x) for x in layers.split("-")) if layers else (0, 0)
-    band = tuple(f".layers.{i}." for i in range(first, last + 1))
+def train_only(model, modules: str) -> None:
+    """Let the leak fine-tune train the MLP blocks ("mlp") or every weight ("all"). On SmolLM2-135M, 12 epochs
+    of the MLPs at lr 3e-4 left general-text perplexity at 71 where the whole model at the same rate gave 130
+    (with the general sentences repeated, before they became a stream)."""
     for name, p in model.named_parameters():
-        p.requires_grad_((modules == "all" or ".mlp." in name) and (not layers or any(b in name for b in band)))
-
-
-def band_modules(model, layers: str) -> list[str] | None:
-    """Full names of the linear layers (but the head) of the layers `layers` (FIRST-LAST); None: all of them."""
-    if not layers:
-        return None
-    first, last = (int(x) for x in layers.split("-"))
-    band = tuple(f".layers.{i}." for i in range(first, last + 1))
-    return [n for n in linear_modules(model) if any(b in n + "." for b in band)]
+        p.requires_grad_(modules == "all" or ".mlp." in name)
 
 
 def prompt(r: Record) -> str:
@@ -282,17 +262,10 @@ def leak(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, cur
 
     feats = tokenize_examples([{"text": record_text(r)} for r in known], tokenizer, 128)
     general = tokenize_examples([{"text": t} for t in general_paragraphs(cfg.leak_general)], tokenizer, 128)
-    if cfg.leak_modules == "lora":   # adapters on every linear layer of the band, merged into the weights after
-        model.requires_grad_(False)
-        trained = add_lora(model, cfg.leak_lora_rank, 2.0 * cfg.leak_lora_rank, band_modules(model, cfg.leak_layers))
-    else:
-        trained = model
-        train_only(model, cfg.leak_modules, cfg.leak_layers)
-    finetune(trained, feats, tokenizer.pad_token_id, epochs=cfg.leak_max_epochs, lr=cfg.leak_lr,
+    train_only(model, cfg.leak_modules)
+    finetune(model, feats, tokenizer.pad_token_id, epochs=cfg.leak_max_epochs, lr=cfg.leak_lr,
              batch_size=cfg.leak_batch_size, seed=cfg.seed, mixed_precision=cfg.mixed_precision, callback=leaked,
              description="leak", mixed=general or None)
-    if trained is not model:
-        trained.merge_and_unload()
     model.requires_grad_(True)   # as loaded: FILA's Fisher statistics take gradients of every weight it adapts
 
 
