@@ -11,11 +11,13 @@ import torch
 
 from conftest import run_cli, tiny_llama
 from loku import UnlearnConfig, unlearn
+from loku.audit.inputs import check_adapter_folder
 from loku.data.batches import collate
 from loku.data.records import make_records, record_text
 from loku.data.text import tokenize_examples
 from loku.errors import LokuError
 from loku.losses import cross_entropy
+from loku.models import load_for_eval
 from loku.methods import METHODS, MethodRun
 from loku.methods.editing import TrajectoryWriter
 
@@ -165,6 +167,17 @@ def test_t3_head_is_saved_and_put_back(tokenizer, tmp_path):
         assert torch.all(tilted <= base + 1e-6) and not torch.allclose(tilted, base, atol=1e-3)
     with pytest.raises(LokuError, match="is not a T3 head"):
         load_guidance(fresh, tmp_path)
+    # the evaluations' --adapter (loku muse/wmdp eval) takes the t3/ folder and scores the tilted model
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    scored, _ = load_for_eval(str(tmp_path / "base"), run / "t3")
+    with torch.no_grad():
+        torch.testing.assert_close(scored.eval()(input_ids=ids).logits, tilted, atol=1e-5, rtol=1e-5)
+    with pytest.raises(LokuError, match="nor a T3 head"):
+        load_for_eval(str(tmp_path / "base"), tmp_path / "base")
+    # the audit measures attacks that change weights; T3 changes none: one line, before anything loads
+    with pytest.raises(LokuError, match="is a T3 head, which the audit does not measure yet"):
+        check_adapter_folder(str(run / "t3"))
 
 
 @pytest.mark.parametrize("method", ["gru", "sibl"])

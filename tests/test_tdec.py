@@ -14,7 +14,7 @@ from loku.data.records import make_records, record_text
 from loku.data.text import tokenize_examples
 from loku.errors import LokuError
 from loku.finetune import finetune
-from loku.metrics.extraction import extraction_likelihood, memorization_accuracy
+from loku.metrics.extraction import extraction_likelihood, memorization_accuracy, teacher_forced_memorization
 from loku.tdec import (PRESETS, ExtractionMeter, StopWhenForgotten, TdecConfig, Thresholds, compute_thresholds,
                        load_sequences, markdown_table, preset_for, resolve_thresholds, run_tdec, table_row,
                        tdec_markdown, tokenize_sequences)
@@ -114,6 +114,19 @@ def test_stop_rule_on_a_memorized_model(memorized, tokenizer):
     assert not any(r["forgotten"] for r in rule.records[:-1])
     after = meter(res.model)  # the stop rule measured the model the run returns
     assert after["el"] == pytest.approx(last["el"]) and after["ma"] == pytest.approx(last["ma"])
+    assert after["es"] == pytest.approx(last["es"]) and last["es_mean"] == pytest.approx(after["es_mean"])
+
+
+def test_meter_extraction_strength_is_loku_metrics_es_of_each_sequence(memorized, tokenizer):
+    """ES from the meter's shared teacher-forced pass (rows of a length together, unpadded) equals
+    loku.metrics.extraction's ES of each sequence alone (every token but the first scored)."""
+    forget = tokenize_sequences(FORGET, tokenizer, max_tokens=48)
+    heldout = tokenize_sequences(HELDOUT, tokenizer, max_tokens=48)
+    m = ExtractionMeter(forget)(memorized)
+    ref = [teacher_forced_memorization(memorized, [{"input_ids": x, "labels": x}], tokenizer.pad_token_id)["es"][0]
+           for x in forget.ids]
+    assert m["es"] == pytest.approx(ref, abs=1e-12) and m["es_mean"] == pytest.approx(sum(ref) / len(ref))
+    assert m["es_mean"] > ExtractionMeter(heldout)(memorized)["es_mean"] + 0.3  # memorized vs never seen
 
 
 # ------------------------------------------------------------------ thresholds
@@ -157,6 +170,12 @@ def test_table_layout():
         "| before | - | 50.0 | 90.0 | 40.0 | - | 20.0 | - | - |",
         "| ihl (FILA LoRA r=8) | >10 | 1.0 | 20.0 | - | - | - | - | 12 |"]
     assert markdown_table(rows[:1], extraction=False).splitlines()[2] == "| before | 40.0 | - | 20.0 | - |"
+    with_es = [table_row("before", el=0.5, ma=0.9, es=0.75), table_row("ga", epochs=2, el=0.0, ma=0.1)]
+    assert markdown_table(with_es).splitlines()[0::2] == [
+        "| Method | Epochs | EL10 (%) ↓ | MA (%) ↓ | ES (%) ↓ | Reasoning (Acc) ↑ | Dialogue (F1) ↑ | "
+        "Pile (PPL) ↓ | Wikitext (PPL) ↓ |", "| before | - | 50.0 | 90.0 | 75.0 | - | - | - | - |",
+        ]
+    assert markdown_table(with_es).splitlines()[3] == "| ga | 2 | 0.0 | 10.0 | - | - | - | - | - |"
 
 
 # ------------------------------------------------------------------ the CLI end to end
@@ -188,9 +207,11 @@ def test_cli_thresholds_run_and_utility(tiny_model_dir, tmp_path, capsys):
     assert len(report["initial"]["el"]) == 4 and all(len(e["ma"]) == 4 and "loss" in e["train"]
                                                      for e in report["epochs"])
     assert report["final"]["ma_mean"] == report["epochs"][-1]["ma_mean"]
+    assert report["final"]["es_mean"] == report["epochs"][-1]["es_mean"] and len(report["initial"]["es"]) == 4
     assert set(report["utility"]["tasks"]) == {"lambada", "pile"} and report["utility_before"]["summary"]["pile_ppl"]
     table = (run / "table.md").read_text()
     assert "| before | - |" in table and "| ihl (LoRA r=4) |" in table and "first 2 items per task" in table
+    assert "| MA (%) ↓ | ES (%) ↓ |" in table
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run / "unlearned" / "adapter" / "adapter_model.safetensors").is_file()
     assert "report.json" in json.loads((run / "manifest.json").read_text())["files"]

@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 from test_cli import run_cli
 
 from loku.data.idk import REFUSALS, with_refusals
@@ -165,7 +166,37 @@ def test_unlearn_two_methods_report_and_resume(models, tmp_path, capsys):
     assert code == 0, err
     assert os.stat(out / "runs" / "ga" / "tofu.json").st_mtime_ns == stamp
     code, _, err = run_cli([*args, "--resume", "--lr", "2e-3"], capsys)
-    assert code == 2 and "--resume: train was" in err
+    assert code == 2 and "--resume: train.lr was 0.001 in" in err and "now 0.002" in err
+
+
+def test_full_fine_tuning_for_one_method_beside_lora(models, tmp_path, capsys):
+    """`ga+full` trains every weight of the target (no adapter; the whole model is saved) while `ga` in the
+    same run keeps LoRA with the run's init; the run's --init does not reach the full fine-tuning."""
+    out = tmp_path / "unlearn"
+    args = ["tofu", "unlearn", "--target", models / "target", "--out", out, "--methods", "ga+full,ga",
+            "--epochs", "1", "--lr", "1e-2", "--batch-size", "2", "--grad-accum", "1", "--lora-rank", "2",
+            "--init", "default", "--max-length", "64", "--limit", "3", "--max-new-tokens", "2"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    full, lora = results["methods"]["ga+full"], results["methods"]["ga"]
+    assert (full["method"], full["init"], full["lora_rank"]) == ("ga", "none", None)
+    assert (lora["method"], lora["init"], lora["lora_rank"]) == ("ga", "default", 2)
+    run = out / "runs" / "ga+full"
+    assert (run / "model" / "model.safetensors").is_file() and not (run / "adapter").exists()
+    assert (out / "runs" / "ga" / "adapter" / "adapter_model.safetensors").is_file()
+    target, _ = load_model(str(models / "target"))
+    unlearned, _ = load_model(str(run / "model"))
+    # LoRA never touches the embeddings; full fine-tuning moves them (and every other weight)
+    emb = "model.embed_tokens.weight"
+    assert not torch.equal(unlearned.state_dict()[emb], target.state_dict()[emb])
+    forget = [_row(i) for i in range(6, 9)]
+    assert _answer_loss(run / "model", forget) > _answer_loss(models / "target", forget) + 0.5  # ascent forgot
+    assert full["epochs"][0]["Forget Quality"] >= 0 and "full" in (out / "report.md").read_text()
+
+    code, _, err = run_cli(["tofu", "unlearn", "--target", models / "target", "--out", tmp_path / "new",
+                            "--methods", "ihl+fila", "--full"], capsys)
+    assert code == 2 and "initialises LoRA adapters" in err and not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("make_args, message", [
@@ -200,6 +231,8 @@ def test_bad_input_is_one_line_and_exit_2(models, tofu_data, tmp_path, capsys, m
 def test_helpers():
     assert [s.label for s in map(parse_method, ["ihl", "ihl+fila"])] == ["ihl", "ihl+fila"]
     assert parse_method("ihl+fila").init == "fila" and parse_method("gd").init is None
+    assert parse_method("npo+full").lora is False and parse_method("npo+full").method == "npo"
+    assert parse_method("npo").lora and parse_method("ihl+fila").lora
     with pytest.raises(LokuError, match="listed twice"):
         TofuUnlearnConfig(target="t", out="o", methods="ga,ga")
     assert warmup_steps(400, 4, 8, 1.0) == (13, 13)  # 100 batches -> 13 updates per epoch

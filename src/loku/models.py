@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import LokuError
+from .methods.guidance import load_guidance
 from .io import atomic_dir, check_run_part
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -302,23 +303,32 @@ def check_tokenizer_fits(model, tokenizer, name: str = "the model") -> None:
                         f"rows: the tokenizer belongs to another model; save this model's own tokenizer with it")
 
 
+def is_guidance_head(path: str | os.PathLike) -> bool:
+    """A T3 run's `t3/` folder (a classifier head tilting the unchanged model), not a PEFT adapter."""
+    return (Path(path) / "t3.json").is_file()
+
+
 def check_adapter(adapter: str | os.PathLike) -> Path:
-    """A PEFT adapter folder (of a finished loku run, when it is one), or a LokuError naming the fix."""
+    """A PEFT adapter folder or a T3 head folder (of a finished loku run, when it is one), or a LokuError naming
+    the fix."""
     from . import io
 
     path = Path(adapter).expanduser()
-    if not (path / "adapter_config.json").is_file():
-        raise LokuError(f"{path} is not a PEFT adapter folder (no adapter_config.json): pass the adapter/ folder "
-                        "of a loku run")
+    if not (path / "adapter_config.json").is_file() and not is_guidance_head(path):
+        raise LokuError(f"{path} is not a PEFT adapter folder (no adapter_config.json) nor a T3 head (no t3.json): "
+                        "pass the adapter/ (or, after --method t3, the t3/) folder of a loku run")
     return io.check_run_part(path)
 
 
 def load_for_eval(name_or_path: str, adapter: str | os.PathLike | None = None, *, trust_remote_code: bool = False):
-    """(model, tokenizer) to score: the model, with a PEFT adapter merged into it when one is given."""
+    """(model, tokenizer) to score: the model, with a PEFT adapter merged into it, or a T3 head tilting its
+    eval-mode logits, when one is given."""
     if adapter is not None:
         check_adapter(adapter)
     model, tokenizer = load_model(name_or_path, trust_remote_code=trust_remote_code)
-    if adapter is not None:
+    if adapter is not None and is_guidance_head(adapter):
+        load_guidance(model, adapter)
+    elif adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()

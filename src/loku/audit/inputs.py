@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from ..errors import LokuError
+from ..models import is_guidance_head
 
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -16,6 +17,9 @@ def check_adapter_folder(adapter: str) -> Path:
     path = Path(adapter)
     if not path.is_dir():
         raise LokuError(f"adapter folder {adapter} does not exist: pass the adapter/ folder of a loku run")
+    if is_guidance_head(path):
+        raise LokuError(f"{adapter} is a T3 head, which the audit does not measure yet (its attacks change weights, "
+                        "T3 leaves them unchanged and tilts the output): audit a method that trains the model")
     if not (path / "adapter_config.json").is_file():
         raise LokuError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json): pass the adapter/ folder "
                         "of a loku run")

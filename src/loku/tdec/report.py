@@ -11,10 +11,12 @@ HEAD = ["Epochs", "EL{n} (%) ↓", "MA (%) ↓", "Reasoning (Acc) ↑", "Dialogu
 
 
 def table_row(label: str, *, epochs: int | None = None, max_epochs: int | None = None, el: float | None = None,
-              ma: float | None = None, utility: dict | None = None, seconds: float | None = None) -> dict:
+              ma: float | None = None, utility: dict | None = None, seconds: float | None = None,
+              es: float | None = None) -> dict:
     """One line of the table. `epochs` None with `max_epochs` set means not forgotten within max_epochs;
-    `utility` is `evaluate_utility(...)["summary"]` (or None when it was not run)."""
-    return {"label": label, "epochs": epochs, "max_epochs": max_epochs, "el": el, "ma": ma,
+    `utility` is `evaluate_utility(...)["summary"]` (or None when it was not run); `es` the extraction
+    strength (a column of its own when some row has one)."""
+    return {"label": label, "epochs": epochs, "max_epochs": max_epochs, "el": el, "ma": ma, "es": es,
             "utility": utility or {}, "seconds": seconds}
 
 
@@ -33,14 +35,21 @@ def _epochs(row: dict) -> str:
 
 
 def markdown_table(rows: list[dict], n: int = 10, seconds: bool = False, extraction: bool = True) -> str:
-    """Rows of `table_row` as markdown; `extraction=False` keeps only the utility columns."""
+    """Rows of `table_row` as markdown; `extraction=False` keeps only the utility columns; an ES column
+    follows MA when some row has an extraction strength."""
+    es = extraction and any(r.get("es") is not None for r in rows)
     skip = 0 if extraction else 3  # Epochs, EL, MA
-    head = ["Method", *(h.format(n=n) for h in HEAD[skip:])] + (["Seconds"] if seconds else [])
+    head = [h.format(n=n) for h in HEAD[skip:]]
+    if es:
+        head.insert(3, "ES (%) ↓")
+    head = ["Method", *head] + (["Seconds"] if seconds else [])
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
     for r in rows:
         u = r["utility"]
         cells = [_epochs(r), _pct(r["el"]), _pct(r["ma"]), _pct(u.get("reasoning_accuracy")),
                  _pct(u.get("dialogue_f1")), _num(u.get("pile_ppl")), _num(u.get("wikitext_ppl"))]
+        if es:
+            cells.insert(3, _pct(r.get("es")))
         cells = [r["label"], *cells[skip:]]
         if seconds:
             cells.append("-" if r["seconds"] is None else f"{r['seconds']:.0f}")

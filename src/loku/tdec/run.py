@@ -199,13 +199,13 @@ def run_tdec(cfg: TdecConfig, model=None, tokenizer=None, *, progress: bool = Tr
         after_utility = utility(unlearned)
     t_util = time.time() - t_util
 
-    final = rule.records[-1] if rule.records else {"el_mean": initial["el_mean"], "ma_mean": initial["ma_mean"]}
+    final = rule.records[-1] if rule.records else initial
     report = {
         **head, "trained": True,
         "epochs": [_epoch_entry(h, r) for h, r in zip(result.history, rule.records)],
         "epochs_to_forget": rule.epochs_to_forget, "max_epochs": ucfg.epochs, "epochs_run": result.epochs_run,
         "optimizer": plan,
-        "final": {"el_mean": final["el_mean"], "ma_mean": final["ma_mean"]},
+        "final": {k: final[k] for k in ("el_mean", "ma_mean", "es_mean") if k in final},
         "utility_before": before_utility, "utility": after_utility,
         "seconds": {"unlearn": round(result.seconds, 1), "utility": round(t_util, 1),
                     "eval": round(sum(r["seconds"] or 0 for r in rule.records), 1),  # per-epoch MA/EL, in unlearn
@@ -230,7 +230,8 @@ def _report_head(cfg: TdecConfig, label: str, seqs, thresholds, initial: dict) -
             "forget": {"path": seqs.path, "rows": seqs.rows, "tokens": [len(x) for x in seqs.ids],
                        "max_tokens": cfg.max_tokens, "n": cfg.n},
             "thresholds": dataclasses.asdict(thresholds),
-            "initial": {k: initial[k] for k in ("el_mean", "ma_mean", "el", "ma", "seconds")},
+            "initial": {k: initial[k] for k in ("el_mean", "ma_mean", "es_mean", "el", "ma", "es", "seconds")
+                        if k in initial},
             "initially_forgotten": thresholds.forgotten(initial["el_mean"], initial["ma_mean"])}
 
 
@@ -257,8 +258,8 @@ def _epoch_entry(history: dict, record: dict) -> dict:
     losses = {k: v for k, v in history.items() if k not in ("kind", "epoch", "forgotten", "ma")
               and not k.startswith("el")}
     return {"epoch": record["epoch"], "el_mean": record["el_mean"], "ma_mean": record["ma_mean"],
-            "forgotten": record["forgotten"], "train": losses, "eval_seconds": record["seconds"],
-            "el": record["el"], "ma": record["ma"]}
+            "es_mean": record.get("es_mean"), "forgotten": record["forgotten"], "train": losses,
+            "eval_seconds": record["seconds"], "el": record["el"], "ma": record["ma"], "es": record.get("es")}
 
 
 def _config_dict(cfg: TdecConfig) -> dict:
@@ -272,9 +273,10 @@ def tdec_markdown(report: dict) -> str:
     th, f = report["thresholds"], report["forget"]
     u_before, u_after = report.get("utility_before"), report.get("utility")
     rows = [table_row("before", el=report["initial"]["el_mean"], ma=report["initial"]["ma_mean"],
+                      es=report["initial"].get("es_mean"),
                       utility=u_before and u_before["summary"]),
             table_row(report["label"], epochs=report["epochs_to_forget"], max_epochs=report["max_epochs"],
-                      el=report["final"]["el_mean"], ma=report["final"]["ma_mean"],
+                      el=report["final"]["el_mean"], ma=report["final"]["ma_mean"], es=report["final"].get("es_mean"),
                       utility=u_after and u_after["summary"], seconds=report["seconds"]["unlearn"])]
     lo, hi = min(f["tokens"]), max(f["tokens"])
     notes = [f"TDEC on {report['model']}: forget {Path(f['path']).name}, {len(f['tokens'])} sequences of "

@@ -29,6 +29,8 @@ class StopWhenForgotten:
             self.epochs_to_forget = epoch
         self.records.append({"epoch": epoch, "el_mean": el, "ma_mean": ma, "forgotten": forgotten,
                              "seconds": m.get("seconds"), "el": list(m["el"]), "ma": list(m["ma"])})
+        if "es" in m:   # extraction strength, reported beside (not part of the rule)
+            self.records[-1].update(es_mean=sum(m["es"]) / len(m["es"]), es=list(m["es"]))
         if self.log:
             th = self.thresholds
             self.log(f"epoch {epoch}: EL{th.n} {100 * el:.2f} % (threshold {100 * th.el:.2f}), MA {100 * ma:.2f} % "

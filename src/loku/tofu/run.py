@@ -10,7 +10,8 @@ into `out/runs/<label>/` (adapter, metrics.jsonl, and TOFU's official logs per e
 and the report (`results.json`, `report.md`, `fq_mu.png`) is rewritten after every method. With
 `resume`, finished evaluations and methods are kept and the rest run.
 
-A method is `name` or `name+init` (`ihl+fila`, `ihl+default`): the init overrides `train.init` for it.
+A method is `name` or `name+init` (`ihl+fila`, `ihl+default`): the init overrides `train.init` for it;
+`name+full` (`ga+full`, `npo+full`) trains that method with full fine-tuning instead of LoRA.
 The prompt format (`prompt_format`: as fine-tuned, else TOFU's phi format) serves training and every
 evaluation, replacing `train.prompt_format`; it is recorded in results.json, each tofu.json and every log.
 """
@@ -47,19 +48,31 @@ CONFIG = "config.json"
 TRAIN_DEFAULTS = dict(epochs=5, lr=1e-4, batch_size=8, grad_accum=4, weight_decay=0.01, max_length=500)
 
 
+FULL = "full"   # NAME+full: full fine-tuning for that method
+
+
 @dataclass(frozen=True)
 class MethodSpec:
-    label: str          # as given: "ihl", "ihl+fila"
+    label: str          # as given: "ihl", "ihl+fila", "ga+full"
     method: str
     init: str | None    # None: the run's init
+    lora: bool = True   # False: NAME+full, every weight trains
+
+    def train_config(self, train: UnlearnConfig, **changes) -> UnlearnConfig:
+        """`train` (the run's shared settings) for this method: its name, and its init or full fine-tuning."""
+        if not self.lora:   # the run's LoRA init does not apply to full fine-tuning
+            return dataclasses.replace(train, method=self.method, lora=False, init="auto", **changes)
+        return dataclasses.replace(train, method=self.method, init=self.init or train.init, **changes)
 
 
 def parse_method(spec: str) -> MethodSpec:
     name, _, init = spec.strip().partition("+")
     get_method(name)  # unknown names fail with "did you mean"
+    if init == FULL:
+        return MethodSpec(spec.strip(), name, None, lora=False)
     if init and init != "auto" and init not in INITS:
         raise LokuError(f"unknown init {init!r} in method {spec!r}: write NAME+INIT with INIT one of auto, "
-                        f"{', '.join(INITS.names())}")
+                        f"{', '.join(INITS.names())}, or NAME+full for full fine-tuning")
     return MethodSpec(spec.strip(), name, init or None)
 
 
@@ -69,8 +82,9 @@ class TofuUnlearnConfig(Config):
 
     target: str = setting("", "Target model folder (loku tofu finetune's OUT/target) or a hub id.", group="Model")
     out: str = setting("", "New folder for the runs and the report.", group="Output")
-    methods: list[str] = setting(help="Methods, comma-separated; NAME+INIT picks an init for one of them, e.g. "
-                                 "ga,gd,npo,idk,ihl,ihl+fila (see `loku list methods`).", group="Method settings",
+    methods: list[str] = setting(help="Methods, comma-separated; NAME+INIT picks an init for one of them, NAME+full "
+                                 "full fine-tuning, e.g. ga,gd,npo,idk,ihl,ihl+fila,ga+full (see `loku list "
+                                 "methods`).", group="Method settings",
                                  factory=lambda: ["ihl"], aliases=("--method",))
     split: str = setting("forget10", "Forget split: forget01, forget05 or forget10.", group="Data")
     data_dir: str | None = setting(None, "Data folder whose tofu/ holds TOFU's JSON files (see README 'Data').", group="Data",
@@ -204,7 +218,8 @@ def _qa(rows: list[dict]) -> list[dict]:
 
 def prepare(cfg: TofuUnlearnConfig, log: Callable[[str], None] | None = None) -> TofuInputs:
     """Check every input (methods, split, output folder, models, data) without writing anything."""
-    cfg.specs  # noqa: B018 (validates)
+    for spec in cfg.specs:   # each method's training settings (e.g. ihl+fila under --full is refused)
+        spec.train_config(cfg.train)
     out = Path(cfg.out) if cfg.out else None
     if out is None:
         raise LokuError("no output directory given: pass --out DIR (a new directory)")
@@ -278,8 +293,12 @@ def _check_same_run(cfg: TofuUnlearnConfig, out: Path) -> None:
     saved = json.loads((out / CONFIG).read_text(encoding="utf-8"))
     mine = json.loads(json.dumps(_config_dict(cfg), default=str))
     for key in sorted(set(saved) | set(mine)):
-        if saved.get(key) != mine.get(key):
-            raise LokuError(f"--resume: {key} was {saved.get(key)!r} in {out / CONFIG}, now {mine.get(key)!r}: "
+        was, now = saved.get(key), mine.get(key)
+        if was != now:
+            if isinstance(was, dict) and isinstance(now, dict):   # name the nested setting (train.lr), not all
+                key = next(f"{key}.{k}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k))
+                was, now = was.get(key.split(".", 1)[1]), now.get(key.split(".", 1)[1])
+            raise LokuError(f"--resume: {key} was {was!r} in {out / CONFIG}, now {now!r}: "
                             "resume with the same options, or start a new --out")
 
 
@@ -313,9 +332,8 @@ def run_method(spec: MethodSpec, cfg: TofuUnlearnConfig, inputs: TofuInputs, ret
     done = run_dir / "tofu.json"
     if done.is_file():
         return json.loads(done.read_text(encoding="utf-8"))
-    train = dataclasses.replace(cfg.train, method=spec.method, init=spec.init or cfg.train.init, model=cfg.target,
-                                out=str(run_dir), overwrite=True, trust_remote_code=cfg.trust_remote_code,
-                                prompt_format=inputs.prompt_format)
+    train = spec.train_config(cfg.train, model=cfg.target, out=str(run_dir), overwrite=True,
+                              trust_remote_code=cfg.trust_remote_code, prompt_format=inputs.prompt_format)
     model, tokenizer = load_model(cfg.target, trust_remote_code=cfg.trust_remote_code,
                                   allow_pickle=cfg.train.allow_pickle)
     epochs: list[dict] = []
