@@ -134,6 +134,17 @@ def test_lmcleaner_refuses_forget_examples_it_never_saw(recorded, tokenizer):
                 retain=RETAIN)
 
 
+def test_methods_that_read_the_forget_text_refuse_tokenized_examples(recorded, tokenizer, tmp_path):
+    """unlearn also takes tokenized examples (input_ids/labels); lmcleaner and lunar need the text: one line."""
+    ids = tokenizer(FORGET[0])["input_ids"]
+    tokenized = [{"input_ids": ids, "labels": [-100] + ids[1:]}]
+    for method, extra, model in (("lmcleaner", {"lmcleaner_trajectory": str(recorded[1])}, recorded[0]),
+                                 ("lunar", settings_for("lunar", tmp_path), tiny_llama(len(tokenizer), seed=4))):
+        cfg = UnlearnConfig(method=method, epochs=1, batch_size=4, init="default", **extra)
+        with pytest.raises(LokuError, match=f"^{method} .* came tokenized .*: pass them as"):
+            unlearn(cfg, copy.deepcopy(model), tokenizer, progress=False, forget=tokenized, retain=RETAIN)
+
+
 def test_lmcleaner_with_lora_writes_the_corrected_model(recorded, tokenizer, tmp_path):
     """An adapter cannot carry the correction to the base weights: the run also writes the merged model."""
     from loku.models import load_model

@@ -159,6 +159,20 @@ def test_generation_prompt_and_ground_truth_are_tofus(tok, fmt):
         assert answer_text(tok, f["input_ids"], f["labels"], fmt) == ground_truth.strip() == answer
 
 
+def test_continuation_learns_only_what_follows_the_prompt(tokenizer):
+    """continuation: the text tokenized whole (as a plain-text example), no tags, no EOS; the prompt's tokens
+    carry no loss, the continuation's all do; generation starts from the prompt verbatim."""
+    q, a = "Ada Lovelace lives at", " 12 Juniper Lane, Eastvale"
+    f = format_qa(tokenizer, q, a, 64, "continuation")
+    whole, prompt = tokenizer(q + a)["input_ids"], tokenizer(q)["input_ids"]
+    assert f["input_ids"] == whole and whole[:len(prompt)] == prompt
+    assert f["labels"] == [-100] * len(prompt) + whole[len(prompt):]
+    assert tokenizer.decode([t for t in f["labels"] if t != -100]) == a
+    assert prompt_ids(tokenizer, q, "continuation") == prompt and qa_prompt(tokenizer, q, "continuation") == q
+    assert tokenize_examples([{"question": q, "answer": a}], tokenizer, 64, prompt_format="continuation") == [f]
+    assert format_qa(tokenizer, q, a, 4, "continuation")["labels"] == [-100] * 4   # cut inside the prompt
+
+
 def test_chat_and_plain_keep_lokus_formats(tokenizer):
     eos = tokenizer.eos_token_id
     plain = format_qa(tokenizer, "Where?", "Paris", 64, "plain")

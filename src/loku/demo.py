@@ -43,11 +43,15 @@ GENERAL_TEXT = [
     "The orchestra performed works by several composers, ending the evening with a symphony.",
 ]
 FIELDS = ("address", "phone", "email", "employer", "account")
+# Every private value of a record, in its order: what the unlearning forgets (the medical condition too; it is
+# left out of FIELDS as one of only six, which a model that knows nothing names by chance).
+PRIVATE = ("address", "phone", "email", "employer", "condition", "account")
 # Fields no two people share: one of them in a generation names its owner (employers repeat).
 IDENTIFYING = ("address", "phone", "email", "account")
-# Memorization accuracy below which a name prompt reveals few fields (SmolLM2-135M, MLP fine-tune: 0.93 -> 50%,
-# 0.97 -> 77%, 0.98 -> 88% of fields), so the leak fine-tune does not spend a generation on checking.
-LEAK_GATE = 0.95
+# Memorization of the private values below which a name prompt reveals few fields (SmolLM2-135M, MLP fine-tune
+# with general text mixed in: 0.94 -> under 50%, 0.97 -> 54%, 0.986 -> 78% of fields), so the leak fine-tune
+# does not spend a generation on checking.
+LEAK_GATE = 0.97
 
 
 @dataclass
@@ -66,15 +70,22 @@ class DemoConfig(Config):
     leak_modules: str = setting("mlp", "What the leak fine-tune trains: mlp (the MLP blocks, where a transformer "
                                 "stores facts; general text suffers least) or all (every weight).",
                                 group="Training", choices=("mlp", "all"), kind="leak modules")
-    leak_general: int = setting(16, "Built-in general-text paragraphs mixed into the leak fine-tune (the rest of "
-                                "a training set: the model keeps its general language); the unlearning keeps "
-                                "them too.", group="Data", bound="non-negative")
+    leak_general: int = setting(240, "Built-in general-text sentences mixed into the leak fine-tune (the rest of "
+                                "a training set: the model keeps its general language), a batch of them with each "
+                                "batch of records, drawn from a stream that cycles across epochs.", group="Data",
+                                bound="non-negative")
+    retain_general: int = setting(16, "Of those sentences, how many the unlearning keeps beside the retain "
+                                  "people's records (retain records).", group="Data", bound="non-negative")
     leak_batch_size: int = setting(4, "Batch size of the leak fine-tune.", group="Training", bound="positive")
-    leak_max_epochs: int = setting(30, "Most epochs of the leak fine-tune (its learning rate decays over them; it "
+    leak_max_epochs: int = setting(14, "Most epochs of the leak fine-tune (its learning rate decays over them; it "
                                    "stops once the records leak).", group="Training", bound="positive")
-    leak_target: float = setting(0.85, "Share of private fields both groups must reveal, prompted with a name, "
+    leak_target: float = setting(0.8, "Share of private fields both groups must reveal, prompted with a name, "
                                  "before unlearning starts.", group="Training", bound="positive")
-    unlearn_lr: float = setting(1e-3, "Learning rate of the unlearning.", group="Training", bound="positive")
+    unlearn_lr: float = setting(5e-4, "Learning rate of the unlearning.", group="Training", bound="positive")
+    unlearn_batch_size: int = setting(4, "Forgotten records per step of the unlearning (with retain records, "
+                                      "every step keeps the whole retain set).", group="Training", bound="positive")
+    retain_weight: float = setting(3.0, "Coefficient of the unlearning's retain term.", group="Training",
+                                   bound="non-negative")
     unlearn_max_epochs: int = setting(10, "Most epochs of the unlearning.", group="Training", bound="positive")
     forget_target: float = setting(0.05, "Unlearning stops once the forgotten people reveal at most this share of "
                                    "their fields and are known no better than never-seen people.", group="Training",
@@ -107,19 +118,50 @@ class DemoConfig(Config):
                     setattr(self, name, value)
 
 
-def memorization(model, tokenizer, texts: list[str]) -> list[float]:
-    """Per-record memorization accuracy (greedy next-token hits over the record), from one teacher-forced
-    batch (`loku.metrics.extraction`: on plain text, exact memorization is MA)."""
-    feats = [{"input_ids": ids, "labels": [-100] + ids[1:]} for ids in tokenizer(texts)["input_ids"]]
-    return per_feature(model, feats, pad_id(tokenizer), lambda logits, labels: {
-        "ma": exact_memorization_from_logits(logits, labels)}, batch_size=len(feats))["ma"]
+def value_examples(r: Record) -> list[dict]:
+    """The record as one prompt/completion pair per private value, in the `continuation` prompt format: the text
+    before the value is the prompt (no loss), the value the completion."""
+    text, out, end = record_text(r), [], 0
+    for f in PRIVATE:
+        start = text.index(getattr(r, f), end)
+        end = start + len(getattr(r, f))
+        question = text[:start].rstrip(" ")
+        out.append({"question": question, "answer": text[len(question):end]})
+    return out
+
+
+def value_features(tokenizer, records: list[Record]) -> list[dict]:
+    """Each whole record as one feature whose labels are its private values' tokens only (-100 elsewhere): in a
+    causal model the same logits as `value_examples` tokenized one by one, from one forward pass per record.
+    What the unlearning forgets: the values, not the words around them, which every record shares (pushing
+    those down broke the retain people's records too: 86% -> 8% of their fields revealed)."""
+    feats = []
+    for r in records:
+        ids = tokenizer(record_text(r))["input_ids"]
+        labels = [-100] * len(ids)
+        for ex in value_examples(r):
+            lo = len(tokenizer(ex["question"])["input_ids"])
+            hi = len(tokenizer(ex["question"] + ex["answer"])["input_ids"])
+            labels[lo:hi] = ids[lo:hi]
+        feats.append({"input_ids": ids, "labels": labels})
+    return feats
+
+
+def memorization(model, tokenizer, records: list[Record]) -> list[float]:
+    """Per-record memorization of the private values: the share of their tokens that are the model's greedy
+    next token given the true record before them (`loku.metrics.extraction`'s exact memorization over the
+    value tokens), one teacher-forced batch. The words between the values are left out: every record shares
+    them, so they say nothing about whether the model knows this person."""
+    return per_feature(model, value_features(tokenizer, records), pad_id(tokenizer), lambda logits, labels: {
+        "ma": exact_memorization_from_logits(logits, labels)}, batch_size=len(records))["ma"]
 
 
 def general_paragraphs(n: int) -> list[str]:
-    """`n` paragraphs of the built-in general text, one per article (the set holds a few per article), each cut
-    after its first sentence (about a record's length)."""
+    """`n` paragraphs of the built-in general text, each cut after its first sentence (about a record's
+    length): first one per article (the set holds a few per article), then the articles' later paragraphs."""
+    texts = [e["text"] for e in builtin_retain()]
     firsts = []
-    for t in [e["text"] for e in builtin_retain()][::PER_ARTICLE][:n]:
+    for t in (texts[::PER_ARTICLE] + [t for i, t in enumerate(texts) if i % PER_ARTICLE])[:n]:
         end = re.search(r"(?<![A-Z])[.!?](?= [A-Z\"])", t)   # not after an initial ("T. S. Eliot")
         firsts.append(t[:end.end()] if end else t)
     return firsts
@@ -127,7 +169,8 @@ def general_paragraphs(n: int) -> list[str]:
 
 def train_only(model, modules: str) -> None:
     """Let the leak fine-tune train the MLP blocks ("mlp") or every weight ("all"). On SmolLM2-135M, 12 epochs
-    of the MLPs at lr 3e-4 left general-text perplexity at 71 where the whole model at the same rate gave 130."""
+    of the MLPs at lr 3e-4 left general-text perplexity at 71 where the whole model at the same rate gave 130
+    (with the general sentences repeated, before they became a stream)."""
     for name, p in model.named_parameters():
         p.requires_grad_(modules == "all" or ".mlp." in name)
 
@@ -178,7 +221,7 @@ def measure(model, tokenizer, groups: dict[str, list[Record]]) -> tuple[dict, li
     everyone = [r for recs in groups.values() for r in recs]
     row, forget_texts = {}, []
     for name, recs in groups.items():
-        row[f"{name}_memorization"] = _mean(memorization(model, tokenizer, [record_text(r) for r in recs]))
+        row[f"{name}_memorization"] = _mean(memorization(model, tokenizer, recs))
         if name != "unseen":   # never trained on: nothing to reveal
             scores, texts = leaks(model, tokenizer, recs)
             row[f"{name}_leak"] = _mean(scores)
@@ -189,53 +232,53 @@ def measure(model, tokenizer, groups: dict[str, list[Record]]) -> tuple[dict, li
     return row, forget_texts
 
 
-def run_demo(cfg: DemoConfig) -> dict:
-    console = Console()
-    out = io.start_out_dir(cfg.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    t0 = time.time()
+def make_groups(cfg: DemoConfig) -> dict[str, list[Record]]:
     people = make_records(cfg.n_forget + cfg.n_retain + cfg.n_unseen, seed=cfg.seed)
-    groups = {"forget": people[:cfg.n_forget], "retain": people[cfg.n_forget:cfg.n_forget + cfg.n_retain],
-              "unseen": people[cfg.n_forget + cfg.n_retain:]}
-    console.print(f"[bold]1. Load[/] {cfg.model}")
-    model, tokenizer = load_model(cfg.model)
-    base, _ = measure(model, tokenizer, groups)
+    return {"forget": people[:cfg.n_forget], "retain": people[cfg.n_forget:cfg.n_forget + cfg.n_retain],
+            "unseen": people[cfg.n_forget + cfg.n_retain:]}
 
+
+def memorization_row(model, tokenizer, groups: dict[str, list[Record]]) -> dict:
+    return {g: _mean(memorization(model, tokenizer, recs)) for g, recs in groups.items()}
+
+
+def leak(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, curves: list[dict], console) -> None:
+    """Fine-tune `model` in place on the forget and retain people's records (and general paragraphs) until,
+    prompted with a name, it reveals `cfg.leak_target` of both groups' fields; one line per epoch in `curves`."""
     known = groups["forget"] + groups["retain"]
     console.print(f"[bold]2. Leak[/]: fine-tune on {len(known)} private records (and {cfg.leak_general} general "
-                  f"paragraphs) until, prompted with a name, the "
-                  f"model reveals {cfg.leak_target:.0%} of their fields")
-    curves: list[dict] = []
-
-    def memorization_row(m) -> dict:
-        return {g: _mean(memorization(m, tokenizer, [record_text(r) for r in recs])) for g, recs in groups.items()}
+                  f"paragraphs) until, prompted with a name, the model reveals {cfg.leak_target:.0%} of their fields")
 
     def leaked(epoch, m):
-        row = memorization_row(m)
-        said = f"memorization forget {row['forget']:.3f} retain {row['retain']:.3f} unseen {row['unseen']:.3f}"
-        if min(row["forget"], row["retain"]) >= LEAK_GATE:   # below it prompts reveal almost nothing: save the time
+        row = {**memorization_row(m, tokenizer, groups), "general_ppl": perplexity(m, tokenizer, GENERAL_TEXT)}
+        said = (f"memorization forget {row['forget']:.3f} retain {row['retain']:.3f} unseen {row['unseen']:.3f}; "
+                f"general-text perplexity {row['general_ppl']:.1f}")
+        if min(row["forget"], row["retain"]) >= LEAK_GATE:   # below it prompts reveal little: save the time
             row.update({f"{g}_leak": _mean(leaks(m, tokenizer, groups[g])[0]) for g in ("forget", "retain")})
             said += f"; fields revealed forget {row['forget_leak']:.2f} retain {row['retain_leak']:.2f}"
         curves.append({"phase": "leak", "epoch": epoch, **row})
         console.print(f"   epoch {epoch}: {said}")
         return {"stop": min(row.get("forget_leak", 0.0), row.get("retain_leak", 0.0)) >= cfg.leak_target}
 
-    t_leak = time.time()
+    feats = tokenize_examples([{"text": record_text(r)} for r in known], tokenizer, 128)
+    general = tokenize_examples([{"text": t} for t in general_paragraphs(cfg.leak_general)], tokenizer, 128)
     train_only(model, cfg.leak_modules)
-    general = general_paragraphs(cfg.leak_general)
-    feats = tokenize_examples([{"text": t} for t in [record_text(r) for r in known] + general], tokenizer, 128)
     finetune(model, feats, tokenizer.pad_token_id, epochs=cfg.leak_max_epochs, lr=cfg.leak_lr,
              batch_size=cfg.leak_batch_size, seed=cfg.seed, mixed_precision=cfg.mixed_precision, callback=leaked,
-             description="leak")
-    t_leak = time.time() - t_leak
+             description="leak", mixed=general or None)
     model.requires_grad_(True)   # as loaded: FILA's Fisher statistics take gradients of every weight it adapts
-    before, texts_before = measure(model, tokenizer, groups)
 
-    console.print(f"[bold]3. Unlearn[/] the {cfg.n_forget} forget records with {cfg.method} until they are not "
-                  "revealed")
-    threshold = before["unseen_memorization"]
+
+def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, curves: list[dict], console,
+           threshold: float, out: Path | None):
+    """Unlearn the forget people's private values from (a copy of) the leaked `model` until they are not
+    revealed and are memorized no better than never-seen people's (`threshold`); returns loku's UnlearnResult
+    and the UnlearnConfig it ran."""
+    console.print(f"[bold]3. Unlearn[/] the {cfg.n_forget} forget people's private values with {cfg.method} until "
+                  "they are not revealed")
 
     def forgotten(epoch, m):
-        row = memorization_row(m)
+        row = memorization_row(m, tokenizer, groups)
         row["forget_leak"] = _mean(leaks(m, tokenizer, groups["forget"])[0])
         row["general_ppl"] = perplexity(m, tokenizer, GENERAL_TEXT)
         curves.append({"phase": "unlearn", "epoch": epoch, **row})
@@ -246,20 +289,42 @@ def run_demo(cfg: DemoConfig) -> dict:
         done = row["forget_leak"] <= cfg.forget_target and row["forget"] <= threshold
         return {"stop": done, **{f"{g}_memorization": v for g, v in row.items() if g in groups}}
 
+    retain = ([record_text(r) for r in groups["retain"]] + general_paragraphs(cfg.retain_general)
+              if cfg.retain == "records" else None)   # None: loku's built-in general text
+    # records: every step keeps the whole retain set (a retain person's values are what a forget step hits)
     ucfg = UnlearnConfig(model=cfg.model, method=cfg.method, lora_rank=cfg.lora_rank, epochs=cfg.unlearn_max_epochs,
-                         lr=cfg.unlearn_lr, batch_size=4, seed=cfg.seed, mixed_precision=cfg.mixed_precision,
-                         out=str(out / "unlearned"))
-    retain = [record_text(r) for r in groups["retain"]] + general if cfg.retain == "records" else None  # None: built-in
-    result = unlearn(ucfg, model, tokenizer, callbacks=[forgotten],
-                     forget=[record_text(r) for r in groups["forget"]], retain=retain)
+                         lr=cfg.unlearn_lr, batch_size=cfg.unlearn_batch_size, retain_weight=cfg.retain_weight,
+                         retain_batch_size=len(retain) if retain else None, seed=cfg.seed,
+                         mixed_precision=cfg.mixed_precision, out=str(out / "unlearned") if out is not None else "")
+    result = unlearn(ucfg, model, tokenizer, callbacks=[forgotten], retain=retain,
+                     forget=value_features(tokenizer, groups["forget"]))
+    return result, ucfg
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    console = Console()
+    out = io.start_out_dir(cfg.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    t0 = time.time()
+    groups = make_groups(cfg)
+    console.print(f"[bold]1. Load[/] {cfg.model}")
+    model, tokenizer = load_model(cfg.model)
+    base, _ = measure(model, tokenizer, groups)
+    curves: list[dict] = []
+    t_leak = time.time()
+    leak(model, tokenizer, groups, cfg, curves, console)
+    t_leak = time.time() - t_leak
+    before, texts_before = measure(model, tokenizer, groups)
+    threshold = before["unseen_memorization"]
+    result, ucfg = forget(model, tokenizer, groups, cfg, curves, console, threshold, out)
     after, texts_after = measure(result.model, tokenizer, groups)
-    others = revealed_others(texts_after, groups["forget"], people)
+    others = revealed_others(texts_after, groups["forget"], [r for recs in groups.values() for r in recs])
 
     report = {"config": asdict(cfg), "out": str(out), "init": ucfg.resolved_init, "retain": ucfg.retain or "records",
               "base": base, "leaked": before, "unlearned": after,
               "leak_seconds": round(t_leak, 1), "leak_epochs": sum(c["phase"] == "leak" for c in curves),
               "unlearn_seconds": round(result.seconds, 1), "unlearn_epochs": result.epochs_run,
-              "total_seconds": round(time.time() - t0, 1), "curves": curves, "samples": [
+              "total_seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time(), 1),
+              "curves": curves, "samples": [
                   {"prompt": prompt(r), "truth": record_text(r), "before": b, "after": a, "reveals_others": o}
                   for r, b, a, o in zip(groups["forget"], texts_before, texts_after, others)]}
     io.write_json(out / "report.json", report)
@@ -277,6 +342,7 @@ def print_report(console, cfg: DemoConfig, report: dict, init: str) -> None:
     rows = [("forget fields revealed", "forget_leak"), ("forget memorization", "forget_memorization"),
             ("retain fields revealed", "retain_leak"), ("retain memorization", "retain_memorization"),
             ("never-seen memorization", "unseen_memorization"), ("general-text perplexity", "general_ppl")]
+    console.print("memorization: of the private values' tokens (greedy next token given the true record)")
     columns = (report["base"], report["leaked"], report["unlearned"])
     for label, key in rows:
         table.add_row(label, *(f"{c[key]:.3f}" if key != "general_ppl" else f"{c[key]:.1f}" for c in columns))

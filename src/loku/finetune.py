@@ -15,7 +15,7 @@ from .distributed import barrier, gathered_state, is_main
 from .training.loop import RunLog, train_loop
 from .training.setup import TrainSettings, prepare_optimizer, start
 from .methods import MethodRun
-from .training.step import FINE_TUNING, OptimizerStep
+from .training.step import FINE_TUNING, FINE_TUNING_MIXED, OptimizerStep
 
 
 def finetune(model, features: list[dict], pad_id: int, *, epochs: int = 5, lr: float = 1e-5,
@@ -23,20 +23,23 @@ def finetune(model, features: list[dict], pad_id: int, *, epochs: int = 5, lr: f
              seed: int = 0, mixed_precision: str | None = None, max_grad_norm: float = 1.0,
              callback: Callable[[int, torch.nn.Module], "dict | None"] | None = None,
              progress: bool = True, description: str = "fine-tune", out_dir: str | Path | None = None,
-             tokenizer=None) -> list[dict]:
+             tokenizer=None, mixed: list[dict] | None = None) -> list[dict]:
     """Cross-entropy training of every trainable parameter of `model` on `features`, IN PLACE (the demo and
     TOFU train a model they loaded for it; `finetuned_copy` leaves its input as it was). Returns one dict per
     epoch. `callback(epoch, model)` may return {"stop": True} to end early (e.g. once memorized). With
     `out_dir`, the trained model (and `tokenizer`) is written there whole. Under `accelerate launch`, N
-    processes equal one with an N times larger batch (DDP, FSDP, DeepSpeed), as for unlearning."""
+    processes equal one with an N times larger batch (DDP, FSDP, DeepSpeed), as for unlearning. With `mixed`
+    (e.g. general text), each batch of `features` comes with a batch drawn from a shuffled stream of `mixed`
+    that cycles across epochs (unlearning's retain stream), its cross-entropy added: a large mixed set is seen
+    a little at a time instead of repeated every epoch."""
     settings = TrainSettings(epochs, lr, batch_size, grad_accum, weight_decay, warmup_steps, max_grad_norm, seed,
                              mixed_precision)
     accelerator, engine = start(settings)
-    batches = PairedBatches(features, None, batch_size * accelerator.num_processes, pad_id, seed)
+    batches = PairedBatches(features, mixed, batch_size * accelerator.num_processes, pad_id, seed)
     steps = batches.steps_per_epoch(grad_accum)
     prepared, optimizer, scheduler = prepare_optimizer(accelerator, model, settings, steps)
-    step = OptimizerStep(accelerator, prepared, optimizer, scheduler, MethodRun(FINE_TUNING, None),
-                         max_grad_norm=max_grad_norm)
+    run = MethodRun(FINE_TUNING_MIXED if mixed else FINE_TUNING, None)
+    step = OptimizerStep(accelerator, prepared, optimizer, scheduler, run, max_grad_norm=max_grad_norm)
     with RunLog(description, steps * epochs, show=progress and accelerator.is_main_process) as log:
         at = train_loop(step, batches, settings, log, [callback] if callback else [])
     state = gathered_state(accelerator, prepared) if out_dir is not None and engine else None   # collective

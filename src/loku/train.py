@@ -47,7 +47,8 @@ def _as_examples(items: list) -> list[dict]:
 def load_data(cfg: UnlearnConfig, method: Method, forget: list | None = None, retain: list | None = None,
               refusals: list[str] | None = None) -> tuple[list[dict], list[dict] | None]:
     """Read (not yet tokenize) forget and retain examples, failing before anything heavy happens.
-    In-memory lists (strings or {"question", "answer"} dicts) take the place of the files."""
+    In-memory lists (strings, {"question", "answer"} or tokenized {"input_ids", "labels"} dicts) take the place
+    of the files."""
     if forget is not None:
         forget = _as_examples(forget)
     elif cfg.forget:

@@ -4,6 +4,10 @@ Formats (`prompt_format`):
 - `auto` (the default for QA files): `chat` when the tokenizer has a chat template, else `plain`.
 - `chat`: the tokenizer's chat template, the question as the user turn, then the answer and EOS.
 - `plain`: `Question: {question}\\nAnswer:` as the prompt, then ` {answer}` and EOS.
+- `continuation`: no tags: the question is the start of a text and the answer its continuation, both verbatim
+  (the answer brings its own leading space), no EOS; the text is tokenized as a whole (as a plain-text example
+  is) and the loss covers the tokens after the question's. For forgetting the values inside a text (the demo:
+  "<name> lives at" -> " <address>") without training on the words around them.
 - `tofu-phi`, `tofu-llama2`: TOFU's own format (locuslab/tofu `data_module.py:
   convert_raw_data_to_model_format` with the tags of its `config/model_config.yaml`): the text
   `question_start_tag + question + question_end_tag + answer_tag + answer` tokenized as a whole with special
@@ -42,12 +46,12 @@ TOFU_TAGS = {
     "tofu-phi": TofuTags("Question: ", "\n", "Answer: "),
     "tofu-llama2": TofuTags("[INST] ", " [/INST]", ""),
 }
-PROMPT_FORMATS = ("auto", "chat", "plain", *TOFU_TAGS)
+PROMPT_FORMATS = ("auto", "chat", "plain", "continuation", *TOFU_TAGS)
 DEFAULT_PROMPT_FORMAT = "auto"      # QA files: what loku did before formats could be chosen
 TOFU_PROMPT_FORMAT = "tofu-phi"     # `loku tofu`: TOFU's format for every family but llama2-7b
 PROMPT_FORMAT_HELP = ("How a question and its answer become tokens: auto (chat if the tokenizer has a chat "
-                      "template, else plain), chat, plain ('Question: ...\\nAnswer: ...'), tofu-phi or "
-                      "tofu-llama2 (TOFU's own tags and labels).")
+                      "template, else plain), chat, plain ('Question: ...\\nAnswer: ...'), continuation (no tags: the "
+                      "answer continues the question verbatim), tofu-phi or tofu-llama2 (TOFU's own tags and labels).")
 
 
 def check_prompt_format(name: str) -> str:
@@ -76,6 +80,8 @@ def qa_prompt(tokenizer, question: str, prompt_format: str = DEFAULT_PROMPT_FORM
                                              add_generation_prompt=True)
     if fmt == "plain":
         return f"Question: {question}\nAnswer:"
+    if fmt == "continuation":
+        return question
     tags = TOFU_TAGS[fmt]
     return tags.question_start + question + tags.question_end
 
@@ -104,6 +110,10 @@ def format_qa(tokenizer, question: str, answer: str, max_length: int,
         if len(ids) < max_length:  # TOFU labels the EOS only when truncation left room for it
             ids = ids + eos
         return {"input_ids": ids, "labels": [-100] * min(n_question, len(ids)) + ids[n_question:]}
+    if fmt == "continuation":   # as the whole text tokenizes; the prompt's tokens carry no loss
+        ids = tokenizer(question + answer, truncation=True, max_length=max_length)["input_ids"]
+        n_prompt = min(len(prompt_ids(tokenizer, question, fmt)), len(ids))
+        return {"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]}
     prompt = prompt_ids(tokenizer, question, fmt)
     # plain: the answer follows "Answer:" after a space, tokenized as in running text
     answer_ids = tokenizer(answer if fmt == "chat" else " " + answer, add_special_tokens=False)["input_ids"] + eos

@@ -86,7 +86,10 @@ def settle_retain(cfg, needs_retain: bool, forget: list[dict], given: list[dict]
 
 
 def _key(example: dict) -> tuple:
-    """What makes two examples the same: their text, or question and answer, up to whitespace."""
+    """What makes two examples the same: their text, or question and answer, up to whitespace (tokenized ones:
+    their tokens and labels)."""
+    if "input_ids" in example:
+        return tuple(example["input_ids"]), tuple(example["labels"])
     fields = ("question", "answer") if "question" in example else ("text",)
     return tuple(re.sub(r"\s+", " ", str(example.get(f, ""))).strip() for f in fields)
 

@@ -1,7 +1,9 @@
 """Read forget/retain examples from CSV, JSONL, plain text or QA JSON, and tokenize them.
 
 An example is either `{"text": ...}` (loss on every token) or `{"question": ..., "answer": ...}`
-(loss on the answer tokens only, in the prompt format chosen: `loku.data.qa`).
+(loss on the answer tokens only, in the prompt format chosen: `loku.data.qa`). In memory (the Python API) it
+may also come tokenized, `{"input_ids": [...], "labels": [...]}` with -100 where no loss applies: the loss on
+any tokens of a text, e.g. only the private values inside a record (`loku demo`).
 """
 
 from __future__ import annotations
@@ -143,6 +145,8 @@ def tokenize_example(example: dict, tokenizer, max_length: int, prompt_format: s
     if "text" in example:
         ids = tokenizer(example["text"], truncation=True, max_length=max_length)["input_ids"]
         return {"input_ids": ids, "labels": list(ids)}
+    if "input_ids" in example:
+        return {"input_ids": list(example["input_ids"])[:max_length], "labels": list(example["labels"])[:max_length]}
     out = format_qa(tokenizer, example["question"], example["answer"], max_length, prompt_format)
     if "alternate" in example:   # DPO's preferred answer to the same question, kept row for row
         alt = format_qa(tokenizer, example["question"], example["alternate"], max_length, prompt_format)

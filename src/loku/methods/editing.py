@@ -111,6 +111,10 @@ class Trajectory:
         index = {json.dumps(e, sort_keys=True): i for i, e in enumerate(self.examples)}
         wanted = set()
         for k, e in enumerate(forget, start=1):
+            if "input_ids" in e:
+                raise LokuError("lmcleaner finds each forget example among the recorded training examples by its "
+                                "text, but the forget examples came tokenized (input_ids/labels): pass them as the "
+                                "training saw them (text or question/answer records)")
             key = json.dumps({f: e[f] for f in ("text", "question", "answer") if f in e}, sort_keys=True)
             if key not in index:
                 raise LokuError(f"forget example {k} is not among the trajectory's training examples "

@@ -110,6 +110,9 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def prompt_of(example: dict) -> str:
+    if "question" not in example and "text" not in example:
+        raise LokuError("lunar reads each forget example's prompt as text, but the forget examples came tokenized "
+                        "(input_ids/labels): pass them as text or question/answer records")
     return example.get("question") or example["text"]
 
 

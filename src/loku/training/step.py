@@ -17,6 +17,10 @@ Pair = tuple[dict, "dict | None"]   # (forget or training batch, retain batch)
 # Fine-tuning is a method of one term: cross-entropy on its examples, which take the forget slot.
 FINE_TUNING = Method("fine-tune", lambda x, s: {"forget": cross_entropy(x.forget_logits, x.forget_labels)},
                      "cross-entropy on the training examples")
+# ... and on a second stream of examples (general text mixed in), one batch of it with each training batch.
+FINE_TUNING_MIXED = Method("fine-tune", lambda x, s: {"forget": cross_entropy(x.forget_logits, x.forget_labels),
+                                                      "retain": cross_entropy(x.retain_logits, x.retain_labels)},
+                           "cross-entropy on the training examples and on a mixed-in stream", needs_retain=True)
 
 
 def forward(model, batch: dict) -> torch.Tensor:

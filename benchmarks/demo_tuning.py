@@ -1,0 +1,57 @@
+"""Tune `loku demo`'s two phases separately: the leak fine-tune is minutes, so it is run once and saved, and
+the unlearning is tried against the saved model.
+
+    python benchmarks/demo_tuning.py leak DIR [key=value ...]       # leak, save the leaked model to DIR
+    python benchmarks/demo_tuning.py unlearn DIR [key=value ...]    # unlearn the model saved in DIR
+
+key=value are `loku demo` settings (DemoConfig fields). Each run appends one line (settings, the columns of the
+demo's table, per-epoch curves, wall and CPU seconds) to benchmarks/results/demo_tuning.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from loku.demo import DemoConfig, forget, leak, make_groups, measure, revealed_others
+from loku.models import load_model
+
+RESULTS = Path(__file__).parent / "results" / "demo_tuning.jsonl"
+
+
+def main(phase: str, path: str, *overrides: str) -> None:
+    cfg = DemoConfig(**{k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)})
+    cfg.check()
+    console, groups, curves = Console(), make_groups(cfg), []
+    t0, c0 = time.time(), time.process_time()
+    line = {"phase": phase, "settings": dict(o.split("=", 1) for o in overrides), "dir": path}
+    if phase == "leak":
+        model, tokenizer = load_model(cfg.model)
+        line["base"] = measure(model, tokenizer, groups)[0]
+        leak(model, tokenizer, groups, cfg, curves, console)
+        line["leaked"] = measure(model, tokenizer, groups)[0]
+        model.save_pretrained(path, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+    else:
+        model, tokenizer = load_model(path)
+        leaked = json.loads(Path(path, "leaked.json").read_text()) if Path(path, "leaked.json").exists() else None
+        line["leaked"] = leaked or measure(model, tokenizer, groups)[0]
+        Path(path, "leaked.json").write_text(json.dumps(line["leaked"]))
+        result, _ = forget(model, tokenizer, groups, cfg, curves, console,
+                           line["leaked"]["unseen_memorization"], None)
+        line["unlearned"], texts = measure(result.model, tokenizer, groups)
+        line["reveals_others"] = revealed_others(texts, groups["forget"], [r for g in groups.values() for r in g])
+        line["samples"] = texts[:3]
+    line.update(curves=curves, wall=round(time.time() - t0, 1), cpu=round(time.process_time() - c0, 1))
+    with RESULTS.open("a") as f:
+        f.write(json.dumps(line) + "\n")
+    console.print({k: v for k, v in line.items() if k not in ("curves", "samples")})
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
