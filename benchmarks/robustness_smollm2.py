@@ -4,26 +4,44 @@
 The setting is `benchmarks/tdec_smollm2.py`'s, with its memorize step: the first --seqs sequences of
 --forget-file cut to --tokens SmolLM2 tokens are fine-tuned into the model until their mean MA reaches
 --memorize-target; --seqs sequences of another TDEC file, never trained on, are the unseen control.
+(`--setting tofu`: the 10-author TOFU of tofu_smollm2.py instead, see robustness_tofu.py.)
 
 For each method (from the same memorized model, one learning rate, LoRA rank --rank):
-1. unlearn with `--until forgotten --unseen U` (`loku.audit.stop`: stop after the first epoch at which the
-   forget set's mean MA and EL10 are below the memorized model's on U), at most --max-epochs epochs;
+1. unlearn until forgotten: `loku unlearn --until forgotten`'s rule (`loku.audit.stop`: stop after the first
+   epoch at which the forget set's mean MA and EL10 are below the memorized model's on U), applied by the
+   `Forgotten` epoch callback below on the benchmark's sets, at most --max-epochs epochs;
 2. measure the unlearned model (merged) as `loku audit` does (`loku.audit.measure.measure_model`): forget vs
-   unseen MA, EL10, ES, EM and the membership AUCs of LOSS, ZLib, Min-K%, Min-K%++;
+   unseen MA, ES, EM and the membership AUCs of LOSS, ZLib, Min-K%, Min-K%++, and the forget set's EL10;
 3. the same (without EL10, as `loku audit` measures attacked models by default) after INT4 (round-to-nearest,
    per output channel) and NF4 (bitsandbytes' code book, block 64)
    fake quantization of the merged weights (`loku.attacks.quantize_model`);
-4. the same after 10/25/50 relearning steps (`loku.attacks.relearn`: AdamW lr --relearn-lr, batch
-   --relearn-batch) on half of the forget set, measured on the whole forget set and on the held-out half;
+4. the same after 10 and 25 relearning steps (--relearn-steps; the issue's 50 is left out for time)
+   (`loku.attacks.relearn`: AdamW lr --relearn-lr, batch --relearn-batch) on half of the forget set,
+   measured on the whole forget set and on the held-out half;
 5. utility: perplexity on the first --limit items of WikiText-2 and the Pile (`loku.metrics.utility`).
 The memorized model is measured the same way (the "original" of every recovery fraction
 (attacked - unlearned) / (original - unlearned)).
+
+The setting (chosen 2026-12-03): LoRA lr 1e-3, batch 2 (4 optimizer steps per epoch on the 8 sequences), cap
+--max-epochs 10. At lr 5e-3 / batch 4 (the first run) GA+LoRA and IHL+FILA reached the never-seen level only by
+destroying the model (WikiText perplexity 23 -> 1e13 and 2e4), so "it stays forgotten" said little; at lr 1e-3
+/ batch 4 no LoRA method got there within 6 epochs (12 steps). At 1e-3 / batch 2 IHL+FILA forgets at epoch 3
+at WikiText perplexity 30.3 (memorized model: 22.9; README "Robustness"). GA full keeps tdec_smollm2.py's lr 1e-3.
+
+What was cut for time (measured with cProfile on one IHL+FILA epoch, 2026-12-03: EL10's greedy decoding was
+382 of 497 s; it costs ~8,600 decoded tokens per 16 x 64-token measurement when the model no longer predicts
+the text): the never-seen level is the memorized model's, measured once (original.json), not again by every
+method's `--until` start; each epoch's EL10 is decoded only when the epoch's MA (teacher-forced, cheap) is
+already below the level (the rule's decision is the same: both must be below); the unlearned model's EL10 is
+the stop rule's last one (or decoded once, on the forget set only), and EL10 on the unseen set is no longer
+measured for the unlearned model (the never-seen EL10 is the memorized model's, 0.0 %); relearning uses
+batch 2 (was 4) and 10/25 steps (was 10/25/50: 85 full fine-tuning steps, ~4.5 s each at batch 2 on 1 thread).
 
 Every method's result is saved to WORK/methods/NAME.json when it finishes and skipped when that file exists, so
 a killed run continues where it stopped; memorization is reused from WORK as tdec_smollm2.py does. Writes
 --results (JSON), the markdown table beside it (.md) and the plot (.png).
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/robustness_smollm2.py            # the real run
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/robustness_smollm2.py            # the real run (resumes)
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/robustness_smollm2.py --methods ga_lora,ihl_fila --max-epochs 1 \\
         --relearn-steps 0,2 --limit 2 --work /tmp/robust_toy --results /tmp/robust_toy/robustness.json   # plumbing
 """
@@ -43,13 +61,15 @@ import torch
 from loku import UnlearnConfig, load_model, unlearn
 from loku.attacks import RelearnSettings, quantize_model, relearn, split_forget
 from loku.attacks.quantize import merged_copy
-from loku.audit.measure import Settings, compare, measure_model
+from loku.audit.measure import Settings, compare, measure_model, measure_set
 from loku.audit.run import recoveries, subset, summary
 from loku.audit.sets import build_set
+from loku.audit.stop import METRICS
 from loku.errors import LokuError
 from loku.io import write_json, write_text
 from loku.metrics.utility import evaluate_utility
 from loku.tdec import load_sequences, retain_examples
+from loku.tdec.thresholds import below
 from tdec_smollm2 import DATA, memorize, say   # the same setting and memorize step (run as a script)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "robustness_smollm2.json"
@@ -62,6 +82,7 @@ METHODS = {  # name -> (label, UnlearnConfig overrides); in the order they run (
     "gd_lora": ("GD + LoRA", dict(method="gd", init="default")),
     "ihl_vila": ("IHL + VILA", dict(method="ihl", init="vila")),
     "ga_full": ("GA (full)", dict(method="ga", lora=False)),
+    "idk_lora": ("IdK + LoRA", dict(method="idk", init="default")),   # TOFU only (refusal answers)
 }
 QUANTIZERS = ("int4", "nf4")
 
@@ -91,8 +112,42 @@ def point(measured: dict, idx_out: list[int] | None, st: Settings) -> dict:
     return out
 
 
+class Forgotten:
+    """`loku unlearn --until forgotten`'s rule (`loku.audit.stop`) on the benchmark's own sets, as an epoch
+    callback: stop after the first epoch whose forget-set means are all below the never-seen level (MA and EL10
+    on text, EM and ES on QA). The level is the memorized model's on the unseen set, measured once
+    (original.json), not again per method, and EL10's decoding (most of a measurement's seconds) runs only in an
+    epoch whose cheap teacher-forced means are already below: the same decision, since every metric must be."""
+
+    def __init__(self, s: "Setting"):
+        self.forget, self.st = s.sets["forget"], dataclasses.replace(s.st, attacks=())
+        self.level = {m: s.original["point"]["unseen"][m] for m in METRICS[self.forget.kind]}
+        self.el: list[float] | None = None   # the forget set's EL10 per example, when the last epoch measured it
+
+    def __call__(self, epoch: int, model) -> dict:
+        m = measure_set(model, self.forget, dataclasses.replace(self.st, el=False))["mean"]
+        ok = all(below(m[k], v) for k, v in self.level.items() if k != "el")
+        self.el = None
+        out = {k: m[k] for k in ("ma", "em", "es") if k in m}
+        if ok and "el" in self.level:
+            self.el = measure_set(model, self.forget, self.st)["per_example"]["el"]
+            out["el10"] = sum(self.el) / len(self.el)
+            ok = below(out["el10"], self.level["el"])
+        say(f"   epoch {epoch}: " + ", ".join(f"{k} {100 * v:.2f} %" for k, v in out.items())
+            + (" -> forgotten" if ok else ""))
+        return {**out, "forgotten": ok, "stop": ok}
+
+
 class Setting:
-    """What every method shares: the memorized model, the sets, the measurement settings, the original's numbers."""
+    """What every method shares: the memorized model, the sets, the measurement settings, the original's numbers.
+    Its class attributes name what the table shows (a TOFU setting has QA sets: EM instead of MA and EL10)."""
+
+    key = "ma"                                       # the forget-set metric beside each AUC
+    shown = ("ma", "el", "es")                       # the unlearned model's columns
+    utility_columns = (("WikiText ppl", "wikitext_ppl"), ("Pile ppl", "pile_ppl"))
+    extra_attacks: tuple[str, ...] = ()              # attacks besides quantization and relearning
+    title = "SmolLM2-135M, memorized TDEC sequences: unlearned until forgotten, then attacked"
+    original_label = "memorized (original)"
 
     def __init__(self, args):
         self.args = args
@@ -131,15 +186,42 @@ class Setting:
         write_json(path, value)
         return value
 
-    def measure_full(self, model) -> dict:
-        """The model's numbers, its full measurement (for recoveries) and its utility."""
+    def measure_full(self, model, el: list[float] | None = None) -> dict:
+        """The model's numbers, its full measurement (for recoveries) and its utility. EL10 is measured on the
+        forget set only (`el`: the stop rule's, when its last epoch measured it), not on the unseen set."""
         t0 = time.time()
-        measured = measure_model(model, self.sets, self.st)
+        measured = measure_model(model, self.sets, dataclasses.replace(self.st, el=False))
+        p = point(measured, self.idx_out, self.st)
+        if self.sets["forget"].kind == "text":
+            if el is None:
+                el = measure_set(model, self.sets["forget"], dataclasses.replace(self.st, attacks=()))[
+                    "per_example"]["el"]
+            p["el"] = sum(el) / len(el)
         say(f"   measured in {time.time() - t0:.0f} s")
-        util = evaluate_utility(model, self.tokenizer, self.args.tasks, limit=self.args.limit,
-                                data_dir=self.args.data_dir)
-        return {"point": point(measured, self.idx_out, self.st), "compare": measured["compare"]["forget"],
-                "utility": util["summary"], "seconds": round(time.time() - t0, 1)}
+        return {"point": p, "compare": measured["compare"]["forget"], "utility": self.utility(model),
+                "seconds": round(time.time() - t0, 1)}
+
+    def describe(self) -> str:
+        a = self.args
+        return (f"SmolLM2-135M (embedded GGUF, float32); forget set: first {a.seqs} sequences of {a.forget_file} cut "
+                f"to {a.tokens} tokens, memorized by fine-tuning ({self.mem['epochs']} epochs, MA "
+                f"{self.mem['base_ma']:.2f} -> {self.mem['final_ma']:.2f}); unseen control: {a.seqs} sequences of "
+                f"{a.unseen_file}; unlearning: lr {a.lr} (LoRA) / {a.full_lr} (full), batch {a.batch_size}, LoRA "
+                f"r={a.rank}, retain WikiText-2 test (all but GA), until forgotten (MA and EL10 below the memorized "
+                f"model's on the unseen set) or {a.max_epochs} epochs; AUC: the membership attack farthest from 0.5 "
+                f"(LOSS, ZLib, Min-K% k=0.4, Min-K%++); quantization of the merged weights (INT4 per channel, NF4 "
+                f"block 64); relearning: AdamW lr {a.relearn_lr}, batch {a.relearn_batch}, on {len(self.idx_in)} of "
+                f"the {a.seqs} forget sequences, MA/AUC of the other {len(self.idx_out)}; utility: perplexity on the "
+                f"first {a.limit} items of {a.tasks};")
+
+    def utility(self, model) -> dict:
+        return evaluate_utility(model, self.tokenizer, self.args.tasks, limit=self.args.limit,
+                                data_dir=self.args.data_dir)["summary"]
+
+    def unlearn_inputs(self, method: str) -> dict:
+        """UnlearnConfig fields and `unlearn` keywords of the setting's data (GA uses no retain set)."""
+        return {"config": dict(forget=str(self.forget_csv), max_length=self.args.tokens + 1),
+                "kwargs": dict(retain=self.retain if method != "ga" else None)}
 
 
 def run_method(s: Setting, name: str) -> dict:
@@ -150,28 +232,30 @@ def run_method(s: Setting, name: str) -> dict:
         return json.loads(path.read_text())
     label, overrides = METHODS[name]
     lr = args.lr if overrides.get("lora", True) else args.full_lr
-    say(f"{label}: unlearn --until forgotten (lr {lr}, rank {args.rank}, at most {args.max_epochs} epochs)")
+    say(f"{label}: unlearn until forgotten (lr {lr}, rank {args.rank}, batch {args.batch_size}, at most "
+        f"{args.max_epochs} epochs)")
     t0 = time.time()
-    cfg = UnlearnConfig(forget=str(s.forget_csv), unseen=str(s.unseen_csv), until="forgotten",
-                        lora_rank=args.rank, epochs=args.max_epochs, lr=lr, batch_size=args.batch_size,
-                        max_length=args.tokens + 1, seed=args.seed, mixed_precision=args.mixed_precision, **overrides)
+    inputs = s.unlearn_inputs(overrides["method"])
+    cfg = UnlearnConfig(lora_rank=args.rank, epochs=args.max_epochs, lr=lr, batch_size=args.batch_size,
+                        seed=args.seed, mixed_precision=args.mixed_precision, **inputs["config"], **overrides)
+    rule = Forgotten(s)
     try:
-        res = unlearn(cfg, s.model, s.tokenizer, progress=True,   # the rule's line per epoch
-                      retain=s.retain if overrides["method"] != "ga" else None)
+        res = unlearn(cfg, s.model, s.tokenizer, callbacks=[rule], progress=False, inplace=False, **inputs["kwargs"])
     except LokuError as e:   # e.g. a diverged loss: a result of the comparison, not a crash
         say(f"   {label} failed: {e}")
         result = {"label": label, "error": str(e)}
         write_json(path, result)
         return result
     seconds_unlearn = round(time.time() - t0, 1)
-    history = [{k: h[k] for k in ("epoch", "loss", "ma", "el10", "forgotten") if k in h} for h in res.history]
+    history = [{k: h[k] for k in ("epoch", "loss", "ma", "el10", "em", "es", "forgotten") if k in h}
+               for h in res.history]
     first = next((h["epoch"] for h in history if h.get("forgotten")), None)
     say(f"   {'forgotten at epoch ' + str(first) if first else 'not forgotten'} after {res.epochs_run} epochs "
         f"({seconds_unlearn:.0f} s)")
     unlearned = merged_copy(res.model).eval()
     del res
     say("   measure the unlearned model")
-    base = s.measure_full(unlearned)
+    base = s.measure_full(unlearned, rule.el)
     orig_cmp = s.original["compare"]
     st = dataclasses.replace(s.st, el=False)   # attacked models: MA/ES/AUC without EL10's decoding, as loku audit
     attacks = {}
@@ -180,6 +264,9 @@ def run_method(s: Setting, name: str) -> dict:
         m = measure_model(quantize_model(unlearned, q), s.sets, st)
         attacks[q] = {**point(m, s.idx_out, st),
                       "recovery": recoveries(m["compare"]["forget"], base["compare"], orig_cmp)}
+    for name in s.extra_attacks:
+        say(f"   {name}")
+        attacks[name] = s.attack(name, unlearned, st)
     settings = RelearnSettings(lr=args.relearn_lr, batch_size=args.relearn_batch, seed=args.seed)
     for k in args.relearn_steps:
         if k == 0:
@@ -206,34 +293,44 @@ def ppl(x) -> str:
     return "-" if x is None else f"{x:.1f}" if x < 1e4 else f"{x:.2g}"
 
 
-def cell(p: dict | None, held_out: bool = False) -> str:
-    """'MA / AUC' of one measurement (the held-out half's for relearning)."""
+def cell(p: dict | None, key: str, held_out: bool = False) -> str:
+    """'MA / AUC' (key "ma"; "em" on QA) of one measurement (the held-out half's for relearning)."""
     if p is None:
         return "-"
     q = p["held_out"] if held_out else p
-    return f"{pct(q['ma'])} / {q['best_auc']:.2f}"
+    return f"{pct(q[key])} / {q['best_auc']:.2f}"
+
+
+def fmt_utility(key: str, x) -> str:
+    return ppl(x) if key.endswith("ppl") else pct(x)
 
 
 def table(s: Setting, results: dict, steps: list[int]) -> str:
-    relearn = [k for k in steps if k]
-    head = (["Method", "Epochs", "MA %", "EL10 %", "ES %", "AUC (attack)", "INT4 MA / AUC", "NF4 MA / AUC"]
-            + [f"relearn {k}: held-out MA / AUC" for k in relearn] + ["WikiText ppl", "Pile ppl"])
+    relearn, key = [k for k in steps if k], s.key.upper()
+    names = {"ma": "MA %", "el": "EL10 %", "es": "ES %", "em": "EM %"}
+    attacks = list(QUANTIZERS) + list(s.extra_attacks)
+    head = (["Method", "Epochs"] + [names[m] for m in s.shown] + ["AUC (attack)"]
+            + [f"{a.upper() if a in QUANTIZERS else a} {key} / AUC" for a in attacks]
+            + [f"relearn {k}: held-out {key} / AUC" for k in relearn] + [c for c, _ in s.utility_columns]
+            + ["seconds (unlearn / all)"])
+    blank = [""] * (len(attacks) + len(relearn))
     o, u = s.original["point"], s.original["point"]["unseen"]
-    rows = [["memorized (original)", "-", pct(o["ma"]), pct(o["el"]), pct(o["es"]),
-             f"{o['best_auc']:.2f} ({o['best_attack']})", "", ""] + [""] * len(relearn)
-            + [ppl(s.original["utility"]["wikitext_ppl"]), ppl(s.original["utility"]["pile_ppl"])],
-            ["never-seen level (unseen set)", "-", pct(u["ma"]), pct(u["el"]), pct(u["es"]), "0.50", "", ""]
-            + [""] * len(relearn) + ["", ""]]
+    rows = [[s.original_label, "-"] + [pct(o[m]) for m in s.shown]
+            + [f"{o['best_auc']:.2f} ({o['best_attack']})"] + blank
+            + [fmt_utility(k, s.original["utility"].get(k)) for _, k in s.utility_columns] + [""],
+            ["never-seen level (unseen set)", "-"] + [pct(u.get(m)) for m in s.shown] + ["0.50"] + blank
+            + [""] * len(s.utility_columns) + [""]]
     for name, r in results.items():
         if "error" in r:
             rows.append([f"{r['label']} (failed: {r['error'][:60]})"] + [""] * (len(head) - 1))
             continue
         p, a = r["unlearned"], r["attacks"]
         epochs = f"{r['epochs_to_forget']}" if r["epochs_to_forget"] else f">{r['epochs_run']} (cap)"
-        rows.append([r["label"], epochs, pct(p["ma"]), pct(p["el"]), pct(p["es"]),
-                     f"{p['best_auc']:.2f} ({p['best_attack']})", cell(a.get("int4")), cell(a.get("nf4"))]
-                    + [cell(a.get(f"relearn_{k}"), held_out=True) for k in relearn]
-                    + [ppl(r["utility"]["wikitext_ppl"]), ppl(r["utility"]["pile_ppl"])])
+        rows.append([r["label"], epochs] + [pct(p.get(m)) for m in s.shown]
+                    + [f"{p['best_auc']:.2f} ({p['best_attack']})"] + [cell(a.get(x), s.key) for x in attacks]
+                    + [cell(a.get(f"relearn_{k}"), s.key, held_out=True) for k in relearn]
+                    + [fmt_utility(k, r["utility"].get(k)) for _, k in s.utility_columns]
+                    + [f"{r['seconds']['unlearn']:.0f} / {r['seconds']['total']:.0f}"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
@@ -248,32 +345,34 @@ def plot(s: Setting, results: dict, steps: list[int], path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
     stages = [("unlearned", "unlearned"), ("int4", "INT4"), ("nf4", "NF4")]
     width = 0.8 / len(stages)
-    for ax, key, what in ((axes[0][0], "ma", "forget-set MA"), (axes[0][1], "best_auc", "strongest membership AUC")):
+    m, word = s.key, s.key.upper()
+    for ax, key, what in ((axes[0][0], m, f"forget-set {word}"), (axes[0][1], "best_auc", "strongest membership AUC")):
         for j, (stage, text) in enumerate(stages):
             values = [(r["unlearned"] if stage == "unlearned" else r["attacks"][stage])[key] for r in ok.values()]
             ax.bar([i + (j - 1) * width for i in range(len(ok))], values, width, label=text)
-        level = s.original["point"]["unseen"]["ma"] if key == "ma" else 0.5
-        ax.axhline(level, color="k", ls="--", lw=1, label="never-seen level" if key == "ma" else "chance (0.5)")
-        if key == "ma":
-            ax.axhline(s.original["point"]["ma"], color="r", ls=":", lw=1, label="memorized")
+        level = s.original["point"]["unseen"][m] if key == m else 0.5
+        ax.axhline(level, color="k", ls="--", lw=1, label="never-seen level" if key == m else "chance (0.5)")
+        if key == m:
+            ax.axhline(s.original["point"][m], color="r", ls=":", lw=1, label=s.original_label.split(" (")[0])
         ax.set_xticks(range(len(ok)), [r["label"] for r in ok.values()], rotation=30, ha="right", fontsize=8)
         ax.set_title(f"{what}: unlearned, then quantized")
         ax.legend(fontsize=7)
-    for ax, key, what in ((axes[1][0], "ma", "held-out forget MA"),
+    for ax, key, what in ((axes[1][0], m, f"held-out forget {word}"),
                           (axes[1][1], "best_auc", "strongest AUC, held-out")):
         for r in ok.values():
             ys = [r["unlearned"]["held_out"][key]] + [r["attacks"][f"relearn_{k}"]["held_out"][key]
                                                      for k in steps if k]
             ax.plot([0] + [k for k in steps if k], ys, marker="o", label=r["label"])
-        if key == "ma":
-            ax.axhline(s.original["point"]["held_out"]["ma"], color="r", ls=":", lw=1, label="memorized")
-            ax.axhline(s.original["point"]["unseen"]["ma"], color="k", ls="--", lw=1, label="never-seen level")
+        if key == m:
+            ax.axhline(s.original["point"]["held_out"][m], color="r", ls=":", lw=1,
+                       label=s.original_label.split(" (")[0])
+            ax.axhline(s.original["point"]["unseen"][m], color="k", ls="--", lw=1, label="never-seen level")
         else:
             ax.axhline(0.5, color="k", ls="--", lw=1)
         ax.set_xlabel("relearning steps on the other half of the forget set")
         ax.set_title(f"{what} after relearning")
         ax.legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M, memorized TDEC sequences: unlearned until forgotten, then attacked")
+    fig.suptitle(s.title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -281,6 +380,8 @@ def plot(s: Setting, results: dict, steps: list[int], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--setting", choices=("tdec", "tofu"), default="tdec", help="tdec: memorized TDEC sequences "
+                    "(this file); tofu: the 10-author TOFU of tofu_smollm2.py (robustness_tofu.py)")
     ap.add_argument("--seqs", type=int, default=8, help="forget-set size (and unseen-set size)")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per sequence")
     ap.add_argument("--forget-file", default="lm_extraction_32_0.csv")
@@ -288,36 +389,57 @@ def main() -> None:
     ap.add_argument("--memorize-target", type=float, default=0.9)
     ap.add_argument("--memorize-epochs", type=int, default=30)
     ap.add_argument("--memorize-lr", type=float, default=2e-4)
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--lr", type=float, default=5e-3, help="one learning rate for every LoRA method (at "
-                    "tdec_smollm2.py's 1e-3 no LoRA method reaches the never-seen level within 6 epochs)")
-    ap.add_argument("--full-lr", type=float, default=1e-3, help="learning rate of full fine-tuning (GA full); "
-                    "tdec_smollm2.py's 1e-3 already forgets in 2 epochs there")
+    ap.add_argument("--methods", default=None, help="comma-separated (default: every method of the setting)")
+    ap.add_argument("--lr", type=float, default=None, help="one learning rate for every LoRA method (TDEC: 1e-3; "
+                    "TOFU: tofu_smollm2.py's 5e-4)")
+    ap.add_argument("--full-lr", type=float, default=None, help="learning rate of full fine-tuning (GA full; "
+                    "TDEC: 1e-3, as tdec_smollm2.py; TOFU: 1e-5, TOFU's own)")
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--max-epochs", type=int, default=6, help="the epoch cap of --until forgotten")
+    ap.add_argument("--batch-size", type=int, default=None, help="TDEC: 2 (4 steps per epoch); TOFU: 4")
+    ap.add_argument("--max-epochs", type=int, default=None, help="the epoch cap of the stop rule (TDEC: 10; "
+                    "TOFU: 10)")
     ap.add_argument("--mixed-precision", default="bf16", help="training only; no | bf16")
-    ap.add_argument("--relearn-steps", default="0,10,25,50")
+    ap.add_argument("--relearn-steps", default="0,10,25", help="each point its own fine-tune (0,10,25,50 is the "
+                    "issue's list; 50 is left out by default for time: ~4.5 s a step on 1 thread)")
     ap.add_argument("--relearn-lr", type=float, default=1e-4)
-    ap.add_argument("--relearn-batch", type=int, default=4)
+    ap.add_argument("--relearn-batch", type=int, default=2)
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--tasks", default="wikitext,pile", help="utility tasks (loku.metrics.utility)")
     ap.add_argument("--limit", type=int, default=10, help="utility items per task")
-    ap.add_argument("--data-dir", type=Path, default=DATA, help="data folder (tdec/, eval/)")
+    ap.add_argument("--data-dir", type=Path, default=DATA, help="data folder (tdec/, eval/, tofu/)")
+    ap.add_argument("--tofu-out", type=Path, default=Path("/work/runs/tofu_smollm2_tofuphi"),
+                    help="TOFU: tofu_smollm2.py's --out, where its target model is fine-tuned (or found)")
+    ap.add_argument("--tofu-flags", default="", help="TOFU: more tofu_smollm2.py flags for its target model "
+                    "(a smoke test's: \"--qa-per-author 2 --ft-epochs 1\")")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--work", type=Path, default=Path("runs/robustness_smollm2"))
-    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--work", type=Path, default=None, help="work folder (resumable; default runs/robustness_"
+                    "smollm2_b2 or runs/robustness_tofu; runs/robustness_smollm2 holds the lr 5e-3 runs)")
+    ap.add_argument("--results", type=Path, default=None)
     ap.add_argument("--report-only", action="store_true", help="rewrite the JSON, table and plot from the methods "
                     "finished in --work; run nothing")
     args = ap.parse_args()
+    tofu = args.setting == "tofu"
+    defaults = dict(lr=5e-4, full_lr=1e-5, batch_size=4, max_epochs=10, work=Path("runs/robustness_tofu"),
+                    results=RESULTS.with_name("robustness_tofu.json")) if tofu else \
+        dict(lr=1e-3, full_lr=1e-3, batch_size=2, max_epochs=10, work=Path("runs/robustness_smollm2_b2"),
+             results=RESULTS)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     args.relearn_steps = sorted({int(k) for k in args.relearn_steps.split(",")})
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if unknown := [m for m in names if m not in METHODS]:
-        raise SystemExit(f"unknown method(s) {unknown}: choose from {', '.join(METHODS)}")
-    if not (args.data_dir / "tdec").is_dir():
-        raise SystemExit(f"needs the public data folder {args.data_dir}/tdec: pass --data-dir")
+    every = [m for m in METHODS if tofu or m != "idk_lora"]
+    names = [m.strip() for m in (args.methods or ",".join(every)).split(",") if m.strip()]
+    if unknown := [m for m in names if m not in every]:
+        raise SystemExit(f"unknown method(s) {unknown}: choose from {', '.join(every)}")
+    if not (args.data_dir / args.setting).is_dir():
+        raise SystemExit(f"needs the public data folder {args.data_dir}/{args.setting}: pass --data-dir")
     say(f"work dir {args.work}; {len(names)} methods: {', '.join(names)}; torch threads {torch.get_num_threads()}")
-    s = Setting(args)
+    if tofu:
+        from robustness_tofu import TofuSetting   # the sibling imports this module
+
+        s = TofuSetting(args)
+    else:
+        s = Setting(args)
     results = {}
     for name in names:
         if args.report_only and not (args.work / "methods" / f"{name}.json").is_file():
@@ -328,21 +450,11 @@ def main() -> None:
 
 
 def report(s: Setting, args, results: dict) -> None:
-    scale = (f"SmolLM2-135M (embedded GGUF, float32); forget set: first {args.seqs} sequences of {args.forget_file} "
-             f"cut to {args.tokens} tokens, memorized by fine-tuning ({s.mem['epochs']} epochs, MA "
-             f"{s.mem['base_ma']:.2f} -> {s.mem['final_ma']:.2f}); unseen control: {args.seqs} sequences of "
-             f"{args.unseen_file}; unlearning: lr {args.lr} (LoRA) / {args.full_lr} (full), batch {args.batch_size}, "
-             f"LoRA r={args.rank}, "
-             f"retain WikiText-2 test (GD/NPO/SimNPO/IHL), until forgotten (MA and EL10 below the memorized "
-             f"model's on the unseen set) or {args.max_epochs} epochs; AUC: the membership attack farthest from 0.5 "
-             f"(LOSS, ZLib, Min-K% k=0.4, Min-K%++); quantization of the merged weights (INT4 per channel, NF4 "
-             f"block 64); relearning: AdamW lr {args.relearn_lr}, batch {args.relearn_batch}, on "
-             f"{len(s.idx_in)} of the {args.seqs} forget sequences, MA/AUC of the other {len(s.idx_out)}; "
-             f"utility: perplexity on the first {args.limit} items of {args.tasks}; "
-             f"{torch.get_num_threads()} CPU threads.")
+    scale = s.describe() + f" {torch.get_num_threads()} CPU threads."
     md = table(s, results, args.relearn_steps)
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.results, {"benchmark": "robustness_smollm2", "scale": scale, "date": time.strftime("%Y-%m-%d"),
+    write_json(args.results, {"benchmark": f"robustness_{args.setting}", "scale": scale,
+                              "date": time.strftime("%Y-%m-%d"),
                               "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                               "threads": torch.get_num_threads(),
                               "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -71,8 +71,8 @@ DATA = ROOT.parent / "shared" / "data"  # the development data folder (a dev too
 RESULTS = ROOT / "benchmarks" / "results" / "tofu_smollm2.json"
 
 
-def finetune_phase(args, out: Path) -> dict:
-    """Target and retain models in out/models/, each skipped when its folder is already complete."""
+def finetune_phase(args, out: Path, names=MODELS) -> dict:
+    """Target and retain models (`names`) in out/models/, each skipped when its folder is already complete."""
     cfg = TofuFinetuneConfig(out=str(out / "models"), model=args.model, data_dir=str(args.data_dir),
                              split=args.split, authors=args.authors, qa_per_author=args.qa_per_author,
                              epochs=args.ft_epochs, lr=args.ft_lr, batch_size=args.ft_batch_size, grad_accum=1,
@@ -85,7 +85,7 @@ def finetune_phase(args, out: Path) -> dict:
     summary.update({"config": dataclasses.asdict(cfg), "splits": {"target": "full", "retain": retain_split(cfg.split)},
                     "forget_split": cfg.split, "authors": cfg.authors, "qa_per_author": cfg.qa_per_author,
                     "prompt_format": cfg.prompt_format})
-    for i, name in enumerate(MODELS, 1):
+    for i, name in enumerate(names, 1):
         folder = out / "models" / name
         if (folder / "model.safetensors").is_file() and name in summary:
             print(f"[1.{i}] {name} model: done earlier ({folder})", flush=True)
@@ -233,7 +233,8 @@ def report(args, labels: list[str], skipped: dict[str, str], t_run: dict | None 
     print(f"wrote {args.results} and {plot}; per-epoch table and plot of this run's methods in {args.out / 'unlearn'}")
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The flags (robustness_tofu.py reads their defaults: the same target model)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "tofu_smollm2",
                     help="work folder (resumable; shared by the split runs, one at a time)")
@@ -264,7 +265,11 @@ def main() -> None:
     ap.add_argument("--prompt-format", default=TofuFinetuneConfig.prompt_format, choices=PROMPT_FORMATS,
                     help="how QA pairs become tokens (default: TOFU's phi format)")
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     try:
         labels = labels_for(args.methods)
     except LokuError as e:
