@@ -407,8 +407,9 @@ def main() -> None:
     ap.add_argument("--tasks", default="wikitext,pile", help="utility tasks (loku.metrics.utility)")
     ap.add_argument("--limit", type=int, default=10, help="utility items per task")
     ap.add_argument("--data-dir", type=Path, default=DATA, help="data folder (tdec/, eval/, tofu/)")
-    ap.add_argument("--tofu-out", type=Path, default=Path("/work/runs/tofu_smollm2_tofuphi"),
-                    help="TOFU: tofu_smollm2.py's --out, where its target model is fine-tuned (or found)")
+    ap.add_argument("--tofu-out", type=Path, default=Path("runs/tofu_all"),
+                    help="TOFU: tofu_smollm2.py's --out, where its target model is fine-tuned (or found; the "
+                    "every-method TOFU runs' folder, so both share one target)")
     ap.add_argument("--tofu-flags", default="", help="TOFU: more tofu_smollm2.py flags for its target model "
                     "(a smoke test's: \"--qa-per-author 2 --ft-epochs 1\")")
     ap.add_argument("--seed", type=int, default=0)
