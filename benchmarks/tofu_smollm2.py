@@ -80,8 +80,15 @@ def finetune_phase(args, out: Path, names=MODELS) -> dict:
     rows = training_rows(cfg)
     summary_path = out / "models" / SUMMARY
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    if summary and summary.get("config") != dataclasses.asdict(cfg):
-        raise SystemExit(f"{out / 'models'} was fine-tuned with other settings: pass a new --out")
+
+    def settings(config: dict) -> dict:   # where the folder lies is not a setting: it may be moved or linked
+        return {k: v for k, v in config.items() if k != "out"}
+
+    if summary and settings(summary.get("config", {})) != settings(dataclasses.asdict(cfg)):
+        changed = sorted(k for k in settings(dataclasses.asdict(cfg))
+                         if summary.get("config", {}).get(k) != getattr(cfg, k))
+        raise SystemExit(f"{out / 'models'} was fine-tuned with other settings ({', '.join(changed)}): "
+                         "pass a new --out")
     summary.update({"config": dataclasses.asdict(cfg), "splits": {"target": "full", "retain": retain_split(cfg.split)},
                     "forget_split": cfg.split, "authors": cfg.authors, "qa_per_author": cfg.qa_per_author,
                     "prompt_format": cfg.prompt_format})
