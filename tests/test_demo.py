@@ -8,6 +8,7 @@ import torch
 
 from loku.demo import DemoConfig, leaks, prompt, revealed_others, run_demo
 from loku.data.records import make_records, record_text
+from loku.errors import LokuError
 
 
 class Parrot(torch.nn.Module):
@@ -97,6 +98,9 @@ def test_tokenized_examples_are_taken_as_they_are_and_checked_for_overlap(tokeni
     n = len(feats[0]["input_ids"]) - 3
     assert tokenize_examples(feats[:1], tokenizer, n) == [{k: v[:n] for k, v in feats[0].items()}]
     assert shared_examples(feats, feats[1:] + [{"text": record_text(make_records(1)[0])}]) == 2
+    for bad in ({"input_ids": feats[0]["input_ids"]}, {**feats[0], "labels": feats[0]["labels"][:-1]}):
+        with pytest.raises(LokuError, match="input_ids but .* labels: give labels of the same length"):
+            tokenize_examples([bad], tokenizer, 256)
 
 
 def test_batched_memorization_is_exact_memorization_over_the_values(tokenizer):

@@ -146,7 +146,11 @@ def tokenize_example(example: dict, tokenizer, max_length: int, prompt_format: s
         ids = tokenizer(example["text"], truncation=True, max_length=max_length)["input_ids"]
         return {"input_ids": ids, "labels": list(ids)}
     if "input_ids" in example:
-        return {"input_ids": list(example["input_ids"])[:max_length], "labels": list(example["labels"])[:max_length]}
+        ids, labels = list(example["input_ids"]), list(example.get("labels", ()))
+        if len(labels) != len(ids):
+            raise LokuError(f"a tokenized example has {len(ids)} input_ids but {len(labels)} labels: give labels "
+                            "of the same length (-100 where no loss applies)")
+        return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
     out = format_qa(tokenizer, example["question"], example["answer"], max_length, prompt_format)
     if "alternate" in example:   # DPO's preferred answer to the same question, kept row for row
         alt = format_qa(tokenizer, example["question"], example["alternate"], max_length, prompt_format)
