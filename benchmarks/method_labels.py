@@ -7,7 +7,8 @@ the benchmark's rank, peft's default init), NAME+INIT (`ihl+fila`) or NAME+full 
 
 from __future__ import annotations
 
-import importlib.util
+import argparse
+from pathlib import Path
 
 from loku.errors import LokuError
 from loku.methods import METHODS
@@ -41,7 +42,6 @@ def labels_for(methods: str) -> list[str]:
 
 def not_applicable(labels: list[str], lunar_harmful, benchmark: str) -> dict[str, str]:
     """{label: why it cannot run here} for the labels among `labels` that need a resource this benchmark lacks."""
-    fila = importlib.util.find_spec("loku.fila") is not None
     out = {}
     for label in labels:
         spec = parse_method(label)
@@ -50,6 +50,15 @@ def not_applicable(labels: list[str], lunar_harmful, benchmark: str) -> dict[str
         elif spec.method == "lunar" and not lunar_harmful:
             out[label] = ("needs --lunar-harmful FILE, prompts the model refuses (OpenUnlearning's "
                           "splits/harmful.json); the data folder has none")
-        elif spec.init in ("fila", "vila") and not fila:
-            out[label] = "loku.fila is not importable"
     return out
+
+
+def add_method_flags(ap: argparse.ArgumentParser, finished_in: str) -> None:
+    """--methods, --report-only and --lunar-harmful, as both benchmarks take them; `finished_in` names what
+    --report-only reads ("table and JSON from the methods finished in --work")."""
+    ap.add_argument("--methods", default="all",
+                    help="comma-separated: loku method names (LoRA r=--rank, default init), ihl+fila, ga+full, "
+                         "npo+full (full fine-tuning); default all")
+    ap.add_argument("--report-only", action="store_true", help=f"train nothing: {finished_in}")
+    ap.add_argument("--lunar-harmful", type=Path, default=None,
+                    help="LUNAR's refusal prompts (OpenUnlearning's harmful.json); without it lunar is not run")

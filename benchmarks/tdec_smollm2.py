@@ -69,7 +69,7 @@ from loku.tdec import (TDEC_FILES, TdecConfig, compute_thresholds, load_sequence
                        run_tdec, table_row, tokenize_sequences)
 from loku.tofu.run import parse_method
 from loku.tofu.scores import answer_scores
-from method_labels import labels_for, not_applicable
+from method_labels import add_method_flags, labels_for, not_applicable
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # the development data folder (a dev tool)
 RESULTS = Path(__file__).resolve().parent / "results" / "tdec_smollm2.json"
@@ -299,13 +299,7 @@ def main() -> None:
     ap.add_argument("--memorize-target", type=float, default=0.9)
     ap.add_argument("--memorize-epochs", type=int, default=30)
     ap.add_argument("--memorize-lr", type=float, default=2e-4)
-    ap.add_argument("--methods", default="all",
-                    help="comma-separated: loku method names (LoRA r=--rank, default init), ihl+fila, ga+full, "
-                         "npo+full (full fine-tuning); default all")
-    ap.add_argument("--report-only", action="store_true",
-                    help="train nothing: table and JSON from the methods finished in --work")
-    ap.add_argument("--lunar-harmful", type=Path, default=None,
-                    help="LUNAR's refusal prompts (OpenUnlearning's harmful.json); without it lunar is not run")
+    add_method_flags(ap, "table and JSON from the methods finished in --work")
     ap.add_argument("--lr", type=float, default=1e-3, help="one learning rate for every method")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=4, help="4 steps an epoch at 16 sequences: the per-epoch "

@@ -64,7 +64,7 @@ from loku.tofu.finetune import MODELS, SUMMARY, TofuFinetuneConfig, retain_split
 from loku.tofu.report import RESULTS as RUN_RESULTS
 from loku.tofu.run import CONFIG, TofuUnlearnConfig, run_tofu
 from loku.tofu.scores import answer_scores
-from method_labels import labels_for, not_applicable
+from method_labels import add_method_flags, labels_for, not_applicable
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"  # the development data folder (a dev tool); TOFU in its tofu/
@@ -247,13 +247,7 @@ def parser() -> argparse.ArgumentParser:
                     help="work folder (resumable; shared by the split runs, one at a time)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--plot", type=Path, default=None, help="MU/FQ plot (default: beside --results, *_mu_fq.png)")
-    ap.add_argument("--methods", default="all",
-                    help="comma-separated: loku method names (LoRA r=--rank, default init), ihl+fila, ga+full, "
-                         "npo+full (full fine-tuning); default all")
-    ap.add_argument("--report-only", action="store_true",
-                    help="train nothing: table, JSON and plot from the methods finished in --out")
-    ap.add_argument("--lunar-harmful", type=Path, default=None,
-                    help="LUNAR's refusal prompts (OpenUnlearning's harmful.json); without it lunar is not run")
+    add_method_flags(ap, "table, JSON and plot from the methods finished in --out")
     ap.add_argument("--data-dir", type=Path, default=DATA, help="data folder (TOFU in its tofu/)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--split", default="forget10")
