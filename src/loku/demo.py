@@ -21,6 +21,7 @@ from rich.table import Table
 from . import io
 from .config import UnlearnConfig
 from .config_base import Config, setting
+from .data.qa import format_qa
 from .data.records import Record, make_records, record_text
 from .data.retain import PER_ARTICLE, builtin_retain
 from .data.text import tokenize_examples
@@ -139,9 +140,9 @@ def value_features(tokenizer, records: list[Record]) -> list[dict]:
     for r in records:
         ids = tokenizer(record_text(r))["input_ids"]
         labels = [-100] * len(ids)
-        for ex in value_examples(r):
-            lo = len(tokenizer(ex["question"])["input_ids"])
-            hi = len(tokenizer(ex["question"] + ex["answer"])["input_ids"])
+        for ex in value_examples(r):   # the value's tokens: where its continuation example carries loss
+            one = format_qa(tokenizer, ex["question"], ex["answer"], len(ids), "continuation")
+            lo, hi = one["labels"].count(-100), len(one["input_ids"])
             labels[lo:hi] = ids[lo:hi]
         feats.append({"input_ids": ids, "labels": labels})
     return feats

@@ -296,8 +296,8 @@ def _check_same_run(cfg: TofuUnlearnConfig, out: Path) -> None:
         was, now = saved.get(key), mine.get(key)
         if was != now:
             if isinstance(was, dict) and isinstance(now, dict):   # name the nested setting (train.lr), not all
-                key = next(f"{key}.{k}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k))
-                was, now = was.get(key.split(".", 1)[1]), now.get(key.split(".", 1)[1])
+                sub = next(k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k))
+                key, was, now = f"{key}.{sub}", was.get(sub), now.get(sub)
             raise LokuError(f"--resume: {key} was {was!r} in {out / CONFIG}, now {now!r}: "
                             "resume with the same options, or start a new --out")
 
