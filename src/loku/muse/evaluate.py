@@ -196,7 +196,8 @@ class MuseEvalConfig(Config):
 
     model: str = field(default="", metadata=_help("Hub id, local model folder, .gguf file, or 'smollm2-135m'."))
     out: str = field(default="", metadata=_help("New folder for muse.json and the per-metric logs."))
-    adapter: str | None = field(default=None, metadata=_help("A PEFT adapter folder to merge into the model."))
+    adapter: str | None = field(default=None, metadata=_help(
+        "A PEFT adapter folder to merge into the model, or a T3 run's t3/ head folder (put on the model)."))
     resume: bool = field(default=False, metadata=_help("Continue a killed evaluation in --out."))
     overwrite: bool = field(default=False, metadata=_help("Replace a non-empty --out folder."))
     trust_remote_code: bool = field(default=False, metadata=_help("Allow the model's own code from the hub."))

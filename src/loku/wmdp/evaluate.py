@@ -29,7 +29,8 @@ class WmdpEvalConfig(Config):
 
     model: str = field(default="", metadata=_help("Hub id, local model folder, .gguf file, or 'smollm2-135m'."))
     out: str = field(default="", metadata=_help("New folder for wmdp.json."))
-    adapter: str | None = field(default=None, metadata=_help("A PEFT adapter folder to merge into the model."))
+    adapter: str | None = field(default=None, metadata=_help(
+        "A PEFT adapter folder to merge into the model, or a T3 run's t3/ head folder (put on the model)."))
     tasks: list[str] = field(default_factory=lambda: ["wmdp_bio", "wmdp_cyber", "mmlu"], metadata=_help(
         "Comma-separated: wmdp_bio, wmdp_cyber, wmdp_chem, mmlu."))
     data_dir: str | None = setting(None, "Data folder whose wmdp/ and mmlu/ hold snapshots of the hub datasets "
