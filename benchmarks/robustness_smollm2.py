@@ -175,7 +175,7 @@ class Setting:
         self.idx_in, self.idx_out = split_forget(len(self.sets["forget"]), 0.5, args.seed)
         self.relearn_feats = [self.sets["forget"].features[i] for i in self.idx_in]
         self.retain = retain_examples(args.data_dir)
-        self.original = self.cached("original", lambda: self.measure_full(self.model))
+        self.original = self.cached("original", lambda: self.measure_full(self.model, level=True))
 
     def cached(self, name: str, compute) -> dict:
         path = self.args.work / f"{name}.json"
@@ -186,9 +186,10 @@ class Setting:
         write_json(path, value)
         return value
 
-    def measure_full(self, model, el: list[float] | None = None) -> dict:
+    def measure_full(self, model, el: list[float] | None = None, level: bool = False) -> dict:
         """The model's numbers, its full measurement (for recoveries) and its utility. EL10 is measured on the
-        forget set only (`el`: the stop rule's, when its last epoch measured it), not on the unseen set."""
+        forget set only (`el`: the stop rule's, when its last epoch measured it), and on the unseen set only for
+        the never-seen level (`level`: the memorized model, once)."""
         t0 = time.time()
         measured = measure_model(model, self.sets, dataclasses.replace(self.st, el=False))
         p = point(measured, self.idx_out, self.st)
@@ -197,6 +198,10 @@ class Setting:
                 el = measure_set(model, self.sets["forget"], dataclasses.replace(self.st, attacks=()))[
                     "per_example"]["el"]
             p["el"] = sum(el) / len(el)
+            if level:   # the stop rule's EL10 level (Forgotten reads it)
+                el_u = measure_set(model, self.sets["unseen"], dataclasses.replace(self.st, attacks=()))[
+                    "per_example"]["el"]
+                p["unseen"]["el"] = sum(el_u) / len(el_u)
         say(f"   measured in {time.time() - t0:.0f} s")
         return {"point": p, "compare": measured["compare"]["forget"], "utility": self.utility(model),
                 "seconds": round(time.time() - t0, 1)}
