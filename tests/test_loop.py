@@ -3,6 +3,7 @@ caller's model left as it was."""
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -139,6 +140,25 @@ def test_unlearn_leaves_the_given_model_as_it_was(tokenizer, init):
     assert type(model).__name__ == "LlamaForCausalLM" and not hasattr(model, "peft_config")
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_ihl_with_a_kl_retain_term_pulls_retain_back_to_the_start_model(tokenizer, tmp_path):
+    """--ihl-retain-loss kl: the retain term is the KL to a frozen copy of the start model (FILA rewrites the base,
+    so the copy is a real one), zero at the first step and positive once the weights moved; the paper's ce
+    default needs no reference."""
+    from loku.methods import METHODS
+    from loku.training.setup import frozen_copy
+
+    cfg = UnlearnConfig(method="ihl", init="fila", epochs=2, batch_size=2, lr=1e-2, ihl_retain_loss="kl",
+                        out=str(tmp_path / "run"))
+    assert METHODS["ihl"].uses_reference(cfg) and not METHODS["ihl"].uses_reference(UnlearnConfig(method="ihl"))
+    assert frozen_copy(METHODS["ihl"], cfg, tiny_llama(len(tokenizer), seed=6)) is not None
+    unlearn(cfg, tiny_llama(len(tokenizer), seed=6), tokenizer, progress=False, forget=TEXTS[:4], retain=TEXTS[4:8])
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in lines if m.get("kind") == "step"]
+    assert len(steps) == 4
+    assert steps[0]["retain"] == pytest.approx(0.0, abs=1e-6) and steps[-1]["retain"] > 1e-4
+    assert all(math.isfinite(m["loss"]) for m in steps)
 
 
 def test_finetuned_copy_leaves_the_input_as_it_was(tokenizer):

@@ -120,6 +120,9 @@ def test_every_method_hand_checked_composition():
                                                                                 rel=1e-6)
     ihl = loss("ihl")
     assert ihl["forget"].item() == pytest.approx(ihl_reference(x.forget_logits, x.forget_labels), abs=1e-6)
+    assert ihl["retain"].item() == pytest.approx(0.5 * ce_r.item(), rel=1e-6)
+    ihl_kl = loss("ihl", ihl_retain_loss="kl")   # ref == model on retain: nothing to pull back
+    assert ihl_kl["forget"].item() == ihl["forget"].item() and ihl_kl["retain"].item() == pytest.approx(0, abs=1e-6)
     # NPO from its definition: -(2/beta) log sigmoid(-beta (log pi(y) - log pi_ref(y))), batch mean.
     beta = cfg.npo_beta
     ratio = sequence_logprob(x.forget_logits, x.forget_labels) - sequence_logprob(x.ref_forget_logits,
@@ -249,7 +252,8 @@ def test_kl_default_is_the_references_batchmean_over_all_positions():
 
 
 @pytest.mark.parametrize("method,settings", [("kl", {}), ("kl", {"kl_reduction": "tokens"}), ("idk", {}),
-                                             ("idk", {"idk_pooling": "separate"}), ("npo", {}), ("ihl", {})])
+                                             ("idk", {"idk_pooling": "separate"}), ("npo", {}), ("ihl", {}),
+                                             ("ihl", {"ihl_retain_loss": "kl"})])
 def test_global_mean_scales_make_two_shards_equal_one_batch(method, settings):
     """Under DDP each process scales its terms by local count / (global count / world); the mean over the
     processes is then the one-process value, whatever each term averages (tokens, sequences, positions, pooled)."""

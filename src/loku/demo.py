@@ -53,6 +53,8 @@ IDENTIFYING = ("address", "phone", "email", "account")
 # with general text mixed in: 0.94 -> under 50%, 0.97 -> 54%, 0.986 -> 78% of fields), so the leak fine-tune
 # does not spend a generation on checking.
 LEAK_GATE = 0.97
+TIE = 1e-9   # shares of fields are means of k/5: 24 of 30 fields is 0.7999999999999999, which meets a bar of 0.8
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")   # a Llama MLP block's linear layers
 
 
 @dataclass
@@ -62,9 +64,9 @@ class DemoConfig(Config):
     out: str = setting("", "New directory for the report, plot and adapter.", group="Output",
                        default_text="runs/demo-<time>")
     model: str = setting("smollm2-135m", "Model to run the demo on.", group="Model")
-    n_forget: int = setting(10, "People who ask to be forgotten.", group="Data", bound="positive")
-    n_retain: int = setting(10, "People whose records the model keeps.", group="Data", bound="positive")
-    n_unseen: int = setting(10, "People the model never sees (the never-seen level).", group="Data",
+    n_forget: int = setting(6, "People who ask to be forgotten.", group="Data", bound="positive")
+    n_retain: int = setting(6, "People whose records the model keeps.", group="Data", bound="positive")
+    n_unseen: int = setting(6, "People the model never sees (the never-seen level).", group="Data",
                             bound="positive")
     seed: int = setting(0, "Seed of the records and training.", group="Training")
     leak_lr: float = setting(3e-4, "Learning rate of the leak fine-tune.", group="Training", bound="positive")
@@ -75,14 +77,14 @@ class DemoConfig(Config):
                                 "a training set: the model keeps its general language), a batch of them with each "
                                 "batch of records, drawn from a stream that cycles across epochs.", group="Data",
                                 bound="non-negative")
-    retain_general: int = setting(16, "Of those sentences, how many the unlearning keeps beside the retain "
+    retain_general: int = setting(8, "Of those sentences, how many the unlearning keeps beside the retain "
                                   "people's records (retain records).", group="Data", bound="non-negative")
     leak_batch_size: int = setting(4, "Batch size of the leak fine-tune.", group="Training", bound="positive")
-    leak_max_epochs: int = setting(14, "Most epochs of the leak fine-tune (its learning rate decays over them; it "
+    leak_max_epochs: int = setting(16, "Most epochs of the leak fine-tune (its learning rate decays over them; it "
                                    "stops once the records leak).", group="Training", bound="positive")
     leak_target: float = setting(0.8, "Share of private fields both groups must reveal, prompted with a name, "
                                  "before unlearning starts.", group="Training", bound="positive")
-    unlearn_lr: float = setting(5e-4, "Learning rate of the unlearning.", group="Training", bound="positive")
+    unlearn_lr: float = setting(1e-3, "Learning rate of the unlearning.", group="Training", bound="positive")
     unlearn_batch_size: int = setting(4, "Forgotten records per step of the unlearning (with retain records, "
                                       "every step keeps the whole retain set).", group="Training", bound="positive")
     retain_weight: float = setting(3.0, "Coefficient of the unlearning's retain term.", group="Training",
@@ -92,6 +94,9 @@ class DemoConfig(Config):
                                    "their fields and are known no better than never-seen people.", group="Training",
                                    bound="non-negative")
     lora_rank: int = setting(8, "LoRA rank of the unlearning.", group="LoRA", bound="positive")
+    unlearn_modules: str = setting("mlp", "Where the unlearning's LoRA adapters go: mlp (the MLP blocks, which the "
+                                   "leak trained) or all (every linear layer but the head).", group="LoRA",
+                                   choices=("mlp", "all"), kind="unlearn modules")
     method: str = setting("ihl", "Unlearning method (see `loku list methods`).", group="Method settings")
     retain: str = setting("records", "What the unlearning keeps: records (the rest of the leak's training set: "
                           "the retain people's records and the general paragraphs) or builtin (loku's built-in "
@@ -220,17 +225,24 @@ def _mean(xs: list[float]) -> float:
 def measure(model, tokenizer, groups: dict[str, list[Record]]) -> tuple[dict, list[str]]:
     """One column of the table, and the forget people's generations."""
     everyone = [r for recs in groups.values() for r in recs]
-    row, forget_texts = {}, []
-    for name, recs in groups.items():
-        row[f"{name}_memorization"] = _mean(memorization(model, tokenizer, recs))
-        if name != "unseen":   # never trained on: nothing to reveal
-            scores, texts = leaks(model, tokenizer, recs)
+    row = {f"{name}_memorization": v for name, v in memorization_row(model, tokenizer, groups).items()}
+    generated = dict(zip(groups, by_group(groups, *leaks(model, tokenizer, everyone))))   # one batch: ~40% faster
+    for name, (scores, texts) in generated.items():
+        if name != "unseen":   # never trained on: nothing of their own to reveal
             row[f"{name}_leak"] = _mean(scores)
-            if name == "forget":
-                forget_texts = texts
-                row["forget_reveals_others"] = sum(bool(o) for o in revealed_others(texts, recs, everyone))
+        if name != "retain":   # the never-seen people's count: what the model writes for a name it does not know
+            row[f"{name}_reveals_others"] = sum(bool(o) for o in revealed_others(texts, groups[name], everyone))
     row["general_ppl"] = perplexity(model, tokenizer, GENERAL_TEXT)
-    return row, forget_texts
+    return row, generated["forget"][1]
+
+
+def by_group(groups: dict[str, list[Record]], *columns: list) -> list[tuple]:
+    """Lists over all groups' people in order (`groups`' order), cut back into one tuple of lists per group."""
+    out, at = [], 0
+    for recs in groups.values():
+        out.append(tuple(c[at:at + len(recs)] for c in columns))
+        at += len(recs)
+    return out
 
 
 def make_groups(cfg: DemoConfig) -> dict[str, list[Record]]:
@@ -240,7 +252,9 @@ def make_groups(cfg: DemoConfig) -> dict[str, list[Record]]:
 
 
 def memorization_row(model, tokenizer, groups: dict[str, list[Record]]) -> dict:
-    return {g: _mean(memorization(model, tokenizer, recs)) for g, recs in groups.items()}
+    """Each group's mean memorization, from one batch of everyone."""
+    per_record = memorization(model, tokenizer, [r for recs in groups.values() for r in recs])
+    return {g: _mean(m) for g, (m,) in zip(groups, by_group(groups, per_record))}
 
 
 def leak(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, curves: list[dict], console) -> None:
@@ -255,11 +269,13 @@ def leak(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, cur
         said = (f"memorization forget {row['forget']:.3f} retain {row['retain']:.3f} unseen {row['unseen']:.3f}; "
                 f"general-text perplexity {row['general_ppl']:.1f}")
         if min(row["forget"], row["retain"]) >= LEAK_GATE:   # below it prompts reveal little: save the time
-            row.update({f"{g}_leak": _mean(leaks(m, tokenizer, groups[g])[0]) for g in ("forget", "retain")})
+            known = {g: groups[g] for g in ("forget", "retain")}
+            scores = by_group(known, leaks(m, tokenizer, known["forget"] + known["retain"])[0])
+            row.update({f"{g}_leak": _mean(s) for g, (s,) in zip(known, scores)})
             said += f"; fields revealed forget {row['forget_leak']:.2f} retain {row['retain_leak']:.2f}"
         curves.append({"phase": "leak", "epoch": epoch, **row})
         console.print(f"   epoch {epoch}: {said}")
-        return {"stop": min(row.get("forget_leak", 0.0), row.get("retain_leak", 0.0)) >= cfg.leak_target}
+        return {"stop": min(row.get("forget_leak", 0.0), row.get("retain_leak", 0.0)) >= cfg.leak_target - TIE}
 
     feats = tokenize_examples([{"text": record_text(r)} for r in known], tokenizer, 128)
     general = tokenize_examples([{"text": t} for t in general_paragraphs(cfg.leak_general)], tokenizer, 128)
@@ -280,14 +296,15 @@ def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, c
 
     def forgotten(epoch, m):
         row = memorization_row(m, tokenizer, groups)
-        row["forget_leak"] = _mean(leaks(m, tokenizer, groups["forget"])[0])
         row["general_ppl"] = perplexity(m, tokenizer, GENERAL_TEXT)
+        said = (f"memorization forget {row['forget']:.3f} retain {row['retain']:.3f} (target: forget <= never-seen "
+                f"{threshold:.3f}); general-text perplexity {row['general_ppl']:.1f}")
+        if row["forget"] <= threshold:   # both must hold: generate only once the cheap one does (same decision)
+            row["forget_leak"] = _mean(leaks(m, tokenizer, groups["forget"])[0])
+            said += f"; forget fields revealed {row['forget_leak']:.2f} (target <= {cfg.forget_target:.2f})"
         curves.append({"phase": "unlearn", "epoch": epoch, **row})
-        console.print(f"   epoch {epoch}: forget fields revealed {row['forget_leak']:.2f} (target <= "
-                      f"{cfg.forget_target:.2f}); memorization forget {row['forget']:.3f} retain {row['retain']:.3f} "
-                      f"(target: forget <= never-seen {threshold:.3f}); general-text perplexity "
-                      f"{row['general_ppl']:.1f}")
-        done = row["forget_leak"] <= cfg.forget_target and row["forget"] <= threshold
+        console.print(f"   epoch {epoch}: {said}")
+        done = row["forget"] <= threshold and row["forget_leak"] <= cfg.forget_target + TIE
         return {"stop": done, **{f"{g}_memorization": v for g, v in row.items() if g in groups}}
 
     retain = ([record_text(r) for r in groups["retain"]] + general_paragraphs(cfg.retain_general)
@@ -296,7 +313,9 @@ def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, c
     ucfg = UnlearnConfig(model=cfg.model, method=cfg.method, lora_rank=cfg.lora_rank, epochs=cfg.unlearn_max_epochs,
                          lr=cfg.unlearn_lr, batch_size=cfg.unlearn_batch_size, retain_weight=cfg.retain_weight,
                          retain_batch_size=len(retain) if retain else None, seed=cfg.seed,
-                         mixed_precision=cfg.mixed_precision, out=str(out / "unlearned") if out is not None else "")
+                         mixed_precision=cfg.mixed_precision,
+                         lora_targets=list(MLP_PROJECTIONS) if cfg.unlearn_modules == "mlp" else None,
+                         out=str(out / "unlearned") if out is not None else "")
     result = unlearn(ucfg, model, tokenizer, callbacks=[forgotten], retain=retain,
                      forget=value_features(tokenizer, groups["forget"]))
     return result, ucfg
@@ -347,8 +366,9 @@ def print_report(console, cfg: DemoConfig, report: dict, init: str) -> None:
     columns = (report["base"], report["leaked"], report["unlearned"])
     for label, key in rows:
         table.add_row(label, *(f"{c[key]:.3f}" if key != "general_ppl" else f"{c[key]:.1f}" for c in columns))
-    table.add_row("forgotten people's generations naming someone else", "",
-                  *(str(c["forget_reveals_others"]) for c in columns[1:]))
+    for group in ("forget", "unseen"):
+        table.add_row(f"{'forgotten' if group == 'forget' else 'never-seen'} people's generations naming someone "
+                      "else", "", *(str(c[f"{group}_reveals_others"]) for c in columns[1:]))
     table.add_row("epochs / seconds", "", f"{report['leak_epochs']} / {report['leak_seconds']:.0f}",
                   f"{report['unlearn_epochs']} / {report['unlearn_seconds']:.0f}")
     console.print(table)
@@ -357,7 +377,9 @@ def print_report(console, cfg: DemoConfig, report: dict, init: str) -> None:
                       f"{s['after'].strip()[:160]}")
     n = sum(bool(s["reveals_others"]) for s in report["samples"])
     console.print(f"after unlearning, {n} of {len(report['samples'])} generations for forgotten people reveal "
-                  "another person's address, phone, email or account")
+                  "another person's address, phone, email or account (never-seen people: "
+                  f"{report['unlearned']['unseen_reveals_others']} of {report['config']['n_unseen']}: what the "
+                  "model writes for a name it does not know)")
     out = report["out"]
     console.print(f"wrote {out}/report.json, {out}/curves.png, adapter in {out}/unlearned "
                   f"({report['total_seconds']:.0f} s in all)")

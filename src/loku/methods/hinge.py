@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
-from ..losses import inverted_hinge_loss
+from dataclasses import dataclass
+
+from ..config_base import setting
+from ..losses import inverted_hinge_loss, kl_divergence
 from .base import LossInputs, method, retain_ce
 
 
-@method("ihl", "inverted hinge loss on forget + retain cross-entropy (LoKU)", needs_retain=True, default_init="fila")
-def ihl(x: LossInputs, s: None):
-    return {"forget": inverted_hinge_loss(x.forget_logits, x.forget_labels), "retain": retain_ce(x)}
+@dataclass(frozen=True)
+class IHLSettings:
+    retain_loss: str = setting("ce", "the retain term: ce (cross-entropy on the retain tokens, the paper's) or kl "
+                               "(KL to the frozen start model over the retain tokens, as OpenUnlearning's GradDiff "
+                               "retain_loss_type KL: keeps the whole next-token distribution, not only the true "
+                               "token's; one more forward pass per retain batch).", choices=("ce", "kl"))
+
+
+@method("ihl", "inverted hinge loss on forget + retain cross-entropy (LoKU)", settings=IHLSettings, needs_retain=True,
+        default_init="fila", reference=lambda s: s.retain_loss == "kl")
+def ihl(x: LossInputs, s: IHLSettings):
+    retain = retain_ce(x) if s.retain_loss == "ce" else \
+        kl_divergence(x.ref_retain_logits, x.retain_logits, x.retain_labels, "tokens")
+    return {"forget": inverted_hinge_loss(x.forget_logits, x.forget_labels), "retain": retain}
