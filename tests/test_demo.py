@@ -202,10 +202,10 @@ def test_quick_demo_writes_report_plot_and_adapter(quick_report):
 
 
 @pytest.mark.slow   # the real demo: SmolLM2-135M, over 10 minutes of CPU time
-@pytest.mark.xfail(strict=True, reason="measured 2026-12-03 (benchmarks/results/demo_report.json): the leak meets its "
-                   "bars (perplexity 0.80x, fields 88%/90%) and 4% of the forgotten fields leak, but the retain fields "
-                   "fall to 48%, perplexity to 1.70x the leaked model and 2 generations name someone else; remove once "
-                   "the bars are met")
+@pytest.mark.xfail(strict=True, reason="measured 2026-12-04 (benchmarks/results/demo_report.json): the leak meets its "
+                   "bars (perplexity 0.85x, fields 80%/83%), 3.3% of the forgotten fields leak, the retain fields stay "
+                   "at 87%, but perplexity ends at 1.37x the leaked model and 2 of 6 generations name someone else; "
+                   "remove once the bars are met")
 def test_real_demo_keeps_the_model_healthy_and_forgets(tmp_path):
     """Issue 14.6's bars on `loku demo` as `make demo` runs it: the leak fine-tune keeps general-text perplexity
     within 1.5x of the pretrained model and leaks >= 80% of both groups' fields; after unlearning <= 5% of the
