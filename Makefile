@@ -27,7 +27,7 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -m "not slow and not distributed"
 
-# The multi-process tests (accelerate launch, 2 CPU processes each): about 8.5 minutes on 2 idle cores.
+# The multi-process tests (accelerate launch, 2 CPU processes each): 8.5 to 15 minutes on 2 idle cores.
 test-distributed: venv
 	$(BIN)/python -m pytest -m "distributed and not slow"
 
