@@ -156,6 +156,21 @@ def test_leak_trains_only_the_mlp_blocks(tokenizer):
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_unlearning_adapters_go_on_the_layers_the_leak_trained(tokenizer):
+    """--unlearn-modules mlp: the LoRA targets are the MLP blocks' linear layers, the same weights `train_only`
+    lets the leak train."""
+    from conftest import tiny_llama
+    from loku.demo import mlp_linear_names, train_only
+    from loku.lora import plan_lora
+
+    model = tiny_llama(len(tokenizer))
+    names = mlp_linear_names(model)
+    assert names == ["gate_proj", "up_proj", "down_proj"]
+    train_only(model, "mlp")
+    trained = {n.removesuffix(".weight") for n, p in model.named_parameters() if p.requires_grad}
+    assert set(plan_lora(model, names, 2, 4.0).module_names) == trained
+
+
 @pytest.fixture(scope="module")
 def quick_report(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"

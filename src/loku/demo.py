@@ -20,11 +20,12 @@ from rich.table import Table
 
 from . import io
 from .config import UnlearnConfig
-from .config_base import Config, setting
+from .config_base import PRECISION_HELP, PRECISIONS, Config, setting
 from .data.qa import format_qa
 from .data.records import Record, make_records, record_text
 from .data.retain import PER_ARTICLE, builtin_retain
 from .data.text import tokenize_examples
+from .distributed import launch_precision
 from .finetune import finetune
 from .metrics.extraction import exact_memorization_from_logits
 from .metrics.forward import pad_id, per_feature
@@ -54,7 +55,7 @@ IDENTIFYING = ("address", "phone", "email", "account")
 # does not spend a generation on checking.
 LEAK_GATE = 0.97
 TIE = 1e-9   # shares of fields are means of k/5: 24 of 30 fields is 0.7999999999999999, which meets a bar of 0.8
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")   # a Llama MLP block's linear layers
+MLP_BLOCK = ".mlp."   # in a weight's name: it belongs to an MLP block (the leak trains these; the unlearning's LoRA)
 
 
 @dataclass
@@ -102,8 +103,9 @@ class DemoConfig(Config):
                           "the retain people's records and the general paragraphs) or builtin (loku's built-in "
                           "general text, as `loku unlearn` without --retain).", group="Data",
                           choices=("records", "builtin"), kind="demo retain set")
-    mixed_precision: str = setting("bf16", "no, bf16 or fp16 (bf16: ~2x faster on CPUs with AMX/AVX512-BF16).",
-                                   group="Training", choices=("no", "bf16", "fp16"))
+    mixed_precision: str = setting("auto", PRECISION_HELP + " bf16 was ~2x faster than fp32 on a CPU with "
+                                   "AMX/AVX512-BF16, 20x slower on one without.", group="Training",
+                                   choices=PRECISIONS)
     quick: bool = setting(False, "A smaller demo for a smoke test (the sizes and epochs left at their defaults "
                           "become 4 people a group, 3 + 2 epochs).", group="Output")
     extra: dict = setting(help="Free-form notes carried into the report (a YAML mapping).", group="Output",
@@ -178,7 +180,13 @@ def train_only(model, modules: str) -> None:
     of the MLPs at lr 3e-4 left general-text perplexity at 71 where the whole model at the same rate gave 130
     (with the general sentences repeated, before they became a stream)."""
     for name, p in model.named_parameters():
-        p.requires_grad_(modules == "all" or ".mlp." in name)
+        p.requires_grad_(modules == "all" or MLP_BLOCK in name)
+
+
+def mlp_linear_names(model) -> list[str]:
+    """The names (as LoRA targets take them) of the linear layers inside the MLP blocks: Llama's gate/up/down_proj."""
+    return list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                              if MLP_BLOCK in n and isinstance(m, torch.nn.Linear)))
 
 
 def prompt(r: Record) -> str:
@@ -314,7 +322,7 @@ def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, c
                          lr=cfg.unlearn_lr, batch_size=cfg.unlearn_batch_size, retain_weight=cfg.retain_weight,
                          retain_batch_size=len(retain) if retain else None, seed=cfg.seed,
                          mixed_precision=cfg.mixed_precision,
-                         lora_targets=list(MLP_PROJECTIONS) if cfg.unlearn_modules == "mlp" else None,
+                         lora_targets=mlp_linear_names(model) if cfg.unlearn_modules == "mlp" else None,
                          out=str(out / "unlearned") if out is not None else "")
     result = unlearn(ucfg, model, tokenizer, callbacks=[forgotten], retain=retain,
                      forget=value_features(tokenizer, groups["forget"]))
@@ -339,7 +347,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     after, texts_after = measure(result.model, tokenizer, groups)
     others = revealed_others(texts_after, groups["forget"], [r for recs in groups.values() for r in recs])
 
-    report = {"config": asdict(cfg), "out": str(out), "init": ucfg.resolved_init, "retain": ucfg.retain or "records",
+    report = {"config": asdict(cfg), "mixed_precision": launch_precision(cfg.mixed_precision), "out": str(out),
+              "init": ucfg.resolved_init, "retain": ucfg.retain or "records",
               "base": base, "leaked": before, "unlearned": after,
               "leak_seconds": round(t_leak, 1), "leak_epochs": sum(c["phase"] == "leak" for c in curves),
               "unlearn_seconds": round(result.seconds, 1), "unlearn_epochs": result.epochs_run,
