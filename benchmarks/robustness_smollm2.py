@@ -403,7 +403,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="TDEC: 2 (4 steps per epoch); TOFU: 4")
     ap.add_argument("--max-epochs", type=int, default=None, help="the epoch cap of the stop rule (TDEC: 10; "
                     "TOFU: 10)")
-    ap.add_argument("--mixed-precision", default="bf16", help="training only; no | bf16")
+    ap.add_argument("--mixed-precision", default="auto", help="training only; auto (bf16 where native, else no) | no | bf16")
     ap.add_argument("--relearn-steps", default="0,10,25", help="each point its own fine-tune (0,10,25,50 is the "
                     "issue's list; 50 is left out by default for time: ~4.5 s a step on 1 thread)")
     ap.add_argument("--relearn-lr", type=float, default=1e-4)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config_base import Config, setting
+from .config_base import PRECISION_HELP, PRECISIONS, Config, setting
 from .data.qa import DEFAULT_PROMPT_FORMAT, PROMPT_FORMAT_HELP, PROMPT_FORMATS
 from .errors import LokuError
 from .inits import INITS
@@ -79,7 +79,7 @@ class UnlearnConfig(Config):
     divergence_bound: float = setting(20.0, "Ascent methods: forget cross-entropy (nats) past which a run is "
                                       "reported diverged.", group=TRAINING, bound="positive")
     seed: int = setting(0, "Seed of the batch order and initialisation.", group=TRAINING)
-    mixed_precision: str | None = setting(None, "no, bf16 or fp16.", group=TRAINING, choices=("no", "bf16", "fp16"),
+    mixed_precision: str | None = setting(None, PRECISION_HELP, group=TRAINING, choices=PRECISIONS,
                                           default_text="the launch configuration's, else no")
     forget_weight: float | None = setting(None, "Coefficient of the forget term.", group=METHOD, bound="non-negative",
                                           default_text="the method's: 0.125 for simnpo, 0.1 for satimp, else 1", example=1)

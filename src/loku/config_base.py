@@ -222,6 +222,9 @@ def unknown_key(cls, key: str, source: str) -> LokuError:
 
 # ------------------------------------------------------------------------------------------- values
 
+PRECISIONS = ("auto", "no", "bf16", "fp16")   # every --mixed-precision's choices (resolved by distributed.py)
+PRECISION_HELP = "auto, no, bf16 or fp16 (auto: bf16 where the hardware computes it natively, else no)."
+
 _KINDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
           list: "a list of strings", dict: "a mapping"}
 _SAMPLES = {str: "file.csv", int: 1, float: 1.0, bool: True, list: ["q_proj", "v_proj"], dict: {"note": "..."}}

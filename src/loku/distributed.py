@@ -32,10 +32,32 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def native_bf16() -> bool:
+    """Whether bf16 is computed natively here: a CUDA device that supports it, or a CPU with AVX512-BF16 or AMX.
+    Elsewhere CPU bf16 is emulated: on a 2-core AVX2 EPYC (2026-12-04) a LoRA step of SmolLM2-135M at 8 x 200
+    tokens took 303 s under bf16 autocast against 15 s in fp32 (backward 40x, forward 4x)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def launch_precision(asked: str | None) -> str:
     """Mixed precision as asked, else the launch configuration's (`accelerate launch --mixed_precision`,
-    `mixed_precision:` in its config file), else "no". Passing "no" to accelerate would override the file."""
-    return asked or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no"
+    `mixed_precision:` in its config file), else "no". Passing "no" to accelerate would override the file.
+    "auto" is bf16 where it is native (`native_bf16`), else no; an explicit bf16 on a CPU that only emulates it
+    runs as asked, with one warning line."""
+    chosen = asked or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no"
+    if chosen == "auto":
+        return "bf16" if native_bf16() else "no"
+    if chosen == "bf16" and not _WARNED and os.environ.get("RANK", "0") == "0" and not native_bf16():
+        _WARNED.append(True)
+        print("warning: this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated, often 10x slower than "
+              "fp32 here; pass --mixed-precision auto or no", file=sys.stderr)
+    return chosen
+
+
+_WARNED: list[bool] = []   # the bf16 warning, once a process
 
 
 def requested_engine() -> str | None:

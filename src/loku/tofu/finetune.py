@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import io
-from ..config_base import Config, setting
+from ..config_base import PRECISION_HELP, PRECISIONS, Config, setting
 from ..data.qa import PROMPT_FORMAT_HELP, PROMPT_FORMATS, TOFU_PROMPT_FORMAT, check_prompt_format
 from ..data.tofu import QA_PER_AUTHOR, load_split, scaled_authors, tokenize_qa
 from ..distributed import barrier, is_main, rank_world
@@ -63,7 +63,7 @@ class TofuFinetuneConfig(Config):
     max_length: int = setting(500, "Tokens per example (TOFU's fine-tuning max_length).", group="Data",
                               bound="positive")
     seed: int = setting(0, "Seed of the data order.", group="Training")
-    mixed_precision: str | None = setting(None, "no, bf16 or fp16.", group="Training", choices=("no", "bf16", "fp16"),
+    mixed_precision: str | None = setting(None, PRECISION_HELP, group="Training", choices=PRECISIONS,
                                           default_text="the launch configuration's, else no")
     overwrite: bool = setting(False, "Replace a non-empty --out folder.", group="Output")
     trust_remote_code: bool = setting(False, "Run the model repository's own code.", group="Model")
