@@ -24,8 +24,9 @@ venv: $(BIN)/loku
 demo: venv
 	$(BIN)/loku demo --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
+# Two pytest workers, one a core (the suite's tests run on one torch thread each); a file's tests stay together.
 test: venv
-	$(BIN)/python -m pytest -m "not slow and not distributed"
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow and not distributed"
 
 # The multi-process tests (accelerate launch, 2 CPU processes each): 8.5 to 15 minutes on 2 idle cores.
 test-distributed: venv
