@@ -308,7 +308,8 @@ def main() -> None:
                     help="one optimizer step per epoch over the whole forget set (Jang et al.; loku tdec run's "
                          "default); off by default here: the README table steps every --batch-size sequences")
     ap.add_argument("--max-epochs", type=int, default=10)
-    ap.add_argument("--mixed-precision", default="auto", help="training only; auto (bf16 where native, else no) | no | bf16")
+    ap.add_argument("--mixed-precision", default="auto", help="training only; auto (bf16 where native, else no) | "
+                    "no | bf16")
     ap.add_argument("--tasks", default="reasoning,ppl")
     ap.add_argument("--limit", type=int, default=10, help="utility items per task")
     ap.add_argument("--data-dir", type=Path, default=DATA, help="data folder (tdec/, eval/)")
