@@ -104,7 +104,7 @@ class DemoConfig(Config):
                           "general text, as `loku unlearn` without --retain).", group="Data",
                           choices=("records", "builtin"), kind="demo retain set")
     mixed_precision: str = setting("auto", PRECISION_HELP + " bf16 was ~2x faster than fp32 on a CPU with "
-                                   "AMX/AVX512-BF16, 20x slower on one without.", group="Training",
+                                   "AMX/AVX512-BF16, 18-36x slower on one without.", group="Training",
                                    choices=PRECISIONS)
     quick: bool = setting(False, "A smaller demo for a smoke test (the sizes and epochs left at their defaults "
                           "become 4 people a group, 3 + 2 epochs).", group="Output")
