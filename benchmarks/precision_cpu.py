@@ -8,15 +8,14 @@ run: whether bf16 pays on this machine's hardware. `--mixed-precision auto` pick
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
 
 from loku.distributed import native_bf16
+from loku.io import write_json
 from loku.models import load_model
 
 
@@ -53,14 +52,15 @@ def main() -> None:
             print(f"round {r} {name}: forward {fwd:.2f} s, backward {bwd:.2f} s", flush=True)
     mean = {p: sum(x["forward_s"] + x["backward_s"] for x in rows if x["precision"] == p) / args.rounds
             for p in ("fp32", "bf16")}
-    print(f"step: fp32 {mean['fp32']:.2f} s, bf16 {mean['bf16']:.2f} s (bf16 / fp32 = {mean['bf16'] / mean['fp32']:.1f}x); "
+    ratio = mean["bf16"] / mean["fp32"]
+    print(f"step: fp32 {mean['fp32']:.2f} s, bf16 {mean['bf16']:.2f} s (bf16 / fp32 = {ratio:.1f}x); "
           f"native bf16: {native_bf16()}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
+    write_json(args.out, {
         "benchmark": "precision_cpu", "date": time.strftime("%Y-%m-%d"), "args": vars(args),
-        "machine": platform.processor() or platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "native_bf16": native_bf16(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "rows": rows, "mean_step_s": mean, "bf16_over_fp32": mean["bf16"] / mean["fp32"]}, indent=1) + "\n")
+        "machine": platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows, "mean_step_s": mean,
+        "bf16_over_fp32": ratio})
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ from loku.audit.run import recoveries, subset, summary
 from loku.audit.sets import build_set
 from loku.audit.stop import METRICS
 from loku.errors import LokuError
+from loku.config_base import PRECISION_HELP, PRECISIONS
 from loku.io import write_json, write_text
 from loku.metrics.utility import evaluate_utility
 from loku.tdec import load_sequences, retain_examples
@@ -406,8 +407,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="TDEC: 2 (4 steps per epoch); TOFU: 4")
     ap.add_argument("--max-epochs", type=int, default=None, help="the epoch cap of the stop rule (TDEC: 10; "
                     "TOFU: 10)")
-    ap.add_argument("--mixed-precision", default="auto", help="training only; auto (bf16 where native, else no) | "
-                    "no | bf16")
+    ap.add_argument("--mixed-precision", default="auto", choices=PRECISIONS, help="training only: " + PRECISION_HELP)
     ap.add_argument("--relearn-steps", default="0,10,25,50", help="each point its own fine-tune (the issue's list)")
     ap.add_argument("--relearn-lr", type=float, default=1e-4)
     ap.add_argument("--relearn-batch", type=int, default=2)

@@ -61,6 +61,7 @@ from loku import UnlearnConfig, load_model
 from loku.data.text import tokenize_examples
 from loku.errors import LokuError
 from loku.finetune import finetune
+from loku.config_base import PRECISION_HELP, PRECISIONS
 from loku.io import write_json
 from loku.metrics.extraction import memorization_accuracy
 from loku.methods import METHODS
@@ -308,8 +309,7 @@ def main() -> None:
                     help="one optimizer step per epoch over the whole forget set (Jang et al.; loku tdec run's "
                          "default); off by default here: the README table steps every --batch-size sequences")
     ap.add_argument("--max-epochs", type=int, default=10)
-    ap.add_argument("--mixed-precision", default="auto", help="training only; auto (bf16 where native, else no) | "
-                    "no | bf16")
+    ap.add_argument("--mixed-precision", default="auto", choices=PRECISIONS, help="training only: " + PRECISION_HELP)
     ap.add_argument("--tasks", default="reasoning,ppl")
     ap.add_argument("--limit", type=int, default=10, help="utility items per task")
     ap.add_argument("--data-dir", type=Path, default=DATA, help="data folder (tdec/, eval/)")
