@@ -13,8 +13,10 @@ from loku.train import unlearn
 
 @pytest.fixture()
 def fresh_warning(monkeypatch):
-    monkeypatch.setattr(distributed, "_WARNED", [])
+    distributed._warn_emulated_bf16.cache_clear()
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    yield
+    distributed._warn_emulated_bf16.cache_clear()
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -33,7 +35,7 @@ def test_emulated_bf16_warns_once_and_keeps_what_was_asked(monkeypatch, fresh_wa
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "no native bf16" in err[0] and "--mixed-precision auto or no" in err[0]
     monkeypatch.setattr(distributed, "native_bf16", lambda: True)
-    monkeypatch.setattr(distributed, "_WARNED", [])
+    distributed._warn_emulated_bf16.cache_clear()
     assert launch_precision("bf16") == "bf16" and capsys.readouterr().err == ""
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -333,6 +333,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     console = Console()
     out = io.start_out_dir(cfg.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     t0 = time.time()
+    cfg = replace(cfg, mixed_precision=launch_precision(cfg.mixed_precision))   # "auto" resolved once, here
     groups = make_groups(cfg)
     console.print(f"[bold]1. Load[/] {cfg.model}")
     model, tokenizer = load_model(cfg.model)
@@ -347,7 +348,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     after, texts_after = measure(result.model, tokenizer, groups)
     others = revealed_others(texts_after, groups["forget"], [r for recs in groups.values() for r in recs])
 
-    report = {"config": asdict(cfg), "mixed_precision": launch_precision(cfg.mixed_precision), "out": str(out),
+    report = {"config": asdict(cfg), "mixed_precision": cfg.mixed_precision, "out": str(out),
               "init": ucfg.resolved_init, "retain": ucfg.retain or "records",
               "base": base, "leaked": before, "unlearned": after,
               "leak_seconds": round(t_leak, 1), "leak_epochs": sum(c["phase"] == "leak" for c in curves),

@@ -12,6 +12,7 @@ evaluates everything, in step with the others.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import sys
 import threading
@@ -50,14 +51,16 @@ def launch_precision(asked: str | None) -> str:
     chosen = asked or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no"
     if chosen == "auto":
         return "bf16" if native_bf16() else "no"
-    if chosen == "bf16" and not _WARNED and os.environ.get("RANK", "0") == "0" and not native_bf16():
-        _WARNED.append(True)
-        print("warning: this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated, measured 18-36x "
-              "slower than fp32; pass --mixed-precision auto or no", file=sys.stderr)
+    if chosen == "bf16" and os.environ.get("RANK", "0") == "0" and not native_bf16():
+        _warn_emulated_bf16()
     return chosen
 
 
-_WARNED: list[bool] = []   # the bf16 warning, once a process
+@functools.cache
+def _warn_emulated_bf16() -> None:
+    """Once a process."""
+    print("warning: this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated, measured 18-36x "
+          "slower than fp32; pass --mixed-precision auto or no", file=sys.stderr)
 
 
 def requested_engine() -> str | None:
