@@ -24,9 +24,12 @@ venv: $(BIN)/loku
 demo: venv
 	$(BIN)/loku demo --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
-# Two pytest workers, one a core (the suite's tests run on one torch thread each); a file's tests stay together.
+# One pytest worker a core (the suite's tests run on one torch thread each); a file's tests stay together.
+# 2 by default, this project's machines and CI (not -n auto: a container may report the host's cores);
+# more cores: make test WORKERS=8.
+WORKERS ?= 2
 test: venv
-	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow and not distributed"
+	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile -m "not slow and not distributed"
 
 # The multi-process tests (accelerate launch, 2 CPU processes each): 8.5 to 15 minutes on 2 idle cores.
 test-distributed: venv
