@@ -25,7 +25,8 @@ from ..config import UnlearnConfig
 from ..config_base import Config
 from ..distributed import barrier, is_main
 from ..errors import LokuError
-from ..tofu.run import check_model, parse_method
+from ..tofu.run import (check_methods, check_model, check_same_run, method_list, parse_method, resumable_config,
+                        run_out_dir)
 from .data import MuseData
 from .evaluate import SUMMARY, MuseScoring, evaluate_muse, load_data, read_summary
 from .summary import against_retrain, check_comparable, markdown_table
@@ -65,17 +66,11 @@ class MuseUnlearnConfig(Config):
         "hide": ("model", "forget", "retain", "method", "text_column")})
 
     def __post_init__(self):
-        if isinstance(self.methods, str):   # the Python API takes "ga,npo" as the flag does
-            self.methods = [m.strip() for m in self.methods.split(",") if m.strip()]
+        self.methods = method_list(self.methods)
         super().__post_init__()
 
     def check(self):
-        if not self.methods:
-            raise LokuError("no method given: pass --methods ga,npo,ihl")
-        labels = [parse_method(m).label for m in self.methods]
-        dup = sorted({m for m in labels if labels.count(m) > 1})
-        if dup:
-            raise LokuError(f"method {dup[0]!r} is listed twice: list each method once")
+        check_methods(self.methods, "--methods ga,npo,ihl")
         if self.resume and self.overwrite:
             raise LokuError("--resume keeps a run and --overwrite deletes it: pass one of them")
 
@@ -96,14 +91,7 @@ class MuseInputs:
 
 def prepare(cfg: MuseUnlearnConfig) -> MuseInputs:
     """Check every input (methods, output folder, models, data, retrained model's evaluation), writing nothing."""
-    out = Path(cfg.out) if cfg.out else None
-    if out is None:
-        raise LokuError("no output directory given: pass --out DIR (a new directory)")
-    if cfg.resume:
-        if not (out / CONFIG).is_file():
-            raise LokuError(f"{out} holds no MUSE run to resume (no {CONFIG}): drop --resume or check the path")
-    else:
-        io.check_out_dir(out, cfg.overwrite)
+    run_out_dir(cfg, "MUSE")
     if not cfg.target:
         raise LokuError("no target model given: pass --target (e.g. muse-bench/MUSE-News_target or a folder)")
     check_model(cfg.target, "target")
@@ -113,21 +101,6 @@ def prepare(cfg: MuseUnlearnConfig) -> MuseInputs:
         probe = {"scoring": cfg.scoring.identity(), "items": {}}
         check_comparable(probe, retrain)
     return MuseInputs(data, retrain)
-
-
-def _config_dict(cfg: MuseUnlearnConfig) -> dict:
-    d = dataclasses.asdict(cfg)
-    for k in ("resume", "overwrite", "methods"):  # may change between a run and its resumption
-        d.pop(k)
-    return json.loads(json.dumps(d, default=str))
-
-
-def _check_same_run(cfg: MuseUnlearnConfig, out: Path) -> None:
-    saved, mine = json.loads((out / CONFIG).read_text(encoding="utf-8")), _config_dict(cfg)
-    for key in sorted(set(saved) | set(mine)):
-        if saved.get(key) != mine.get(key):
-            raise LokuError(f"--resume: {key} was {saved.get(key)!r} in {out / CONFIG}, now {mine.get(key)!r}: "
-                            "resume with the same options, or start a new --out")
 
 
 def run_method(spec, cfg: MuseUnlearnConfig, inputs: MuseInputs, run_dir: Path, progress: bool = True,
@@ -196,10 +169,10 @@ def run_muse(cfg: MuseUnlearnConfig, progress: bool = True, log: Callable[[str],
     out = Path(cfg.out)
     barrier()          # every process has checked --out before the main one creates it
     if cfg.resume:
-        _check_same_run(cfg, out)
+        check_same_run(cfg, out / CONFIG)
     elif main:
         io.start_out_dir(out, cfg.overwrite)
-        io.write_json(out / CONFIG, _config_dict(cfg))
+        io.write_json(out / CONFIG, resumable_config(cfg))
     retrain = against_retrain(inputs.retrain, inputs.retrain) if inputs.retrain else None
     results = {"title": f"MUSE {cfg.scoring.corpus} ({cfg.scoring.convention}): {cfg.target}",
                "corpus": cfg.scoring.corpus, "convention": cfg.scoring.convention, "target_model": cfg.target,

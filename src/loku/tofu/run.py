@@ -115,17 +115,11 @@ class TofuUnlearnConfig(Config):
                                    hide=("model", "forget", "retain", "method", "text_column"))
 
     def __post_init__(self):
-        if isinstance(self.methods, str):   # the Python API takes "ga,gd" as the flag does
-            self.methods = [m.strip() for m in self.methods.split(",") if m.strip()]
+        self.methods = method_list(self.methods)
         super().__post_init__()
 
     def check(self):
-        if not self.methods:
-            raise LokuError("no method given: pass --method NAME or --methods ga,gd,ihl")
-        labels = [parse_method(m).label for m in self.methods]
-        dup = sorted({m for m in labels if labels.count(m) > 1})
-        if dup:
-            raise LokuError(f"method {dup[0]!r} is listed twice: list each method once")
+        check_methods(self.methods, "--method NAME or --methods ga,gd,ihl")
         check_split(self.split)
         if self.qa_per_author is not None:
             check_qa_per_author(self.qa_per_author)
@@ -220,14 +214,7 @@ def prepare(cfg: TofuUnlearnConfig, log: Callable[[str], None] | None = None) ->
     """Check every input (methods, split, output folder, models, data) without writing anything."""
     for spec in cfg.specs:   # each method's training settings (e.g. ihl+fila under --full is refused)
         spec.train_config(cfg.train)
-    out = Path(cfg.out) if cfg.out else None
-    if out is None:
-        raise LokuError("no output directory given: pass --out DIR (a new directory)")
-    if cfg.resume:
-        if not (out / CONFIG).is_file():
-            raise LokuError(f"{out} holds no TOFU run to resume (no {CONFIG}): drop --resume or check the path")
-    else:
-        io.check_out_dir(out, cfg.overwrite)
+    out = run_out_dir(cfg, "TOFU")
     if not cfg.target:
         raise LokuError("no target model given: pass --target DIR (loku tofu finetune's OUT/target)")
     check_model(cfg.target, "target")
@@ -282,23 +269,54 @@ def _prompt_format(cfg: TofuUnlearnConfig, retain_logs: dict | None, log) -> str
     return fmt
 
 
-def _config_dict(cfg: TofuUnlearnConfig) -> dict:
+def method_list(methods: str | list[str]) -> list[str]:
+    """The Python API takes "ga,gd" as the flag does."""
+    return [m.strip() for m in methods.split(",") if m.strip()] if isinstance(methods, str) else methods
+
+
+def check_methods(methods: list[str], example: str) -> None:
+    """At least one method, each listed once (`example`: the flag to show when none is given)."""
+    if not methods:
+        raise LokuError(f"no method given: pass {example}")
+    labels = [parse_method(m).label for m in methods]
+    dup = sorted({m for m in labels if labels.count(m) > 1})
+    if dup:
+        raise LokuError(f"method {dup[0]!r} is listed twice: list each method once")
+
+
+def run_out_dir(cfg, kind: str) -> Path:
+    """A TOFU or MUSE run's folder: new (or --overwrite), or with --resume one that holds a `kind` run."""
+    if not cfg.out:
+        raise LokuError("no output directory given: pass --out DIR (a new directory)")
+    out = Path(cfg.out)
+    if cfg.resume:
+        if not (out / CONFIG).is_file():
+            raise LokuError(f"{out} holds no {kind} run to resume (no {CONFIG}): drop --resume or check the path")
+    else:
+        io.check_out_dir(out, cfg.overwrite)
+    return out
+
+
+def resumable_config(cfg) -> dict:
+    """A TOFU or MUSE run's config as saved in its folder, less what may change between a run and its
+    resumption."""
     d = dataclasses.asdict(cfg)
-    for k in ("resume", "overwrite", "methods"):  # may change between a run and its resumption
+    for k in ("resume", "overwrite", "methods"):
         d.pop(k)
-    return d
+    return json.loads(json.dumps(d, default=str))
 
 
-def _check_same_run(cfg: TofuUnlearnConfig, out: Path) -> None:
-    saved = json.loads((out / CONFIG).read_text(encoding="utf-8"))
-    mine = json.loads(json.dumps(_config_dict(cfg), default=str))
-    for key in sorted(set(saved) | set(mine)):
-        was, now = saved.get(key), mine.get(key)
+def check_same_run(cfg, saved: Path) -> None:
+    """--resume continues only the run that `saved` (its config.json) describes; else name the first setting
+    that differs (the nested one, train.lr, not all of train)."""
+    was_all, now_all = json.loads(saved.read_text(encoding="utf-8")), resumable_config(cfg)
+    for key in sorted(set(was_all) | set(now_all)):
+        was, now = was_all.get(key), now_all.get(key)
         if was != now:
-            if isinstance(was, dict) and isinstance(now, dict):   # name the nested setting (train.lr), not all
+            if isinstance(was, dict) and isinstance(now, dict):
                 sub = next(k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k))
                 key, was, now = f"{key}.{sub}", was.get(sub), now.get(sub)
-            raise LokuError(f"--resume: {key} was {was!r} in {out / CONFIG}, now {now!r}: "
+            raise LokuError(f"--resume: {key} was {was!r} in {saved}, now {now!r}: "
                             "resume with the same options, or start a new --out")
 
 
@@ -378,10 +396,10 @@ def run_tofu(cfg: TofuUnlearnConfig, progress: bool = True, log: Callable[[str],
     out = Path(cfg.out)
     barrier()          # every process has checked --out before the main one creates it
     if cfg.resume:
-        _check_same_run(cfg, out)
+        check_same_run(cfg, out / CONFIG)
     elif main:
         io.start_out_dir(out, cfg.overwrite)
-        io.write_json(out / CONFIG, _config_dict(cfg))
+        io.write_json(out / CONFIG, resumable_config(cfg))
     if inputs.retain_logs is not None:
         retain_logs = inputs.retain_logs
     else:
