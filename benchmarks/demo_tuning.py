@@ -4,7 +4,8 @@ the unlearning is tried against the saved model.
     python benchmarks/demo_tuning.py leak DIR [key=value ...]       # leak, save the leaked model to DIR
     python benchmarks/demo_tuning.py unlearn DIR [key=value ...]    # unlearn the model saved in DIR
 
-key=value are `loku demo` settings (DemoConfig fields). Each run appends one line (settings, the columns of the
+key=value are `loku demo` settings (DemoConfig fields); unlearn.key=value sets a field of the unlearning's
+UnlearnConfig (`unlearn.ihl_retain_loss=kl`). Each run appends one line (settings, the columns of the
 demo's table, per-epoch curves, wall and CPU seconds) to benchmarks/results/demo_tuning.jsonl.
 """
 
@@ -18,14 +19,16 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from loku.demo import DemoConfig, forget, leak, make_groups, measure, revealed_others
+from loku.demo import DemoConfig, forget, leak, make_groups, measure, revealed_others, strangers, unknown_name_texts
 from loku.models import load_model
 
 RESULTS = Path(__file__).parent / "results" / "demo_tuning.jsonl"
 
 
 def main(phase: str, path: str, *overrides: str) -> None:
-    cfg = DemoConfig(**{k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)})
+    pairs = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)}
+    cfg = DemoConfig(**{k: v for k, v in pairs.items() if not k.startswith("unlearn.")})
+    unlearn_settings = {k.removeprefix("unlearn."): v for k, v in pairs.items() if k.startswith("unlearn.")}
     cfg.check()
     console, groups, curves = Console(), make_groups(cfg), []
     t0, c0 = time.time(), time.process_time()
@@ -33,7 +36,10 @@ def main(phase: str, path: str, *overrides: str) -> None:
     if phase == "leak":
         model, tokenizer = load_model(cfg.model)
         line["base"] = measure(model, tokenizer, groups)[0]
-        leak(model, tokenizer, groups, cfg, curves, console)
+        unknown = unknown_name_texts(model, tokenizer, strangers(cfg))
+        Path(path).mkdir(parents=True, exist_ok=True)
+        Path(path, "unknown.json").write_text(json.dumps(unknown))
+        leak(model, tokenizer, groups, cfg, curves, console, unknown)
         line["leaked"] = measure(model, tokenizer, groups)[0]
         model.save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)
@@ -42,8 +48,15 @@ def main(phase: str, path: str, *overrides: str) -> None:
         leaked = json.loads(Path(path, "leaked.json").read_text()) if Path(path, "leaked.json").exists() else None
         line["leaked"] = leaked or measure(model, tokenizer, groups)[0]
         Path(path, "leaked.json").write_text(json.dumps(line["leaked"]))
+        unknown = []   # the pretrained model's continuations, as the demo computes them before the leak
+        if cfg.n_strangers:
+            saved = Path(path, "unknown.json")
+            unknown = json.loads(saved.read_text()) if saved.exists() else []
+            if len(unknown) != cfg.n_strangers:
+                unknown = unknown_name_texts(*load_model(cfg.model), strangers(cfg))
+            line["unknown"] = unknown[:3]
         result, _ = forget(model, tokenizer, groups, cfg, curves, console,
-                           line["leaked"]["unseen_memorization"], None)
+                           line["leaked"]["unseen_memorization"], None, unknown, **unlearn_settings)
         line["unlearned"], texts = measure(result.model, tokenizer, groups)
         line["reveals_others"] = revealed_others(texts, groups["forget"], [r for g in groups.values() for r in g])
         line["samples"] = texts[:3]

@@ -106,6 +106,19 @@ def _inputs(seed=0):
                       ref_retain_logits=r.clone())
 
 
+def test_ihl_ce_plus_kl_retain_is_the_sum_of_its_two_terms():
+    x = _inputs(3)
+    x.ref_retain_logits = x.retain_logits + torch.randn(x.retain_logits.shape, generator=torch.Generator().manual_seed(4))
+    ce_r = cross_entropy(x.retain_logits, x.retain_labels)
+    kl_r = kl_divergence(x.ref_retain_logits, x.retain_logits, x.retain_labels, "tokens")
+    assert kl_r.item() > 0.05   # the two terms differ: the sum says which are added
+    terms = {name: method_loss(METHODS["ihl"], x, UnlearnConfig(retain_weight=0.5, ihl_retain_loss=name))["retain"]
+             for name in ("ce", "kl", "ce+kl")}
+    assert terms["ce"].item() == pytest.approx(0.5 * ce_r.item(), rel=1e-6)
+    assert terms["kl"].item() == pytest.approx(0.5 * kl_r.item(), rel=1e-6)
+    assert terms["ce+kl"].item() == pytest.approx(0.5 * (ce_r.item() + kl_r.item()), rel=1e-6)
+
+
 def test_every_method_hand_checked_composition():
     x, cfg = _inputs(), UnlearnConfig(retain_weight=0.5)
     ce_f, ce_r = cross_entropy(x.forget_logits, x.forget_labels), cross_entropy(x.retain_logits, x.retain_labels)
@@ -253,7 +266,8 @@ def test_kl_default_is_the_references_batchmean_over_all_positions():
 
 @pytest.mark.parametrize("method,settings", [("kl", {}), ("kl", {"kl_reduction": "tokens"}), ("idk", {}),
                                              ("idk", {"idk_pooling": "separate"}), ("npo", {}), ("ihl", {}),
-                                             ("ihl", {"ihl_retain_loss": "kl"})])
+                                             ("ihl", {"ihl_retain_loss": "kl"}),
+                                             ("ihl", {"ihl_retain_loss": "ce+kl"})])
 def test_global_mean_scales_make_two_shards_equal_one_batch(method, settings):
     """Under DDP each process scales its terms by local count / (global count / world); the mean over the
     processes is then the one-process value, whatever each term averages (tokens, sequences, positions, pooled)."""

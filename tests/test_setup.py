@@ -15,7 +15,8 @@ from loku.methods import METHODS
 ROOT = Path(__file__).resolve().parents[1]
 
 # What a library's own logging looks like (DeepSpeed: "[2026-12-03 08:37:30,809] [WARNING] [file.py:213:...]").
-NOISE = re.compile(r"^\[\d{4}-\d\d-\d\d |\[(WARNING|INFO|DEBUG)\]|^WARNING|Failed to load|Setting accelerator")
+NOISE = re.compile(r"^\[\d{4}-\d\d-\d\d |\[(WARNING|INFO|DEBUG)\]|^WARNING|Failed to load|Setting accelerator|"
+                   r"\w+Warning: ")
 
 
 def test_embedded_model_installed_without_its_dependencies():

@@ -94,6 +94,10 @@ class DemoConfig(Config):
     forget_target: float = setting(0.05, "Unlearning stops once the forgotten people reveal at most this share of "
                                    "their fields and are known no better than never-seen people.", group="Training",
                                    bound="non-negative")
+    n_strangers: int = setting(0, "Names of further people without a record: the pretrained model's greedy "
+                                "continuation of '<name> lives at' for each (what a model writes for a name it does "
+                                "not know) joins the leak's training set and the unlearning's retain set.",
+                                group="Data", bound="non-negative")
     lora_rank: int = setting(8, "LoRA rank of the unlearning.", group="LoRA", bound="positive")
     unlearn_modules: str = setting("mlp", "Where the unlearning's LoRA adapters go: mlp (the MLP blocks, which the "
                                    "leak trained) or all (every linear layer but the head).", group="LoRA",
@@ -168,11 +172,12 @@ def general_paragraphs(n: int) -> list[str]:
     """`n` paragraphs of the built-in general text, each cut after its first sentence (about a record's
     length): first one per article (the set holds a few per article), then the articles' later paragraphs."""
     texts = [e["text"] for e in builtin_retain()]
-    firsts = []
-    for t in (texts[::PER_ARTICLE] + [t for i, t in enumerate(texts) if i % PER_ARTICLE])[:n]:
-        end = re.search(r"(?<![A-Z])[.!?](?= [A-Z\"])", t)   # not after an initial ("T. S. Eliot")
-        firsts.append(t[:end.end()] if end else t)
-    return firsts
+    return [first_sentence(t) for t in (texts[::PER_ARTICLE] + [t for i, t in enumerate(texts) if i % PER_ARTICLE])[:n]]
+
+
+def first_sentence(text: str) -> str:
+    end = re.search(r"(?<![A-Z])[.!?](?= [A-Z\"]|\n|$)", text)   # not after an initial ("T. S. Eliot")
+    return text[:end.end()] if end else text
 
 
 def train_only(model, modules: str) -> None:
@@ -259,15 +264,30 @@ def make_groups(cfg: DemoConfig) -> dict[str, list[Record]]:
             "unseen": people[cfg.n_forget + cfg.n_retain:]}
 
 
+def strangers(cfg: DemoConfig) -> list[Record]:
+    """`cfg.n_strangers` people after the three groups (same seed): only their names are used."""
+    return make_records(cfg.n_forget + cfg.n_retain + cfg.n_unseen + cfg.n_strangers, seed=cfg.seed)[
+        cfg.n_forget + cfg.n_retain + cfg.n_unseen:]
+
+
+def unknown_name_texts(model, tokenizer, records: list[Record]) -> list[str]:
+    """'<name> lives at' and `model`'s greedy continuation, for each record's name (given the pretrained model:
+    what a model that never saw these people writes)."""
+    return [first_sentence(prompt(r) + t) for r, t in zip(records, leaks(model, tokenizer, records)[1])] \
+        if records else []
+
+
 def memorization_row(model, tokenizer, groups: dict[str, list[Record]]) -> dict:
     """Each group's mean memorization, from one batch of everyone."""
     per_record = memorization(model, tokenizer, [r for recs in groups.values() for r in recs])
     return {g: _mean(m) for g, (m,) in zip(groups, by_group(groups, per_record))}
 
 
-def leak(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, curves: list[dict], console) -> None:
+def leak(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, curves: list[dict], console,
+         unknown: list[str] = ()) -> None:
     """Fine-tune `model` in place on the forget and retain people's records (and general paragraphs) until,
-    prompted with a name, it reveals `cfg.leak_target` of both groups' fields; one line per epoch in `curves`."""
+    prompted with a name, it reveals `cfg.leak_target` of both groups' fields; one line per epoch in `curves`.
+    `unknown` (texts for names without a record, `unknown_name_texts`) are trained beside the records."""
     known = groups["forget"] + groups["retain"]
     console.print(f"[bold]2. Leak[/]: fine-tune on {len(known)} private records (and {cfg.leak_general} general "
                   f"paragraphs) until, prompted with a name, the model reveals {cfg.leak_target:.0%} of their fields")
@@ -285,7 +305,7 @@ def leak(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, cur
         console.print(f"   epoch {epoch}: {said}")
         return {"stop": min(row.get("forget_leak", 0.0), row.get("retain_leak", 0.0)) >= cfg.leak_target - TIE}
 
-    feats = tokenize_examples([{"text": record_text(r)} for r in known], tokenizer, 128)
+    feats = tokenize_examples([{"text": t} for t in [record_text(r) for r in known] + list(unknown)], tokenizer, 128)
     general = tokenize_examples([{"text": t} for t in general_paragraphs(cfg.leak_general)], tokenizer, 128)
     train_only(model, cfg.leak_modules)
     finetune(model, feats, tokenizer.pad_token_id, epochs=cfg.leak_max_epochs, lr=cfg.leak_lr,
@@ -295,10 +315,11 @@ def leak(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, cur
 
 
 def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, curves: list[dict], console,
-           threshold: float, out: Path | None):
+           threshold: float, out: Path | None, unknown: list[str] = (), **unlearn_settings):
     """Unlearn the forget people's private values from (a copy of) the leaked `model` until they are not
     revealed and are memorized no better than never-seen people's (`threshold`); returns loku's UnlearnResult
-    and the UnlearnConfig it ran."""
+    and the UnlearnConfig it ran. `unknown`: texts for names without a record (`unknown_name_texts`) kept
+    beside the retain records. `unlearn_settings`: further UnlearnConfig fields (benchmarks/demo_tuning.py)."""
     console.print(f"[bold]3. Unlearn[/] the {cfg.n_forget} forget people's private values with {cfg.method} until "
                   "they are not revealed")
 
@@ -315,7 +336,7 @@ def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, c
         done = row["forget"] <= threshold and row["forget_leak"] <= cfg.forget_target + TIE
         return {"stop": done, **{f"{g}_memorization": v for g, v in row.items() if g in groups}}
 
-    retain = ([record_text(r) for r in groups["retain"]] + general_paragraphs(cfg.retain_general)
+    retain = ([record_text(r) for r in groups["retain"]] + general_paragraphs(cfg.retain_general) + list(unknown)
               if cfg.retain == "records" else None)   # None: loku's built-in general text
     # records: every step keeps the whole retain set (a retain person's values are what a forget step hits)
     ucfg = UnlearnConfig(model=cfg.model, method=cfg.method, lora_rank=cfg.lora_rank, epochs=cfg.unlearn_max_epochs,
@@ -323,7 +344,7 @@ def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, c
                          retain_batch_size=len(retain) if retain else None, seed=cfg.seed,
                          mixed_precision=cfg.mixed_precision,
                          lora_targets=mlp_linear_names(model) if cfg.unlearn_modules == "mlp" else None,
-                         out=str(out / "unlearned") if out is not None else "")
+                         out=str(out / "unlearned") if out is not None else "", **unlearn_settings)
     result = unlearn(ucfg, model, tokenizer, callbacks=[forgotten], retain=retain,
                      forget=value_features(tokenizer, groups["forget"]))
     return result, ucfg
@@ -338,13 +359,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     console.print(f"[bold]1. Load[/] {cfg.model}")
     model, tokenizer = load_model(cfg.model)
     base, _ = measure(model, tokenizer, groups)
+    unknown = unknown_name_texts(model, tokenizer, strangers(cfg))
     curves: list[dict] = []
     t_leak = time.time()
-    leak(model, tokenizer, groups, cfg, curves, console)
+    leak(model, tokenizer, groups, cfg, curves, console, unknown)
     t_leak = time.time() - t_leak
     before, texts_before = measure(model, tokenizer, groups)
     threshold = before["unseen_memorization"]
-    result, ucfg = forget(model, tokenizer, groups, cfg, curves, console, threshold, out)
+    result, ucfg = forget(model, tokenizer, groups, cfg, curves, console, threshold, out, unknown)
     after, texts_after = measure(result.model, tokenizer, groups)
     others = revealed_others(texts_after, groups["forget"], [r for recs in groups.values() for r in recs])
 

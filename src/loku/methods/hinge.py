@@ -14,12 +14,17 @@ class IHLSettings:
     retain_loss: str = setting("ce", "the retain term: ce (cross-entropy on the retain tokens, the paper's) or kl "
                                "(KL to the frozen start model over the retain tokens, as OpenUnlearning's GradDiff "
                                "retain_loss_type KL: keeps the whole next-token distribution, not only the true "
-                               "token's; one more forward pass per retain batch).", choices=("ce", "kl"))
+                               "token's; one more forward pass per retain batch) or ce+kl (their sum: the true "
+                               "tokens pulled back as by ce, the rest of the distribution kept as by kl).",
+                               choices=("ce", "kl", "ce+kl"))
 
 
 @method("ihl", "inverted hinge loss on forget + retain cross-entropy (LoKU)", settings=IHLSettings, needs_retain=True,
-        default_init="fila", reference=lambda s: s.retain_loss == "kl")
+        default_init="fila", reference=lambda s: s.retain_loss != "ce")
 def ihl(x: LossInputs, s: IHLSettings):
-    retain = retain_ce(x) if s.retain_loss == "ce" else \
-        kl_divergence(x.ref_retain_logits, x.retain_logits, x.retain_labels, "tokens")
+    retain = 0.0
+    if "ce" in s.retain_loss.split("+"):
+        retain = retain + retain_ce(x)
+    if "kl" in s.retain_loss.split("+"):
+        retain = retain + kl_divergence(x.ref_retain_logits, x.retain_logits, x.retain_labels, "tokens")
     return {"forget": inverted_hinge_loss(x.forget_logits, x.forget_labels), "retain": retain}
