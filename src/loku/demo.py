@@ -344,14 +344,14 @@ def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, c
     retain = ([record_text(r) for r in groups["retain"]] + general_paragraphs(cfg.retain_general) + list(unknown)
               if cfg.retain == "records" else None)   # None: loku's built-in general text
     # records: every step keeps the whole retain set (a retain person's values are what a forget step hits)
-    ucfg = UnlearnConfig(model=cfg.model, method=cfg.method, lora_rank=cfg.lora_rank, epochs=cfg.unlearn_max_epochs,
-                         lr=cfg.unlearn_lr, batch_size=cfg.unlearn_batch_size, retain_weight=cfg.retain_weight,
-                         retain_batch_size=len(retain) if retain else None, seed=cfg.seed,
-                         mixed_precision=cfg.mixed_precision,
-                         lora_targets=mlp_linear_names(model) if cfg.unlearn_modules == "mlp" else None,
-                         out=str(out / "unlearned") if out is not None else "",
-                         **{**({"ihl_retain_loss": cfg.ihl_retain_loss} if cfg.method == "ihl" else {}),
-                            **unlearn_settings})
+    ucfg = UnlearnConfig(**{
+        "model": cfg.model, "method": cfg.method, "lora_rank": cfg.lora_rank, "epochs": cfg.unlearn_max_epochs,
+        "lr": cfg.unlearn_lr, "batch_size": cfg.unlearn_batch_size, "retain_weight": cfg.retain_weight,
+        "retain_batch_size": len(retain) if retain else None, "seed": cfg.seed,
+        "mixed_precision": cfg.mixed_precision,
+        "lora_targets": mlp_linear_names(model) if cfg.unlearn_modules == "mlp" else None,
+        "out": str(out / "unlearned") if out is not None else "",
+        **({"ihl_retain_loss": cfg.ihl_retain_loss} if cfg.method == "ihl" else {}), **unlearn_settings})
     result = unlearn(ucfg, model, tokenizer, callbacks=[forgotten], retain=retain,
                      forget=value_features(tokenizer, groups["forget"]))
     return result, ucfg

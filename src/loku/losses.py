@@ -109,11 +109,11 @@ def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor, labels: torch.
         return (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()
     if reduction != "tokens":
         raise ValueError(f"unknown KL reduction {reduction!r}: batchmean or tokens")
-    _, _, mask = shift(logits, labels)
-    ref_logp = F.log_softmax(ref_logits[:, :-1].float(), -1)
-    logp = F.log_softmax(logits[:, :-1].float(), -1)
-    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)                       # (B, T-1)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+    logits, _, mask = shift(logits, labels)
+    # the target positions only, before the softmaxes: a retain batch of mixed lengths is often half padding
+    ref_logp = F.log_softmax(ref_logits[:, :-1][mask].float(), -1)          # (N, V)
+    logp = F.log_softmax(logits[mask].float(), -1)
+    return (ref_logp.exp() * (ref_logp - logp)).sum() / mask.sum().clamp(min=1)
 
 
 # What each unit counts in a batch: the denominator of a term's mean. A method may also give a function of
