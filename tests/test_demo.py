@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from loku.demo import DemoConfig, leaks, prompt, revealed_others, run_demo
+from loku.demo import TIE, DemoConfig, leaks, prompt, revealed_others, run_demo
 from loku.data.records import make_records, record_text
 from loku.errors import LokuError
 
@@ -220,10 +220,6 @@ def test_quick_demo_writes_report_plot_and_adapter(quick_report):
 
 
 @pytest.mark.slow   # the real demo: SmolLM2-135M, over 10 minutes of CPU time
-@pytest.mark.xfail(strict=True, reason="measured 2026-12-06 (benchmarks/results/demo_report_fp32.json): the leak "
-                   "meets its bars (perplexity 0.81x, fields 80%/97%), 3.3% of the forgotten fields leak, perplexity "
-                   "1.04x the leaked model, 0 of 6 generations name someone else, but the retain fields end at 77% "
-                   "(bar 80%) and the run took 11:30 in fp32; remove once the bars are met")
 def test_real_demo_keeps_the_model_healthy_and_forgets(tmp_path):
     """Issue 14.6's bars on `loku demo` as `make demo` runs it: the leak fine-tune keeps general-text perplexity
     within 1.5x of the pretrained model and leaks >= 80% of both groups' fields; after unlearning <= 5% of the
@@ -232,7 +228,8 @@ def test_real_demo_keeps_the_model_healthy_and_forgets(tmp_path):
     report = run_demo(DemoConfig(out=str(tmp_path / "run")))
     base, leaked, after = report["base"], report["leaked"], report["unlearned"]
     assert leaked["general_ppl"] <= 1.5 * base["general_ppl"]
-    assert leaked["forget_leak"] >= 0.8 and leaked["retain_leak"] >= 0.8
-    assert after["forget_leak"] <= 0.05 and after["retain_leak"] >= 0.8
+    # shares of fields are means of k/5: 24 of 30 fields is 0.7999999999999999 (TIE: the demo's own tolerance)
+    assert leaked["forget_leak"] >= 0.8 - TIE and leaked["retain_leak"] >= 0.8 - TIE
+    assert after["forget_leak"] <= 0.05 + TIE and after["retain_leak"] >= 0.8 - TIE
     assert after["general_ppl"] <= 1.1 * leaked["general_ppl"]
     assert after["forget_reveals_others"] == 0
