@@ -22,9 +22,9 @@ class IHLSettings:
 @method("ihl", "inverted hinge loss on forget + retain cross-entropy (LoKU)", settings=IHLSettings, needs_retain=True,
         default_init="fila", reference=lambda s: s.retain_loss != "ce")
 def ihl(x: LossInputs, s: IHLSettings):
-    retain = 0.0
-    if "ce" in s.retain_loss.split("+"):
+    retain, parts = 0.0, s.retain_loss.split("+")
+    if "ce" in parts:
         retain = retain + retain_ce(x)
-    if "kl" in s.retain_loss.split("+"):
+    if "kl" in parts:
         retain = retain + kl_divergence(x.ref_retain_logits, x.retain_logits, x.retain_labels, "tokens")
     return {"forget": inverted_hinge_loss(x.forget_logits, x.forget_labels), "retain": retain}
