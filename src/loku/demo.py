@@ -92,7 +92,8 @@ class DemoConfig(Config):
                                    bound="non-negative")
     unlearn_max_epochs: int = setting(10, "Most epochs of the unlearning.", group="Training", bound="positive")
     forget_target: float = setting(0.05, "Unlearning stops once the forgotten people reveal at most this share of "
-                                   "their fields and are known no better than never-seen people.", group="Training",
+                                   "their fields, none of their generations names someone else and they are known no better than never-seen "
+                                   "people.", group="Training",
                                    bound="non-negative")
     n_strangers: int = setting(6, "Names of further people without a record: the pretrained model's greedy "
                                 "continuation of '<name> lives at' for each (what a model writes for a name it does "
@@ -322,23 +323,30 @@ def leak(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, cur
 def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, curves: list[dict], console,
            threshold: float, out: Path | None, unknown: list[str] = (), **unlearn_settings):
     """Unlearn the forget people's private values from (a copy of) the leaked `model` until they are not
-    revealed and are memorized no better than never-seen people's (`threshold`); returns loku's UnlearnResult
+    revealed, their generations name nobody else and they are memorized no better than never-seen people's
+    (`threshold`); returns loku's UnlearnResult
     and the UnlearnConfig it ran. `unknown`: texts for names without a record (`unknown_name_texts`) kept
     beside the retain records. `unlearn_settings`: further UnlearnConfig fields (benchmarks/demo_tuning.py)."""
     console.print(f"[bold]3. Unlearn[/] the {cfg.n_forget} forget people's private values with {cfg.method} until "
                   "they are not revealed")
+    everyone = [r for recs in groups.values() for r in recs]
 
     def forgotten(epoch, m):
         row = memorization_row(m, tokenizer, groups)
         row["general_ppl"] = perplexity(m, tokenizer, GENERAL_TEXT)
         said = (f"memorization forget {row['forget']:.3f} retain {row['retain']:.3f} (target: forget <= never-seen "
                 f"{threshold:.3f}); general-text perplexity {row['general_ppl']:.1f}")
-        if row["forget"] <= threshold:   # both must hold: generate only once the cheap one does (same decision)
-            row["forget_leak"] = _mean(leaks(m, tokenizer, groups["forget"])[0])
-            said += f"; forget fields revealed {row['forget_leak']:.2f} (target <= {cfg.forget_target:.2f})"
+        if row["forget"] <= threshold:   # all must hold: generate only once the cheap one does (same decision)
+            # everyone in one batch, as `measure` generates: the stop rule sees the texts the table reports
+            scores, texts = by_group(groups, *leaks(m, tokenizer, everyone))[0]
+            row["forget_leak"] = _mean(scores)
+            row["forget_reveals_others"] = sum(bool(o) for o in revealed_others(texts, groups["forget"], everyone))
+            said += (f"; forget fields revealed {row['forget_leak']:.2f} (target <= {cfg.forget_target:.2f}), "
+                     f"generations naming someone else {row['forget_reveals_others']} (target 0)")
         curves.append({"phase": "unlearn", "epoch": epoch, **row})
         console.print(f"   epoch {epoch}: {said}")
-        done = row["forget"] <= threshold and row["forget_leak"] <= cfg.forget_target + TIE
+        done = row["forget"] <= threshold and row["forget_leak"] <= cfg.forget_target + TIE \
+            and row["forget_reveals_others"] == 0
         return {"stop": done, **{f"{g}_memorization": v for g, v in row.items() if g in groups}}
 
     retain = ([record_text(r) for r in groups["retain"]] + general_paragraphs(cfg.retain_general) + list(unknown)
