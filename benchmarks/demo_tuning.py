@@ -19,7 +19,9 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from loku.demo import DemoConfig, forget, leak, make_groups, measure, revealed_others, strangers, unknown_name_texts
+from loku.data.records import record_text
+from loku.demo import (DemoConfig, forget, leak, leaks, make_groups, measure, revealed_others, strangers,
+                       unknown_name_texts)
 from loku.models import load_model
 
 RESULTS = Path(__file__).parent / "results" / "demo_tuning.jsonl"
@@ -60,6 +62,9 @@ def main(phase: str, path: str, *overrides: str) -> None:
         line["unlearned"], texts = measure(result.model, tokenizer, groups)
         line["reveals_others"] = revealed_others(texts, groups["forget"], [r for g in groups.values() for r in g])
         line["samples"] = texts[:3]
+        kept, kept_texts = leaks(result.model, tokenizer, groups["retain"])   # which retain fields broke
+        line["retain_samples"] = [{"truth": record_text(r), "generated": t, "fields": k}
+                                  for r, t, k in zip(groups["retain"], kept_texts, kept)]
     line.update(curves=curves, wall=round(time.time() - t0, 1), cpu=round(time.process_time() - c0, 1))
     with RESULTS.open("a") as f:
         f.write(json.dumps(line) + "\n")

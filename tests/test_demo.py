@@ -204,6 +204,17 @@ def test_quick_demo_leaks_then_forgets_and_keeps_the_rest(quick_report):
     # an epoch's fields are generated only once its memorization is at the never-seen level (the cheap half)
     assert all(("forget_leak" in c) == (c["forget"] <= report["leaked"]["unseen_memorization"]) for c in unlearn_curves)
     assert all(0.0 <= c["forget_leak"] <= 1.0 for c in unlearn_curves if "forget_leak" in c)
+    # the stop rule: the first epoch whose forgotten people reveal no field beyond the target and whose generations
+    # name nobody else, while the retain people still reveal the leak's target, ends the run; judged on the
+    # generations the table reports (everyone in one batch)
+    target, kept = report["config"]["forget_target"], report["config"]["leak_target"]
+    done = [("forget_leak" in c and c["forget_leak"] <= target + TIE and c["forget_reveals_others"] == 0
+             and c["retain_leak"] >= kept - TIE) for c in unlearn_curves]
+    assert not any(done[:-1]) and (done[-1] or report["unlearn_epochs"] == report["config"]["unlearn_max_epochs"])
+    if "forget_leak" in unlearn_curves[-1]:
+        assert unlearn_curves[-1]["forget_reveals_others"] == after["forget_reveals_others"]
+        assert unlearn_curves[-1]["forget_leak"] == after["forget_leak"]
+        assert unlearn_curves[-1]["retain_leak"] == after["retain_leak"]
     for s in report["samples"]:
         assert s["prompt"].endswith("lives at") and isinstance(s["reveals_others"], list)
     assert after["forget_reveals_others"] == sum(bool(s["reveals_others"]) for s in report["samples"])

@@ -89,18 +89,49 @@ def first_loss_inputs(monkeypatch) -> list:
 @pytest.mark.parametrize("start", ["lora", "fila", "full"])
 def test_reference_equals_the_policy_at_step_0(tokenizer, monkeypatch, start, precision):
     """The frozen start model runs under the policy's autocast, in eval mode, and (FILA) is taken after the
-    initialisation: at the first step NPO's log ratio and the retain KL are exactly 0."""
+    initialisation: at the first step NPO's log ratio (forget batch) and kl's retain KL (retain batch) are exactly 0.
+    Each method's reference runs only on the batches it reads (`Method.reference_on`)."""
     seen = first_loss_inputs(monkeypatch)
-    cfg = UnlearnConfig(method="npo", epochs=1, batch_size=4, lora=start != "full",
-                        init="default" if start == "lora" else "auto" if start == "full" else "fila",
-                        mixed_precision=precision)
-    unlearn(cfg, tiny_llama(len(tokenizer)), tokenizer, progress=False, forget=UNEQUAL[:4], retain=UNEQUAL[4:8])
-    x = seen[0]
-    log_ratio = sequence_logprob(x.forget_logits, x.forget_labels) - sequence_logprob(x.ref_forget_logits,
-                                                                                      x.forget_labels)
+    for method in ("npo", "kl"):
+        cfg = UnlearnConfig(method=method, epochs=1, batch_size=4, lora=start != "full",
+                            init="default" if start == "lora" else "auto" if start == "full" else "fila",
+                            mixed_precision=precision)
+        unlearn(cfg, tiny_llama(len(tokenizer)), tokenizer, progress=False, forget=UNEQUAL[:4], retain=UNEQUAL[4:8])
+    npo, kl = seen[0], seen[1]
+    log_ratio = sequence_logprob(npo.forget_logits, npo.forget_labels) - sequence_logprob(npo.ref_forget_logits,
+                                                                                          npo.forget_labels)
     assert torch.equal(log_ratio, torch.zeros_like(log_ratio))
-    assert kl_divergence(x.ref_retain_logits, x.retain_logits, x.retain_labels).item() == 0.0
-    assert torch.equal(x.forget_logits.float(), x.ref_forget_logits.float())
+    assert torch.equal(npo.forget_logits.float(), npo.ref_forget_logits.float())
+    assert kl_divergence(kl.ref_retain_logits, kl.retain_logits, kl.retain_labels).item() == 0.0
+    assert npo.ref_retain_logits is None and kl.ref_forget_logits is None
+
+
+def test_a_retain_batch_that_is_the_whole_retain_set_runs_the_reference_once(tokenizer, monkeypatch):
+    """retain_batch_size = the retain set (the demo): every step's retain batch is the same, so the frozen
+    model's outputs on it are computed at the first step and reused; the adapters are bit-identical to a run
+    that recomputes them at every step."""
+    from loku.data.batches import PairedBatches
+    from loku.training.setup import FrozenReference
+
+    calls, call = [], FrozenReference.__call__
+    monkeypatch.setattr(FrozenReference, "__call__", lambda self, batch: calls.append(batch) or call(self, batch))
+    cfg = UnlearnConfig(method="ihl", ihl_retain_loss="ce+kl", init="default", epochs=2, batch_size=2, lr=1e-2,
+                        retain_batch_size=4)
+
+    def run():
+        calls.clear()
+        res = unlearn(cfg, tiny_llama(len(tokenizer), seed=8), tokenizer, progress=False, forget=UNEQUAL[:8],
+                      retain=UNEQUAL[8:12])
+        return lora_weights(res.model), len(calls), res.history
+    cached, n_cached, history = run()
+    monkeypatch.setattr(PairedBatches, "constant_retain", property(lambda self: False))
+    fresh, n_fresh, history_fresh = run()
+    assert (n_cached, n_fresh) == (1, 8)   # 4 steps an epoch, 2 epochs; ihl reads no forget reference
+    assert cached.keys() == fresh.keys() and cached
+    assert all(torch.equal(cached[k], fresh[k]) for k in cached)
+    terms = [[h[k] for k in ("loss", "forget", "retain")] for h in history]
+    assert terms == [[h[k] for k in ("loss", "forget", "retain")] for h in history_fresh]
+    assert all(h["retain"] > 0 for h in history)
 
 
 @pytest.mark.parametrize("start", ["lora", "full"])

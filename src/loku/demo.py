@@ -84,7 +84,8 @@ class DemoConfig(Config):
     leak_max_epochs: int = setting(16, "Most epochs of the leak fine-tune (its learning rate decays over them; it "
                                    "stops once the records leak).", group="Training", bound="positive")
     leak_target: float = setting(0.8, "Share of private fields both groups must reveal, prompted with a name, "
-                                 "before unlearning starts.", group="Training", bound="positive")
+                                 "before unlearning starts (and the retain people after it).", group="Training",
+                                 bound="positive")
     unlearn_lr: float = setting(1.35e-3, "Learning rate of the unlearning.", group="Training", bound="positive")
     unlearn_batch_size: int = setting(4, "Forgotten records per step of the unlearning (with retain records, "
                                       "every step keeps the whole retain set).", group="Training", bound="positive")
@@ -92,8 +93,9 @@ class DemoConfig(Config):
                                    bound="non-negative")
     unlearn_max_epochs: int = setting(10, "Most epochs of the unlearning.", group="Training", bound="positive")
     forget_target: float = setting(0.05, "Unlearning stops once the forgotten people reveal at most this share of "
-                                   "their fields and are known no better than never-seen people.", group="Training",
-                                   bound="non-negative")
+                                   "their fields, none of their generations names someone else, they are known no "
+                                   "better than never-seen people and the retain people still reveal the leak's "
+                                   "target.", group="Training", bound="non-negative")
     n_strangers: int = setting(6, "Names of further people without a record: the pretrained model's greedy "
                                 "continuation of '<name> lives at' for each (what a model writes for a name it does "
                                 "not know) joins the leak's training set and the unlearning's retain set.",
@@ -112,8 +114,10 @@ class DemoConfig(Config):
                           "the retain people's records and the general paragraphs) or builtin (loku's built-in "
                           "general text, as `loku unlearn` without --retain).", group="Data",
                           choices=("records", "builtin"), kind="demo retain set")
-    mixed_precision: str = setting("auto", PRECISION_HELP + " bf16 was ~2x faster than fp32 on a CPU with "
-                                   "AMX/AVX512-BF16, 18-36x slower on one without.", group="Training",
+    mixed_precision: str = setting("no", PRECISION_HELP + " The demo trains in fp32 by default: under bf16 autocast "
+                                   "its leak plateaued at 60-70% of the fields on an AVX512-BF16 CPU (fp32: 90% there) "
+                                   "and its results moved between machines; bf16 was 1.5x (AVX512-BF16) to 2x (AMX) "
+                                   "faster than fp32, 18-36x slower on a CPU without native bf16.", group="Training",
                                    choices=PRECISIONS)
     quick: bool = setting(False, "A smaller demo for a smoke test (the sizes and epochs left at their defaults "
                           "become 4 people a group, 3 + 2 epochs).", group="Output")
@@ -322,23 +326,31 @@ def leak(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, cur
 def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, curves: list[dict], console,
            threshold: float, out: Path | None, unknown: list[str] = (), **unlearn_settings):
     """Unlearn the forget people's private values from (a copy of) the leaked `model` until they are not
-    revealed and are memorized no better than never-seen people's (`threshold`); returns loku's UnlearnResult
+    revealed, their generations name nobody else and they are memorized no better than never-seen people's
+    (`threshold`); returns loku's UnlearnResult
     and the UnlearnConfig it ran. `unknown`: texts for names without a record (`unknown_name_texts`) kept
     beside the retain records. `unlearn_settings`: further UnlearnConfig fields (benchmarks/demo_tuning.py)."""
     console.print(f"[bold]3. Unlearn[/] the {cfg.n_forget} forget people's private values with {cfg.method} until "
                   "they are not revealed")
+    everyone = [r for recs in groups.values() for r in recs]
 
     def forgotten(epoch, m):
         row = memorization_row(m, tokenizer, groups)
         row["general_ppl"] = perplexity(m, tokenizer, GENERAL_TEXT)
         said = (f"memorization forget {row['forget']:.3f} retain {row['retain']:.3f} (target: forget <= never-seen "
                 f"{threshold:.3f}); general-text perplexity {row['general_ppl']:.1f}")
-        if row["forget"] <= threshold:   # both must hold: generate only once the cheap one does (same decision)
-            row["forget_leak"] = _mean(leaks(m, tokenizer, groups["forget"])[0])
-            said += f"; forget fields revealed {row['forget_leak']:.2f} (target <= {cfg.forget_target:.2f})"
+        if row["forget"] <= threshold:   # all must hold: generate only once the cheap one does (same decision)
+            # everyone in one batch, as `measure` generates: the stop rule sees the texts the table reports
+            (scores, texts), (kept, _), _ = by_group(groups, *leaks(m, tokenizer, everyone))
+            row["forget_leak"], row["retain_leak"] = _mean(scores), _mean(kept)
+            row["forget_reveals_others"] = sum(bool(o) for o in revealed_others(texts, groups["forget"], everyone))
+            said += (f"; fields revealed forget {row['forget_leak']:.2f} (target <= {cfg.forget_target:.2f}) retain "
+                     f"{row['retain_leak']:.2f} (target >= {cfg.leak_target:.2f}); forget generations naming someone "
+                     f"else {row['forget_reveals_others']} (target 0)")
         curves.append({"phase": "unlearn", "epoch": epoch, **row})
         console.print(f"   epoch {epoch}: {said}")
-        done = row["forget"] <= threshold and row["forget_leak"] <= cfg.forget_target + TIE
+        done = row["forget"] <= threshold and row["forget_leak"] <= cfg.forget_target + TIE \
+            and row["forget_reveals_others"] == 0 and row["retain_leak"] >= cfg.leak_target - TIE
         return {"stop": done, **{f"{g}_memorization": v for g, v in row.items() if g in groups}}
 
     retain = ([record_text(r) for r in groups["retain"]] + general_paragraphs(cfg.retain_general) + list(unknown)

@@ -99,7 +99,8 @@ def unlearn(cfg: UnlearnConfig, model=None, tokenizer=None, callbacks: list[Epoc
     run.attach(model)
     steps_per_epoch = batches.steps_per_epoch(cfg.grad_accum)
     model, optimizer, scheduler = prepare_optimizer(accelerator, model, settings, steps_per_epoch)
-    reference = FrozenReference(accelerator, model, run, frozen) if method.uses_reference(cfg) else None
+    reference = FrozenReference(accelerator, model, run, frozen, batches.constant_retain) \
+        if method.uses_reference(cfg) else None
     kept = f"; the last good checkpoint is kept in {out}/checkpoint" if out is not None else ""
     step = OptimizerStep(accelerator, model, optimizer, scheduler, run, reference, cfg.max_grad_norm, kept)
     checkpoints = Checkpoints(out, accelerator, engine, model, optimizer, scheduler, run) if out is not None else None

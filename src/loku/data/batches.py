@@ -48,8 +48,15 @@ class PairedBatches:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
         return torch.randperm(n, generator=g).tolist()
 
+    @property
+    def constant_retain(self) -> bool:
+        """Every retain batch is the whole retain set, in its own order (the same batch at every step)."""
+        return self.retain is not None and self.retain_batch_size == len(self.retain)
+
     def _retain_indices(self, epoch: int, step: int) -> list[int]:
         n, k = len(self.retain), self.retain_batch_size
+        if k == n:
+            return list(range(n))
         start = (epoch * len(self) + step) * k
         out = []
         for pos in range(start, start + k):

@@ -27,7 +27,7 @@ class KLSettings:
 
 
 @method("kl", "ascent on forget + KL to the frozen start model on retain", settings=KLSettings, needs_retain=True,
-        needs_reference=True, ascent=True,
+        needs_reference=True, reference_on=("retain",), ascent=True,
         units=lambda s: {"forget": "tokens", "retain": "positions" if s.reduction == "batchmean" else "tokens"})
 def kl(x: LossInputs, s: KLSettings):
     return {"forget": -cross_entropy(x.forget_logits, x.forget_labels),

@@ -81,6 +81,7 @@ class Method:
     settings: type | None = None       # dataclass of the method's own settings
     needs_retain: bool = False
     needs_reference: bool = False      # forward passes of the frozen start model
+    reference_on: tuple[str, ...] = ("forget", "retain", "alt")   # the batches whose frozen outputs it reads
     forget_answers: str | None = None  # "idk": forget questions are answered with refusals; "idk-pair": both
     ascent: bool = False               # the forget term is -cross-entropy: unbounded below, so divergence is watched
     forget_mean_over: str = "tokens"   # what the forget term averages: "tokens" or "sequences" (NPO, SimNPO)

@@ -69,7 +69,8 @@ def _gru_backward(s: GRUSettings, terms: dict, backward, params, state: MethodSt
 
 @method("gru", "gradient-rectified unlearning: the forget gradient without its part against the retain gradient",
         settings=GRUSettings, needs_retain=True, ascent=True, check=_gru_check,
-        reference=lambda s: s.forget_loss == "npo", backward=_gru_backward, single_process=True,
+        reference=lambda s: s.forget_loss == "npo", reference_on=("forget",), backward=_gru_backward,
+        single_process=True,
         units=lambda s: {"forget": "tokens" if s.forget_loss == "ga" else "sequences", "retain": "tokens"})
 def gru(x: LossInputs, s: GRUSettings):
     forget = -cross_entropy(x.forget_logits, x.forget_labels) if s.forget_loss == "ga" else \

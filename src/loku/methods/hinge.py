@@ -20,7 +20,7 @@ class IHLSettings:
 
 
 @method("ihl", "inverted hinge loss on forget + retain cross-entropy (LoKU)", settings=IHLSettings, needs_retain=True,
-        default_init="fila", reference=lambda s: s.retain_loss != "ce")
+        default_init="fila", reference=lambda s: s.retain_loss != "ce", reference_on=("retain",))
 def ihl(x: LossInputs, s: IHLSettings):
     retain, parts = 0.0, s.retain_loss.split("+")
     if "ce" in parts:

@@ -20,7 +20,8 @@ class NPOSettings:
 
 
 @method("npo", "negative preference optimization against the start model + retain cross-entropy",
-        settings=NPOSettings, needs_retain=True, needs_reference=True, forget_mean_over="sequences")
+        settings=NPOSettings, needs_retain=True, needs_reference=True, reference_on=("forget",),
+        forget_mean_over="sequences")
 def npo(x: LossInputs, s: NPOSettings):
     return {"forget": npo_loss(x.forget_logits, x.ref_forget_logits, x.forget_labels, s.beta), "retain": retain_ce(x)}
 
@@ -75,7 +76,8 @@ class DPOSettings:
 
 
 @method("dpo", "DPO preferring a refusal over the forget answer (IdkDPO) + retain cross-entropy",
-        settings=DPOSettings, needs_retain=True, needs_reference=True, forget_answers="idk-pair",
+        settings=DPOSettings, needs_retain=True, needs_reference=True, reference_on=("forget", "alt"),
+        forget_answers="idk-pair",
         forget_mean_over="sequences")
 def dpo(x: LossInputs, s: DPOSettings):
     return {"forget": dpo_loss(x.alt_logits, x.ref_alt_logits, x.alt_labels, x.forget_logits, x.ref_forget_logits,

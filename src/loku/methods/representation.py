@@ -53,7 +53,7 @@ def _rmu_setup(s: RMUSettings, ctx, state: MethodState) -> None:
 
 @method("rmu", "representation misdirection: a layer's forget activations to a random vector, retain ones kept",
         settings=RMUSettings, needs_retain=True, needs_reference=True,
-        reference=lambda s: s.retain_loss == "embed_diff", setup=_rmu_setup,
+        reference=lambda s: s.retain_loss == "embed_diff", reference_on=("retain",), setup=_rmu_setup,
         taps=lambda s, state: [state.cache["tap"]],
         units=lambda s: {"forget": "sequences", "retain": "sequences" if s.retain_loss == "embed_diff" else "tokens"})
 def rmu(x: LossInputs, s: RMUSettings):

@@ -96,7 +96,8 @@ class UNDIALSettings:
 
 # OpenUnlearning UNDIAL.yaml: alpha 0, so no retain term (and no retain set needed).
 @method("undial", "self-distillation towards the start model with the target token's logit lowered",
-        settings=UNDIALSettings, needs_reference=True, units=lambda s: {"forget": "predictions"})
+        settings=UNDIALSettings, needs_reference=True, reference_on=("forget",),
+        units=lambda s: {"forget": "predictions"})
 def undial(x: LossInputs, s: UNDIALSettings):
     return {"forget": undial_loss(x.forget_logits, x.ref_forget_logits, x.forget_labels, s.beta)}
 

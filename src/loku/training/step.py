@@ -109,12 +109,13 @@ class OptimizerStep:
             with run.capture(self.unwrapped) as hidden:
                 x.retain_logits, x.retain_labels = forward(self.model, retain), retain["labels"]
             x.retain_attention, x.retain_hidden = retain["attention_mask"], hidden
-        if self.reference is not None:
+        on = run.method.reference_on if self.reference is not None else ()
+        if "forget" in on:
             x.ref_forget_logits, x.ref_forget_hidden = self.reference(forget)
-            if retain is not None:
-                x.ref_retain_logits, x.ref_retain_hidden = self.reference(retain)
-            if alt is not None:
-                x.ref_alt_logits = self.reference(alt)[0]
+        if retain is not None and "retain" in on:
+            x.ref_retain_logits, x.ref_retain_hidden = self.reference.retain(retain)
+        if alt is not None and "alt" in on:
+            x.ref_alt_logits = self.reference(alt)[0]
         terms = methods.method_loss(run.method, x, run.cfg)
         parts = {k: v * scale.get(k, 1.0) for k, v in terms.items() if k != "loss"}   # sibl's penalty: unscaled
         return {"loss": sum(parts.values()), **parts}
