@@ -86,7 +86,7 @@ class DemoConfig(Config):
     leak_target: float = setting(0.8, "Share of private fields both groups must reveal, prompted with a name, "
                                  "before unlearning starts (and the retain people after it).", group="Training",
                                  bound="positive")
-    unlearn_lr: float = setting(1.35e-3, "Learning rate of the unlearning.", group="Training", bound="positive")
+    unlearn_lr: float = setting(1.5e-3, "Learning rate of the unlearning.", group="Training", bound="positive")
     unlearn_batch_size: int = setting(4, "Forgotten records per step of the unlearning (with retain records, "
                                       "every step keeps the whole retain set).", group="Training", bound="positive")
     retain_weight: float = setting(3.0, "Coefficient of the unlearning's retain term.", group="Training",
