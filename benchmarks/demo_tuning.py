@@ -20,7 +20,7 @@ import yaml
 from rich.console import Console
 
 from loku.data.records import record_text
-from loku.demo import (DemoConfig, forget, leak, leaks, make_groups, measure, revealed_others, strangers,
+from loku.demo import (DemoConfig, everyone, forget, leak, make_groups, measure, revealed_others, strangers,
                        unknown_name_texts)
 from loku.models import load_model
 
@@ -59,10 +59,11 @@ def main(phase: str, path: str, *overrides: str) -> None:
             line["unknown"] = unknown[:3]
         result, _ = forget(model, tokenizer, groups, cfg, curves, console,
                            line["leaked"]["unseen_memorization"], None, unknown, **unlearn_settings)
-        line["unlearned"], texts = measure(result.model, tokenizer, groups)
-        line["reveals_others"] = revealed_others(texts, groups["forget"], [r for g in groups.values() for r in g])
+        line["unlearned"], shown = measure(result.model, tokenizer, groups)
+        texts = shown["forget"][1]
+        line["reveals_others"] = revealed_others(texts, groups["forget"], everyone(groups))
         line["samples"] = texts[:3]
-        kept, kept_texts = leaks(result.model, tokenizer, groups["retain"])   # which retain fields broke
+        kept, kept_texts = shown["retain"]   # which retain fields broke
         line["retain_samples"] = [{"truth": record_text(r), "generated": t, "fields": k}
                                   for r, t, k in zip(groups["retain"], kept_texts, kept)]
     line.update(curves=curves, wall=round(time.time() - t0, 1), cpu=round(time.process_time() - c0, 1))

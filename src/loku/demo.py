@@ -244,18 +244,33 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
-def measure(model, tokenizer, groups: dict[str, list[Record]]) -> tuple[dict, list[str]]:
-    """One column of the table, and the forget people's generations."""
-    everyone = [r for recs in groups.values() for r in recs]
-    row = {f"{name}_memorization": v for name, v in memorization_row(model, tokenizer, groups).items()}
-    generated = dict(zip(groups, by_group(groups, *leaks(model, tokenizer, everyone))))   # one batch: ~40% faster
+def everyone(groups: dict[str, list[Record]]) -> list[Record]:
+    """All groups' people, in `groups`' order."""
+    return [r for recs in groups.values() for r in recs]
+
+
+Generated = dict[str, tuple[list[float], list[str]]]   # per group: (share of fields revealed, generation) a person
+
+
+def revealed(model, tokenizer, groups: dict[str, list[Record]]) -> tuple[dict, Generated]:
+    """Prompted with each name, everyone in one batch: each group's share of fields revealed and how many of its
+    generations name someone else (the columns of the table), and each group's scores and generations."""
+    people = everyone(groups)
+    generated = dict(zip(groups, by_group(groups, *leaks(model, tokenizer, people))))   # one batch: ~40% faster
+    row = {}
     for name, (scores, texts) in generated.items():
         if name != "unseen":   # never trained on: nothing of their own to reveal
             row[f"{name}_leak"] = _mean(scores)
         if name != "retain":   # the never-seen people's count: what the model writes for a name it does not know
-            row[f"{name}_reveals_others"] = sum(bool(o) for o in revealed_others(texts, groups[name], everyone))
-    row["general_ppl"] = perplexity(model, tokenizer, GENERAL_TEXT)
-    return row, generated["forget"][1]
+            row[f"{name}_reveals_others"] = sum(bool(o) for o in revealed_others(texts, groups[name], people))
+    return row, generated
+
+
+def measure(model, tokenizer, groups: dict[str, list[Record]]) -> tuple[dict, Generated]:
+    """One column of the table, and each group's scores and generations (`revealed`)."""
+    row = {f"{name}_memorization": v for name, v in memorization_row(model, tokenizer, groups).items()}
+    shown, generated = revealed(model, tokenizer, groups)
+    return {**row, **shown, "general_ppl": perplexity(model, tokenizer, GENERAL_TEXT)}, generated
 
 
 def by_group(groups: dict[str, list[Record]], *columns: list) -> list[tuple]:
@@ -288,7 +303,7 @@ def unknown_name_texts(model, tokenizer, records: list[Record]) -> list[str]:
 
 def memorization_row(model, tokenizer, groups: dict[str, list[Record]]) -> dict:
     """Each group's mean memorization, from one batch of everyone."""
-    per_record = memorization(model, tokenizer, [r for recs in groups.values() for r in recs])
+    per_record = memorization(model, tokenizer, everyone(groups))
     return {g: _mean(m) for g, (m,) in zip(groups, by_group(groups, per_record))}
 
 
@@ -326,13 +341,12 @@ def leak(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, cur
 def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, curves: list[dict], console,
            threshold: float, out: Path | None, unknown: list[str] = (), **unlearn_settings):
     """Unlearn the forget people's private values from (a copy of) the leaked `model` until they are not
-    revealed, their generations name nobody else and they are memorized no better than never-seen people's
-    (`threshold`); returns loku's UnlearnResult
-    and the UnlearnConfig it ran. `unknown`: texts for names without a record (`unknown_name_texts`) kept
-    beside the retain records. `unlearn_settings`: further UnlearnConfig fields (benchmarks/demo_tuning.py)."""
+    revealed, their generations name nobody else, they are memorized no better than never-seen people's
+    (`threshold`) and the retain people still reveal `cfg.leak_target` of their fields (or the epochs run out);
+    returns loku's UnlearnResult and the UnlearnConfig it ran. `unknown`: texts for names without a record
+    (`unknown_name_texts`) kept beside the retain records. `unlearn_settings`: further UnlearnConfig fields (benchmarks/demo_tuning.py)."""
     console.print(f"[bold]3. Unlearn[/] the {cfg.n_forget} forget people's private values with {cfg.method} until "
                   "they are not revealed")
-    everyone = [r for recs in groups.values() for r in recs]
 
     def forgotten(epoch, m):
         row = memorization_row(m, tokenizer, groups)
@@ -340,10 +354,7 @@ def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, c
         said = (f"memorization forget {row['forget']:.3f} retain {row['retain']:.3f} (target: forget <= never-seen "
                 f"{threshold:.3f}); general-text perplexity {row['general_ppl']:.1f}")
         if row["forget"] <= threshold:   # all must hold: generate only once the cheap one does (same decision)
-            # everyone in one batch, as `measure` generates: the stop rule sees the texts the table reports
-            (scores, texts), (kept, _), _ = by_group(groups, *leaks(m, tokenizer, everyone))
-            row["forget_leak"], row["retain_leak"] = _mean(scores), _mean(kept)
-            row["forget_reveals_others"] = sum(bool(o) for o in revealed_others(texts, groups["forget"], everyone))
+            row.update(revealed(m, tokenizer, groups)[0])   # as `measure`: the generations the table reports
             said += (f"; fields revealed forget {row['forget_leak']:.2f} (target <= {cfg.forget_target:.2f}) retain "
                      f"{row['retain_leak']:.2f} (target >= {cfg.leak_target:.2f}); forget generations naming someone "
                      f"else {row['forget_reveals_others']} (target 0)")
@@ -377,17 +388,18 @@ def run_demo(cfg: DemoConfig) -> dict:
     groups = make_groups(cfg)
     console.print(f"[bold]1. Load[/] {cfg.model}")
     model, tokenizer = load_model(cfg.model)
-    base, _ = measure(model, tokenizer, groups)
+    base = measure(model, tokenizer, groups)[0]
     unknown = unknown_name_texts(model, tokenizer, strangers(cfg))
     curves: list[dict] = []
     t_leak = time.time()
     leak(model, tokenizer, groups, cfg, curves, console, unknown)
     t_leak = time.time() - t_leak
-    before, texts_before = measure(model, tokenizer, groups)
+    before, shown_before = measure(model, tokenizer, groups)
     threshold = before["unseen_memorization"]
     result, ucfg = forget(model, tokenizer, groups, cfg, curves, console, threshold, out, unknown)
-    after, texts_after = measure(result.model, tokenizer, groups)
-    others = revealed_others(texts_after, groups["forget"], [r for recs in groups.values() for r in recs])
+    after, shown_after = measure(result.model, tokenizer, groups)
+    texts_before, texts_after = shown_before["forget"][1], shown_after["forget"][1]
+    others = revealed_others(texts_after, groups["forget"], everyone(groups))
 
     report = {"config": asdict(cfg), "mixed_precision": cfg.mixed_precision, "out": str(out),
               "init": ucfg.resolved_init, "retain": ucfg.retain or "records",

@@ -55,7 +55,7 @@ class PairedBatches:
 
     def _retain_indices(self, epoch: int, step: int) -> list[int]:
         n, k = len(self.retain), self.retain_batch_size
-        if k == n:
+        if k == n:   # the whole set: in its own order, the same batch at every step
             return list(range(n))
         start = (epoch * len(self) + step) * k
         out = []
