@@ -219,6 +219,13 @@ def test_quick_demo_leaks_then_forgets_and_keeps_the_rest(quick_report):
         assert s["prompt"].endswith("lives at") and isinstance(s["reveals_others"], list)
     assert after["forget_reveals_others"] == sum(bool(s["reveals_others"]) for s in report["samples"])
     assert 0 <= after["unseen_reveals_others"] <= len(report["samples"])
+    # where the time went: every part measured, none negative, together the whole run
+    parts = report["seconds"]
+    assert set(parts) == {"load", "measure", "leak training", "leak checks", "unlearn training", "unlearn checks",
+                          "other"}
+    assert all(v >= 0 for v in parts.values()) and parts["leak checks"] > 0 and parts["unlearn checks"] > 0
+    assert sum(parts.values()) == pytest.approx(report["total_seconds"], abs=0.5)
+    assert parts["leak training"] + parts["leak checks"] == pytest.approx(report["leak_seconds"], abs=0.2)
 
 
 def test_quick_demo_writes_report_plot_and_adapter(quick_report):

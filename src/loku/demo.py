@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -244,6 +245,27 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
+@contextmanager
+def timed(spent: dict[str, float], part: str):
+    """Adds the block's wall seconds to `spent[part]`."""
+    start = time.time()
+    try:
+        yield
+    finally:
+        spent[part] += time.time() - start
+
+
+def time_spent(report: dict, spent: dict[str, float]) -> dict[str, float]:
+    """Where the demo's wall time went: loading, the table's measurements (and the strangers' texts), each
+    phase's training and its per-epoch checks (memorization, perplexity and, once due, a generation for
+    everyone), and the rest (report, plot, adapter). The unlearning's training includes FILA's Fisher pass."""
+    checks = {p: sum(c["check_seconds"] for c in report["curves"] if c["phase"] == p) for p in ("leak", "unlearn")}
+    parts = {**spent, "leak training": report["leak_seconds"] - checks["leak"], "leak checks": checks["leak"],
+             "unlearn training": report["unlearn_seconds"] - checks["unlearn"], "unlearn checks": checks["unlearn"]}
+    parts["other"] = report["total_seconds"] - sum(parts.values())
+    return {k: round(v, 1) for k, v in parts.items()}
+
+
 def everyone(groups: dict[str, list[Record]]) -> list[Record]:
     """All groups' people, in `groups`' order."""
     return [r for recs in groups.values() for r in recs]
@@ -317,6 +339,7 @@ def leak(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, cur
                   f"paragraphs) until, prompted with a name, the model reveals {cfg.leak_target:.0%} of their fields")
 
     def leaked(epoch, m):
+        start = time.time()
         row = {**memorization_row(m, tokenizer, groups), "general_ppl": perplexity(m, tokenizer, GENERAL_TEXT)}
         said = (f"memorization forget {row['forget']:.3f} retain {row['retain']:.3f} unseen {row['unseen']:.3f}; "
                 f"general-text perplexity {row['general_ppl']:.1f}")
@@ -325,7 +348,7 @@ def leak(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, cur
             scores = by_group(known, leaks(m, tokenizer, known["forget"] + known["retain"])[0])
             row.update({f"{g}_leak": _mean(s) for g, (s,) in zip(known, scores)})
             said += f"; fields revealed forget {row['forget_leak']:.2f} retain {row['retain_leak']:.2f}"
-        curves.append({"phase": "leak", "epoch": epoch, **row})
+        curves.append({"phase": "leak", "epoch": epoch, **row, "check_seconds": round(time.time() - start, 2)})
         console.print(f"   epoch {epoch}: {said}")
         return {"stop": min(row.get("forget_leak", 0.0), row.get("retain_leak", 0.0)) >= cfg.leak_target - TIE}
 
@@ -349,6 +372,7 @@ def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, c
                   "they are not revealed")
 
     def forgotten(epoch, m):
+        start = time.time()
         row = memorization_row(m, tokenizer, groups)
         row["general_ppl"] = perplexity(m, tokenizer, GENERAL_TEXT)
         said = (f"memorization forget {row['forget']:.3f} retain {row['retain']:.3f} (target: forget <= never-seen "
@@ -358,7 +382,7 @@ def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, c
             said += (f"; fields revealed forget {row['forget_leak']:.2f} (target <= {cfg.forget_target:.2f}) retain "
                      f"{row['retain_leak']:.2f} (target >= {cfg.leak_target:.2f}); forget generations naming someone "
                      f"else {row['forget_reveals_others']} (target 0)")
-        curves.append({"phase": "unlearn", "epoch": epoch, **row})
+        curves.append({"phase": "unlearn", "epoch": epoch, **row, "check_seconds": round(time.time() - start, 2)})
         console.print(f"   epoch {epoch}: {said}")
         done = row["forget"] <= threshold and row["forget_leak"] <= cfg.forget_target + TIE \
             and row["forget_reveals_others"] == 0 and row["retain_leak"] >= cfg.leak_target - TIE
@@ -383,21 +407,25 @@ def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, c
 def run_demo(cfg: DemoConfig) -> dict:
     console = Console()
     out = io.start_out_dir(cfg.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    t0 = time.time()
+    t0, spent = time.time(), {"load": 0.0, "measure": 0.0}
     cfg = replace(cfg, mixed_precision=launch_precision(cfg.mixed_precision))   # "auto" resolved once, here
     groups = make_groups(cfg)
     console.print(f"[bold]1. Load[/] {cfg.model}")
-    model, tokenizer = load_model(cfg.model)
-    base = measure(model, tokenizer, groups)[0]
-    unknown = unknown_name_texts(model, tokenizer, strangers(cfg))
+    with timed(spent, "load"):
+        model, tokenizer = load_model(cfg.model)
+    with timed(spent, "measure"):
+        base = measure(model, tokenizer, groups)[0]
+        unknown = unknown_name_texts(model, tokenizer, strangers(cfg))
     curves: list[dict] = []
     t_leak = time.time()
     leak(model, tokenizer, groups, cfg, curves, console, unknown)
     t_leak = time.time() - t_leak
-    before, shown_before = measure(model, tokenizer, groups)
+    with timed(spent, "measure"):
+        before, shown_before = measure(model, tokenizer, groups)
     threshold = before["unseen_memorization"]
     result, ucfg = forget(model, tokenizer, groups, cfg, curves, console, threshold, out, unknown)
-    after, shown_after = measure(result.model, tokenizer, groups)
+    with timed(spent, "measure"):
+        after, shown_after = measure(result.model, tokenizer, groups)
     texts_before, texts_after = shown_before["forget"][1], shown_after["forget"][1]
     others = revealed_others(texts_after, groups["forget"], everyone(groups))
 
@@ -410,6 +438,7 @@ def run_demo(cfg: DemoConfig) -> dict:
               "curves": curves, "samples": [
                   {"prompt": prompt(r), "truth": record_text(r), "before": b, "after": a, "reveals_others": o}
                   for r, b, a, o in zip(groups["forget"], texts_before, texts_after, others)]}
+    report["seconds"] = time_spent(report, spent)
     io.write_json(out / "report.json", report)
     plot_curves(curves, threshold, out / "curves.png")
     io.write_manifest(out)
@@ -445,7 +474,8 @@ def print_report(console, cfg: DemoConfig, report: dict, init: str) -> None:
                   "model writes for a name it does not know)")
     out = report["out"]
     console.print(f"wrote {out}/report.json, {out}/curves.png, adapter in {out}/unlearned "
-                  f"({report['total_seconds']:.0f} s in all)")
+                  f"({report['total_seconds']:.0f} s in all: " + ", ".join(
+                      f"{part} {s:.0f}" for part, s in report["seconds"].items()) + ")")
 
 
 def plot_curves(curves: list[dict], threshold: float, path: Path) -> None:
