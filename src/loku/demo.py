@@ -190,6 +190,25 @@ def first_sentence(text: str) -> str:
     return text[:end.end()] if end else text
 
 
+def packed(starts: list[str], fill: list[str], tokenizer, length: int) -> list[str]:
+    """`starts` (each begins a row) and the sentences of `fill` packed into rows of at most `length` tokens
+    (each sentence into the shortest row it fits, else a new row), in the order given. The retain batch pads
+    every row to its longest, a record: short texts alone in a row would be mostly padding."""
+    rows = [[t] for t in starts]
+    size = [len(tokenizer(t)["input_ids"]) for t in starts]
+    for text in fill:
+        n = len(tokenizer(text)["input_ids"])
+        fits = [i for i in range(len(rows)) if size[i] + n <= length]
+        if fits:
+            i = min(fits, key=lambda i: size[i])
+            rows[i].append(text)
+            size[i] += n
+        else:
+            rows.append([text])
+            size.append(n)
+    return [" ".join(r) for r in rows]
+
+
 def train_only(model, modules: str) -> None:
     """Let the leak fine-tune train the MLP blocks ("mlp") or every weight ("all"). On SmolLM2-135M, 12 epochs
     of the MLPs at lr 3e-4 left general-text perplexity at 71 where the whole model at the same rate gave 130
@@ -388,7 +407,9 @@ def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, c
             and row["forget_reveals_others"] == 0 and row["retain_leak"] >= cfg.leak_target - TIE
         return {"stop": done, **{f"{g}_memorization": v for g, v in row.items() if g in groups}}
 
-    retain = ([record_text(r) for r in groups["retain"]] + general_paragraphs(cfg.retain_general) + list(unknown)
+    records = [record_text(r) for r in groups["retain"]]
+    retain = (records + packed(list(unknown), general_paragraphs(cfg.retain_general), tokenizer,
+                               max(len(tokenizer(t)["input_ids"]) for t in records))
               if cfg.retain == "records" else None)   # None: loku's built-in general text
     # records: every step keeps the whole retain set (a retain person's values are what a forget step hits)
     ucfg = UnlearnConfig(**{
