@@ -80,7 +80,8 @@ class DemoConfig(Config):
                                 "batch of records, drawn from a stream that cycles across epochs.", group="Data",
                                 bound="non-negative")
     retain_general: int = setting(8, "Of those sentences, how many the unlearning keeps beside the retain "
-                                  "people's records (retain records).", group="Data", bound="non-negative")
+                                  "people's records (retain records), packed with the strangers' texts into rows "
+                                  "of a record's length.", group="Data", bound="non-negative")
     leak_batch_size: int = setting(4, "Batch size of the leak fine-tune.", group="Training", bound="positive")
     leak_max_epochs: int = setting(16, "Most epochs of the leak fine-tune (its learning rate decays over them; it "
                                    "stops once the records leak).", group="Training", bound="positive")
@@ -386,7 +387,8 @@ def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, c
     revealed, their generations name nobody else, they are memorized no better than never-seen people's
     (`threshold`) and the retain people still reveal `cfg.leak_target` of their fields (or the epochs run out);
     returns loku's UnlearnResult and the UnlearnConfig it ran. `unknown`: texts for names without a record
-    (`unknown_name_texts`) kept beside the retain records. `unlearn_settings`: further UnlearnConfig fields (benchmarks/demo_tuning.py)."""
+    (`unknown_name_texts`) kept beside the retain records, each starting a row that general sentences fill
+    (`packed`). `unlearn_settings`: further UnlearnConfig fields (benchmarks/demo_tuning.py)."""
     console.print(f"[bold]3. Unlearn[/] the {cfg.n_forget} forget people's private values with {cfg.method} until "
                   "they are not revealed")
 
