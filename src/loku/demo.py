@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -79,7 +80,8 @@ class DemoConfig(Config):
                                 "batch of records, drawn from a stream that cycles across epochs.", group="Data",
                                 bound="non-negative")
     retain_general: int = setting(8, "Of those sentences, how many the unlearning keeps beside the retain "
-                                  "people's records (retain records).", group="Data", bound="non-negative")
+                                  "people's records (retain records), packed with the strangers' texts into rows "
+                                  "of a record's length.", group="Data", bound="non-negative")
     leak_batch_size: int = setting(4, "Batch size of the leak fine-tune.", group="Training", bound="positive")
     leak_max_epochs: int = setting(16, "Most epochs of the leak fine-tune (its learning rate decays over them; it "
                                    "stops once the records leak).", group="Training", bound="positive")
@@ -189,6 +191,25 @@ def first_sentence(text: str) -> str:
     return text[:end.end()] if end else text
 
 
+def packed(starts: list[str], fill: list[str], tokenizer, length: int) -> list[str]:
+    """`starts` (each begins a row) and the sentences of `fill` packed into rows of at most `length` tokens
+    (each sentence into the shortest row it fits, else a new row), in the order given. The retain batch pads
+    every row to its longest, a record: short texts alone in a row would be mostly padding."""
+    rows = [[t] for t in starts]
+    size = [len(tokenizer(t)["input_ids"]) for t in starts]
+    for text in fill:
+        n = len(tokenizer(text)["input_ids"])
+        fits = [i for i in range(len(rows)) if size[i] + n <= length]
+        if fits:
+            i = min(fits, key=lambda i: size[i])
+            rows[i].append(text)
+            size[i] += n
+        else:
+            rows.append([text])
+            size.append(n)
+    return [" ".join(r) for r in rows]
+
+
 def train_only(model, modules: str) -> None:
     """Let the leak fine-tune train the MLP blocks ("mlp") or every weight ("all"). On SmolLM2-135M, 12 epochs
     of the MLPs at lr 3e-4 left general-text perplexity at 71 where the whole model at the same rate gave 130
@@ -242,6 +263,27 @@ def perplexity(model, tokenizer, texts: list[str]) -> float:
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
+
+
+@contextmanager
+def timed(spent: dict[str, float], part: str):
+    """Adds the block's wall seconds to `spent[part]`."""
+    start = time.time()
+    try:
+        yield
+    finally:
+        spent[part] += time.time() - start
+
+
+def time_spent(report: dict, spent: dict[str, float]) -> dict[str, float]:
+    """Where the demo's wall time went: loading, the table's measurements (and the strangers' texts), each
+    phase's training and its per-epoch checks (memorization, perplexity and, once due, a generation for
+    everyone), and the rest (report, plot, adapter). The unlearning's training includes FILA's Fisher pass."""
+    checks = {p: sum(c["check_seconds"] for c in report["curves"] if c["phase"] == p) for p in ("leak", "unlearn")}
+    parts = {**spent, "leak training": report["leak_seconds"] - checks["leak"], "leak checks": checks["leak"],
+             "unlearn training": report["unlearn_seconds"] - checks["unlearn"], "unlearn checks": checks["unlearn"]}
+    parts["other"] = report["total_seconds"] - sum(parts.values())
+    return {k: round(v, 1) for k, v in parts.items()}
 
 
 def everyone(groups: dict[str, list[Record]]) -> list[Record]:
@@ -317,6 +359,7 @@ def leak(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, cur
                   f"paragraphs) until, prompted with a name, the model reveals {cfg.leak_target:.0%} of their fields")
 
     def leaked(epoch, m):
+        start = time.time()
         row = {**memorization_row(m, tokenizer, groups), "general_ppl": perplexity(m, tokenizer, GENERAL_TEXT)}
         said = (f"memorization forget {row['forget']:.3f} retain {row['retain']:.3f} unseen {row['unseen']:.3f}; "
                 f"general-text perplexity {row['general_ppl']:.1f}")
@@ -325,7 +368,7 @@ def leak(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, cur
             scores = by_group(known, leaks(m, tokenizer, known["forget"] + known["retain"])[0])
             row.update({f"{g}_leak": _mean(s) for g, (s,) in zip(known, scores)})
             said += f"; fields revealed forget {row['forget_leak']:.2f} retain {row['retain_leak']:.2f}"
-        curves.append({"phase": "leak", "epoch": epoch, **row})
+        curves.append({"phase": "leak", "epoch": epoch, **row, "check_seconds": round(time.time() - start, 2)})
         console.print(f"   epoch {epoch}: {said}")
         return {"stop": min(row.get("forget_leak", 0.0), row.get("retain_leak", 0.0)) >= cfg.leak_target - TIE}
 
@@ -344,11 +387,13 @@ def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, c
     revealed, their generations name nobody else, they are memorized no better than never-seen people's
     (`threshold`) and the retain people still reveal `cfg.leak_target` of their fields (or the epochs run out);
     returns loku's UnlearnResult and the UnlearnConfig it ran. `unknown`: texts for names without a record
-    (`unknown_name_texts`) kept beside the retain records. `unlearn_settings`: further UnlearnConfig fields (benchmarks/demo_tuning.py)."""
+    (`unknown_name_texts`) kept beside the retain records, each starting a row that general sentences fill
+    (`packed`). `unlearn_settings`: further UnlearnConfig fields (benchmarks/demo_tuning.py)."""
     console.print(f"[bold]3. Unlearn[/] the {cfg.n_forget} forget people's private values with {cfg.method} until "
                   "they are not revealed")
 
     def forgotten(epoch, m):
+        start = time.time()
         row = memorization_row(m, tokenizer, groups)
         row["general_ppl"] = perplexity(m, tokenizer, GENERAL_TEXT)
         said = (f"memorization forget {row['forget']:.3f} retain {row['retain']:.3f} (target: forget <= never-seen "
@@ -358,13 +403,15 @@ def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, c
             said += (f"; fields revealed forget {row['forget_leak']:.2f} (target <= {cfg.forget_target:.2f}) retain "
                      f"{row['retain_leak']:.2f} (target >= {cfg.leak_target:.2f}); forget generations naming someone "
                      f"else {row['forget_reveals_others']} (target 0)")
-        curves.append({"phase": "unlearn", "epoch": epoch, **row})
+        curves.append({"phase": "unlearn", "epoch": epoch, **row, "check_seconds": round(time.time() - start, 2)})
         console.print(f"   epoch {epoch}: {said}")
         done = row["forget"] <= threshold and row["forget_leak"] <= cfg.forget_target + TIE \
             and row["forget_reveals_others"] == 0 and row["retain_leak"] >= cfg.leak_target - TIE
         return {"stop": done, **{f"{g}_memorization": v for g, v in row.items() if g in groups}}
 
-    retain = ([record_text(r) for r in groups["retain"]] + general_paragraphs(cfg.retain_general) + list(unknown)
+    records = [record_text(r) for r in groups["retain"]]
+    retain = (records + packed(list(unknown), general_paragraphs(cfg.retain_general), tokenizer,
+                               max(len(tokenizer(t)["input_ids"]) for t in records))
               if cfg.retain == "records" else None)   # None: loku's built-in general text
     # records: every step keeps the whole retain set (a retain person's values are what a forget step hits)
     ucfg = UnlearnConfig(**{
@@ -383,21 +430,25 @@ def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, c
 def run_demo(cfg: DemoConfig) -> dict:
     console = Console()
     out = io.start_out_dir(cfg.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    t0 = time.time()
+    t0, spent = time.time(), {"load": 0.0, "measure": 0.0}
     cfg = replace(cfg, mixed_precision=launch_precision(cfg.mixed_precision))   # "auto" resolved once, here
     groups = make_groups(cfg)
     console.print(f"[bold]1. Load[/] {cfg.model}")
-    model, tokenizer = load_model(cfg.model)
-    base = measure(model, tokenizer, groups)[0]
-    unknown = unknown_name_texts(model, tokenizer, strangers(cfg))
+    with timed(spent, "load"):
+        model, tokenizer = load_model(cfg.model)
+    with timed(spent, "measure"):
+        base = measure(model, tokenizer, groups)[0]
+        unknown = unknown_name_texts(model, tokenizer, strangers(cfg))
     curves: list[dict] = []
     t_leak = time.time()
     leak(model, tokenizer, groups, cfg, curves, console, unknown)
     t_leak = time.time() - t_leak
-    before, shown_before = measure(model, tokenizer, groups)
+    with timed(spent, "measure"):
+        before, shown_before = measure(model, tokenizer, groups)
     threshold = before["unseen_memorization"]
     result, ucfg = forget(model, tokenizer, groups, cfg, curves, console, threshold, out, unknown)
-    after, shown_after = measure(result.model, tokenizer, groups)
+    with timed(spent, "measure"):
+        after, shown_after = measure(result.model, tokenizer, groups)
     texts_before, texts_after = shown_before["forget"][1], shown_after["forget"][1]
     others = revealed_others(texts_after, groups["forget"], everyone(groups))
 
@@ -410,6 +461,7 @@ def run_demo(cfg: DemoConfig) -> dict:
               "curves": curves, "samples": [
                   {"prompt": prompt(r), "truth": record_text(r), "before": b, "after": a, "reveals_others": o}
                   for r, b, a, o in zip(groups["forget"], texts_before, texts_after, others)]}
+    report["seconds"] = time_spent(report, spent)
     io.write_json(out / "report.json", report)
     plot_curves(curves, threshold, out / "curves.png")
     io.write_manifest(out)
@@ -445,7 +497,8 @@ def print_report(console, cfg: DemoConfig, report: dict, init: str) -> None:
                   "model writes for a name it does not know)")
     out = report["out"]
     console.print(f"wrote {out}/report.json, {out}/curves.png, adapter in {out}/unlearned "
-                  f"({report['total_seconds']:.0f} s in all)")
+                  f"({report['total_seconds']:.0f} s in all: " + ", ".join(
+                      f"{part} {s:.0f}" for part, s in report["seconds"].items()) + ")")
 
 
 def plot_curves(curves: list[dict], threshold: float, path: Path) -> None:
