@@ -144,27 +144,6 @@ def test_general_paragraphs_are_single_sentences_apart_from_the_perplexity_text(
     assert "Little Gidding is the fourth and final poem of T. S. Eliot's" in " ".join(first)  # not cut at "T."
 
 
-def test_packed_rows_start_with_each_start_and_hold_every_sentence_once(tokenizer):
-    """The unlearning's retain rows: each stranger's text begins a row (its name opens the sequence, as the prompt
-    does), the general sentences fill rows up to a record's length in their order, none is cut or repeated, and
-    the rows are fewer than the texts."""
-    from loku.demo import general_paragraphs, packed
-
-    starts = ["Ximena Northcott lives at 10,000 feet.", "Oona Castellano lives at the foot of the hill."]
-    fill = general_paragraphs(8)
-    length = max(len(tokenizer(t)["input_ids"]) for t in fill) + 4
-    rows = packed(starts, fill, tokenizer, length)
-    assert [r.startswith(s) for r, s in zip(rows, starts)] == [True, True]
-    assert len(rows) < len(starts) + len(fill)
-    assert all(len(tokenizer(r)["input_ids"]) <= length + len(fill) for r in rows)   # + the joining spaces
-    for sentence in fill:
-        assert sum(row.count(sentence) for row in rows) == 1
-    order = [next(i for i, row in enumerate(rows) if sentence in row) for sentence in fill]
-    within = {i: [fill.index(f) for f in fill if f in rows[i]] for i in set(order)}
-    assert all(v == sorted(v) for v in within.values())
-    assert packed([], ["a b c"], tokenizer, 1) == ["a b c"]   # a sentence longer than a row gets its own
-
-
 def test_leak_trains_only_the_mlp_blocks(tokenizer):
     from conftest import tiny_llama
     from loku.demo import train_only

@@ -153,10 +153,6 @@ class UnlearnConfig(Config):
             return METHODS[self.method].default_init if _fila_available() else "default"
         return self.init
 
-    def method_settings(self):
-        """The chosen method's own settings (None for a method without any)."""
-        return METHODS[self.method].settings_of(self)
-
 
 def _fila_available() -> bool:
     import importlib.util

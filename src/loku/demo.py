@@ -80,8 +80,7 @@ class DemoConfig(Config):
                                 "batch of records, drawn from a stream that cycles across epochs.", group="Data",
                                 bound="non-negative")
     retain_general: int = setting(8, "Of those sentences, how many the unlearning keeps beside the retain "
-                                  "people's records (retain records), packed with the strangers' texts into rows "
-                                  "of a record's length.", group="Data", bound="non-negative")
+                                  "people's records (retain records).", group="Data", bound="non-negative")
     leak_batch_size: int = setting(4, "Batch size of the leak fine-tune.", group="Training", bound="positive")
     leak_max_epochs: int = setting(16, "Most epochs of the leak fine-tune (its learning rate decays over them; it "
                                    "stops once the records leak).", group="Training", bound="positive")
@@ -189,25 +188,6 @@ def general_paragraphs(n: int) -> list[str]:
 def first_sentence(text: str) -> str:
     end = re.search(r"(?<![A-Z])[.!?](?= [A-Z\"]|\n|$)", text)   # not after an initial ("T. S. Eliot")
     return text[:end.end()] if end else text
-
-
-def packed(starts: list[str], fill: list[str], tokenizer, length: int) -> list[str]:
-    """`starts` (each begins a row) and the sentences of `fill` packed into rows of at most `length` tokens
-    (each sentence into the shortest row it fits, else a new row), in the order given. The retain batch pads
-    every row to its longest, a record: short texts alone in a row would be mostly padding."""
-    rows = [[t] for t in starts]
-    size = [len(tokenizer(t)["input_ids"]) for t in starts]
-    for text in fill:
-        n = len(tokenizer(text)["input_ids"])
-        fits = [i for i in range(len(rows)) if size[i] + n <= length]
-        if fits:
-            i = min(fits, key=lambda i: size[i])
-            rows[i].append(text)
-            size[i] += n
-        else:
-            rows.append([text])
-            size.append(n)
-    return [" ".join(r) for r in rows]
 
 
 def train_only(model, modules: str) -> None:
@@ -387,8 +367,7 @@ def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, c
     revealed, their generations name nobody else, they are memorized no better than never-seen people's
     (`threshold`) and the retain people still reveal `cfg.leak_target` of their fields (or the epochs run out);
     returns loku's UnlearnResult and the UnlearnConfig it ran. `unknown`: texts for names without a record
-    (`unknown_name_texts`) kept beside the retain records, each starting a row that general sentences fill
-    (`packed`). `unlearn_settings`: further UnlearnConfig fields (benchmarks/demo_tuning.py)."""
+    (`unknown_name_texts`) kept beside the retain records. `unlearn_settings`: further UnlearnConfig fields (benchmarks/demo_tuning.py)."""
     console.print(f"[bold]3. Unlearn[/] the {cfg.n_forget} forget people's private values with {cfg.method} until "
                   "they are not revealed")
 
@@ -409,9 +388,7 @@ def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, c
             and row["forget_reveals_others"] == 0 and row["retain_leak"] >= cfg.leak_target - TIE
         return {"stop": done, **{f"{g}_memorization": v for g, v in row.items() if g in groups}}
 
-    records = [record_text(r) for r in groups["retain"]]
-    retain = (records + packed(list(unknown), general_paragraphs(cfg.retain_general), tokenizer,
-                               max(len(tokenizer(t)["input_ids"]) for t in records))
+    retain = ([record_text(r) for r in groups["retain"]] + general_paragraphs(cfg.retain_general) + list(unknown)
               if cfg.retain == "records" else None)   # None: loku's built-in general text
     # records: every step keeps the whole retain set (a retain person's values are what a forget step hits)
     ucfg = UnlearnConfig(**{

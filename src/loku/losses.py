@@ -116,11 +116,7 @@ def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor, labels: torch.
     return (ref_logp.exp() * (ref_logp - logp)).sum() / mask.sum().clamp(min=1)
 
 
-# What each unit counts in a batch: the denominator of a term's mean. A method may also give a function of
-# its batch's labels (CE-U leaves out each answer's first tokens).
-UNITS = ("tokens", "sequences", "positions", "predictions", "labels", "pooled")
-
-
+# A method may also give a function of its batch's labels as a unit (CE-U leaves out each answer's first tokens).
 def unit_counts(units: dict, forget_labels: torch.Tensor, retain_labels: torch.Tensor | None) -> dict[str, float]:
     """The denominator of each term's mean in this batch: "tokens" (target tokens of its own batch, after the
     shift), "sequences" (rows), "positions" (rows x length, padding included: KL's batchmean), "predictions"

@@ -3,7 +3,6 @@ files, the adapter against the model, the tokenizers of the original and referen
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -89,10 +88,3 @@ def check_same_tokenizer(tokenizer, other, what: str, name: str, model_name: str
                         f"differ), but the audit compares them token by token: pass {article} {what} model of the "
                         "same family (same tokenizer)")
 
-
-def describe_model(name: str, adapter: str | None = None) -> str:
-    return name + (f" + adapter {adapter}" if adapter else "")
-
-
-def adapter_config(adapter: str) -> dict:
-    return json.loads((Path(adapter) / "adapter_config.json").read_text())
