@@ -255,15 +255,17 @@ def timed(spent: dict[str, float], part: str):
         spent[part] += time.time() - start
 
 
-def time_spent(report: dict, spent: dict[str, float]) -> dict[str, float]:
-    """Where the demo's wall time went: loading, the table's measurements (and the strangers' texts), each
-    phase's training and its per-epoch checks (memorization, perplexity and, once due, a generation for
-    everyone), and the rest (report, plot, adapter). The unlearning's training includes FILA's Fisher pass."""
-    checks = {p: sum(c["check_seconds"] for c in report["curves"] if c["phase"] == p) for p in ("leak", "unlearn")}
-    parts = {**spent, "leak training": report["leak_seconds"] - checks["leak"], "leak checks": checks["leak"],
-             "unlearn training": report["unlearn_seconds"] - checks["unlearn"], "unlearn checks": checks["unlearn"]}
-    parts["other"] = report["total_seconds"] - sum(parts.values())
-    return {k: round(v, 1) for k, v in parts.items()}
+def time_spent(curves: list[dict], spent: dict[str, float], leak: float, unlearn: float,
+               total: float) -> dict[str, float]:
+    """Where the demo's `total` wall seconds went: `spent` (loading, the table's measurements and the strangers'
+    texts), each phase's training and its per-epoch checks (the curves' `check_seconds`: memorization, perplexity
+    and, once due, a generation), and the rest. The unlearning's training includes FILA's Fisher pass. From the
+    unrounded times: the parts are disjoint stretches of the run, so none is negative and they add up to it."""
+    checks = {p: sum(c["check_seconds"] for c in curves if c["phase"] == p) for p in ("leak", "unlearn")}
+    parts = {**spent, "leak training": leak - checks["leak"], "leak checks": checks["leak"],
+             "unlearn training": unlearn - checks["unlearn"], "unlearn checks": checks["unlearn"]}
+    parts["other"] = total - sum(parts.values())
+    return {k: round(v, 3) for k, v in parts.items()}
 
 
 def everyone(groups: dict[str, list[Record]]) -> list[Record]:
@@ -348,7 +350,7 @@ def leak(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, cur
             scores = by_group(known, leaks(m, tokenizer, known["forget"] + known["retain"])[0])
             row.update({f"{g}_leak": _mean(s) for g, (s,) in zip(known, scores)})
             said += f"; fields revealed forget {row['forget_leak']:.2f} retain {row['retain_leak']:.2f}"
-        curves.append({"phase": "leak", "epoch": epoch, **row, "check_seconds": round(time.time() - start, 2)})
+        curves.append({"phase": "leak", "epoch": epoch, **row, "check_seconds": time.time() - start})
         console.print(f"   epoch {epoch}: {said}")
         return {"stop": min(row.get("forget_leak", 0.0), row.get("retain_leak", 0.0)) >= cfg.leak_target - TIE}
 
@@ -382,7 +384,7 @@ def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, c
             said += (f"; fields revealed forget {row['forget_leak']:.2f} (target <= {cfg.forget_target:.2f}) retain "
                      f"{row['retain_leak']:.2f} (target >= {cfg.leak_target:.2f}); forget generations naming someone "
                      f"else {row['forget_reveals_others']} (target 0)")
-        curves.append({"phase": "unlearn", "epoch": epoch, **row, "check_seconds": round(time.time() - start, 2)})
+        curves.append({"phase": "unlearn", "epoch": epoch, **row, "check_seconds": time.time() - start})
         console.print(f"   epoch {epoch}: {said}")
         done = row["forget"] <= threshold and row["forget_leak"] <= cfg.forget_target + TIE \
             and row["forget_reveals_others"] == 0 and row["retain_leak"] >= cfg.leak_target - TIE
@@ -428,17 +430,18 @@ def run_demo(cfg: DemoConfig) -> dict:
         after, shown_after = measure(result.model, tokenizer, groups)
     texts_before, texts_after = shown_before["forget"][1], shown_after["forget"][1]
     others = revealed_others(texts_after, groups["forget"], everyone(groups))
+    total = time.time() - t0
 
     report = {"config": asdict(cfg), "mixed_precision": cfg.mixed_precision, "out": str(out),
               "init": ucfg.resolved_init, "retain": ucfg.retain or "records",
               "base": base, "leaked": before, "unlearned": after,
               "leak_seconds": round(t_leak, 1), "leak_epochs": sum(c["phase"] == "leak" for c in curves),
               "unlearn_seconds": round(result.seconds, 1), "unlearn_epochs": result.epochs_run,
-              "total_seconds": round(time.time() - t0, 1), "cpu_seconds": round(time.process_time(), 1),
+              "total_seconds": round(total, 1), "cpu_seconds": round(time.process_time(), 1),
               "curves": curves, "samples": [
                   {"prompt": prompt(r), "truth": record_text(r), "before": b, "after": a, "reveals_others": o}
                   for r, b, a, o in zip(groups["forget"], texts_before, texts_after, others)]}
-    report["seconds"] = time_spent(report, spent)
+    report["seconds"] = time_spent(curves, spent, t_leak, result.seconds, total)
     io.write_json(out / "report.json", report)
     plot_curves(curves, threshold, out / "curves.png")
     io.write_manifest(out)
