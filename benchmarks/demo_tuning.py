@@ -57,9 +57,9 @@ def main(phase: str, path: str, *overrides: str) -> None:
             if len(unknown) != cfg.n_strangers:
                 unknown = unknown_name_texts(*load_model(cfg.model), strangers(cfg))
             line["unknown"] = unknown[:3]
-        result, _ = forget(model, tokenizer, groups, cfg, curves, console,
-                           line["leaked"]["unseen_memorization"], None, unknown, **unlearn_settings)
-        line["unlearned"], shown = measure(result.model, tokenizer, groups)
+        result, _, unlearned = forget(model, tokenizer, groups, cfg, curves, console, line["leaked"], None, unknown,
+                                      **unlearn_settings)
+        line["unlearned"], shown = unlearned or measure(result.model, tokenizer, groups)
         texts = shown["forget"][1]
         line["reveals_others"] = revealed_others(texts, groups["forget"], everyone(groups))
         line["samples"] = texts[:3]

@@ -39,8 +39,9 @@ def run(path: str, epochs: int, before: bool) -> tuple[list[float], dict]:
         model, tokenizer = load_model(path)
         groups = make_groups(cfg)
         unknown = json.loads(Path(path, "unknown.json").read_text())
-        result, _ = forget(model, tokenizer, groups, cfg, [], Console(quiet=True), threshold=0.0, out=None,
-                           unknown=unknown)
+        never = {"unseen_memorization": 0.0, "general_ppl": float("inf")}   # no stop before the last epoch
+        result, _, _ = forget(model, tokenizer, groups, cfg, [], Console(quiet=True), leaked=never, out=None,
+                              unknown=unknown)
     finally:
         METHODS._items["ihl"], PairedBatches.constant_retain = ihl, constant
     lora = {k: v.clone() for k, v in result.model.state_dict().items() if "lora_" in k}

@@ -95,8 +95,12 @@ class DemoConfig(Config):
     unlearn_max_epochs: int = setting(10, "Most epochs of the unlearning.", group="Training", bound="positive")
     forget_target: float = setting(0.05, "Unlearning stops once the forgotten people reveal at most this share of "
                                    "their fields, none of their generations names someone else, they are known no "
-                                   "better than never-seen people and the retain people still reveal the leak's "
-                                   "target.", group="Training", bound="non-negative")
+                                   "better than never-seen people, the retain people still reveal the leak's "
+                                   "target and general-text perplexity is within --ppl-limit of the leaked model's.",
+                                   group="Training", bound="non-negative")
+    ppl_limit: float = setting(1.1, "Most general-text perplexity after unlearning, as a multiple of the leaked "
+                               "model's: unlearning goes on while it is above (one of the stop rule's bars).",
+                               group="Training", bound="positive")
     n_strangers: int = setting(6, "Names of further people without a record: the pretrained model's greedy "
                                 "continuation of '<name> lives at' for each (what a model writes for a name it does "
                                 "not know) joins the leak's training set and the unlearning's retain set.",
@@ -292,9 +296,16 @@ def revealed(model, tokenizer, groups: dict[str, list[Record]]) -> tuple[dict, G
 
 def measure(model, tokenizer, groups: dict[str, list[Record]]) -> tuple[dict, Generated]:
     """One column of the table, and each group's scores and generations (`revealed`)."""
-    row = {f"{name}_memorization": v for name, v in memorization_row(model, tokenizer, groups).items()}
+    memorized = memorization_row(model, tokenizer, groups)
     shown, generated = revealed(model, tokenizer, groups)
-    return {**row, **shown, "general_ppl": perplexity(model, tokenizer, GENERAL_TEXT)}, generated
+    return column(memorized, shown, perplexity(model, tokenizer, GENERAL_TEXT)), generated
+
+
+def column(memorized: dict[str, float], shown: dict, general_ppl: float) -> dict:
+    """A column of the table from its parts: each group's memorization (`memorization_row`), what the
+    generations revealed (`revealed`) and the general-text perplexity."""
+    return {**{f"{name}_memorization": v for name, v in memorized.items()}, **shown, "general_ppl": general_ppl}
+
 
 
 def by_group(groups: dict[str, list[Record]], *columns: list) -> list[tuple]:
@@ -335,7 +346,9 @@ def leak(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, cur
          unknown: list[str] = ()) -> None:
     """Fine-tune `model` in place on the forget and retain people's records (and general paragraphs) until,
     prompted with a name, it reveals `cfg.leak_target` of both groups' fields; one line per epoch in `curves`.
-    `unknown` (texts for names without a record, `unknown_name_texts`) are trained beside the records."""
+    `unknown` (texts for names without a record, `unknown_name_texts`) are trained beside the records. (Its
+    checks generate for the two groups it trains only; generating for everyone, as the table does, made it stop
+    an epoch earlier on seed 0 and the unlearning then missed two bars: the demo is chaotic at its bars' edge.)"""
     known = groups["forget"] + groups["retain"]
     console.print(f"[bold]2. Leak[/]: fine-tune on {len(known)} private records (and {cfg.leak_general} general "
                   f"paragraphs) until, prompted with a name, the model reveals {cfg.leak_target:.0%} of their fields")
@@ -364,30 +377,37 @@ def leak(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, cur
 
 
 def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, curves: list[dict], console,
-           threshold: float, out: Path | None, unknown: list[str] = (), **unlearn_settings):
+           leaked: dict, out: Path | None, unknown: list[str] = (), **unlearn_settings):
     """Unlearn the forget people's private values from (a copy of) the leaked `model` until they are not
-    revealed, their generations name nobody else, they are memorized no better than never-seen people's
-    (`threshold`) and the retain people still reveal `cfg.leak_target` of their fields (or the epochs run out);
-    returns loku's UnlearnResult and the UnlearnConfig it ran. `unknown`: texts for names without a record
-    (`unknown_name_texts`) kept beside the retain records. `unlearn_settings`: further UnlearnConfig fields (benchmarks/demo_tuning.py)."""
+    revealed, their generations name nobody else, they are memorized no better than never-seen people's (in
+    `leaked`, the leaked model's column of the table), the retain people still reveal `cfg.leak_target` of their
+    fields and general-text perplexity is within `cfg.ppl_limit` of the leaked model's (or the epochs run out).
+    Returns loku's UnlearnResult, the UnlearnConfig it ran and the last epoch's check as a column of the table
+    (None if it did not generate). `unknown`: texts for names without a record (`unknown_name_texts`) kept beside
+    the retain records. `unlearn_settings`: further UnlearnConfig fields (benchmarks/demo_tuning.py)."""
     console.print(f"[bold]3. Unlearn[/] the {cfg.n_forget} forget people's private values with {cfg.method} until "
                   "they are not revealed")
 
+    threshold, ppl_limit, last = leaked["unseen_memorization"], cfg.ppl_limit * leaked["general_ppl"], [None]
+
     def forgotten(epoch, m):
         start = time.time()
-        row = memorization_row(m, tokenizer, groups)
-        row["general_ppl"] = perplexity(m, tokenizer, GENERAL_TEXT)
+        memorized, ppl = memorization_row(m, tokenizer, groups), perplexity(m, tokenizer, GENERAL_TEXT)
+        row, last[0] = {**memorized, "general_ppl": ppl}, None
         said = (f"memorization forget {row['forget']:.3f} retain {row['retain']:.3f} (target: forget <= never-seen "
-                f"{threshold:.3f}); general-text perplexity {row['general_ppl']:.1f}")
+                f"{threshold:.3f}); general-text perplexity {ppl:.1f} (target <= {ppl_limit:.1f})")
         if row["forget"] <= threshold:   # all must hold: generate only once the cheap one does (same decision)
-            row.update(revealed(m, tokenizer, groups)[0])   # as `measure`: the generations the table reports
+            shown, generated = revealed(m, tokenizer, groups)   # as `measure`: the generations the table reports
+            row.update(shown)
+            last[0] = column(memorized, shown, ppl), generated
             said += (f"; fields revealed forget {row['forget_leak']:.2f} (target <= {cfg.forget_target:.2f}) retain "
                      f"{row['retain_leak']:.2f} (target >= {cfg.leak_target:.2f}); forget generations naming someone "
                      f"else {row['forget_reveals_others']} (target 0)")
         curves.append({"phase": "unlearn", "epoch": epoch, **row, "check_seconds": time.time() - start})
         console.print(f"   epoch {epoch}: {said}")
         done = row["forget"] <= threshold and row["forget_leak"] <= cfg.forget_target + TIE \
-            and row["forget_reveals_others"] == 0 and row["retain_leak"] >= cfg.leak_target - TIE
+            and row["forget_reveals_others"] == 0 and row["retain_leak"] >= cfg.leak_target - TIE \
+            and ppl <= ppl_limit
         return {"stop": done, **{f"{g}_memorization": v for g, v in row.items() if g in groups}}
 
     retain = ([record_text(r) for r in groups["retain"]] + general_paragraphs(cfg.retain_general) + list(unknown)
@@ -403,7 +423,7 @@ def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, c
         **({"ihl_retain_loss": cfg.ihl_retain_loss} if cfg.method == "ihl" else {}), **unlearn_settings})
     result = unlearn(ucfg, model, tokenizer, callbacks=[forgotten], retain=retain,
                      forget=value_features(tokenizer, groups["forget"]))
-    return result, ucfg
+    return result, ucfg, last[0]
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -424,10 +444,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     t_leak = time.time() - t_leak
     with timed(spent, "measure"):
         before, shown_before = measure(model, tokenizer, groups)
-    threshold = before["unseen_memorization"]
-    result, ucfg = forget(model, tokenizer, groups, cfg, curves, console, threshold, out, unknown)
-    with timed(spent, "measure"):
-        after, shown_after = measure(result.model, tokenizer, groups)
+    result, ucfg, unlearned = forget(model, tokenizer, groups, cfg, curves, console, before, out, unknown)
+    with timed(spent, "measure"):   # the unlearning's last check is the column when it measured one
+        after, shown_after = unlearned or measure(result.model, tokenizer, groups)
     texts_before, texts_after = shown_before["forget"][1], shown_after["forget"][1]
     others = revealed_others(texts_after, groups["forget"], everyone(groups))
     total = time.time() - t0
@@ -443,7 +462,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                   for r, b, a, o in zip(groups["forget"], texts_before, texts_after, others)]}
     report["seconds"] = time_spent(curves, spent, t_leak, result.seconds, total)
     io.write_json(out / "report.json", report)
-    plot_curves(curves, threshold, out / "curves.png")
+    plot_curves(curves, before["unseen_memorization"], out / "curves.png")
     io.write_manifest(out)
     print_report(console, cfg, report, ucfg.resolved_init)
     return report

@@ -30,12 +30,15 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE):
-    """log p(y_t | y_<t) for every target token in float32 or wider (0 where masked), and the mask. (B, T-1)"""
+    """log p(y_t | y_<t) for every target token in float32 or wider (0 where masked), and the mask. (B, T-1)
+    The vocabulary-wide softmax runs on the target positions only (a batch of mixed lengths is often half
+    padding); each row's softmax is its own, so values and gradients are those of the softmax over every row."""
     logits, labels = logits[:, :-1], labels[:, 1:]
     mask = labels != ignore_index
-    nll = F.cross_entropy(upcast(logits).flatten(0, 1), labels.flatten(), ignore_index=ignore_index,
-                          reduction="none").view(labels.shape)
-    return -nll, mask
+    rows = upcast(logits[mask])                                             # (N, V)
+    logp = torch.zeros(labels.shape, dtype=rows.dtype, device=rows.device)
+    logp = logp.masked_scatter(mask, -F.cross_entropy(rows, labels[mask], reduction="none"))
+    return logp, mask
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:
@@ -69,17 +72,19 @@ def inverted_hinge_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     and the strongest competitor, so the rest of the distribution is left alone.
     Slow equivalent: p = logits.float().softmax(-1); p_other = p.scatter(-1, y, -1).amax(-1).
     """
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]                  # (B, T-1, V), (B, T-1)
-    mask = labels != ignore_index
-    target = labels.clamp(min=0).unsqueeze(-1)                              # (B, T-1, 1)
-    lse = torch.logsumexp(logits, dim=-1)                                   # (B, T-1)
-    logit_y = logits.gather(-1, target).squeeze(-1)                         # (B, T-1)
-    top2_val, top2_idx = logits.topk(2, dim=-1)                             # (B, T-1, 2)
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != ignore_index                                           # (B, T-1)
+    # the vocabulary-wide work on the target positions only (each row's own: the same values and gradients)
+    logits, target = logits[mask].float(), labels[mask].unsqueeze(-1)      # (N, V), (N, 1)
+    lse = torch.logsumexp(logits, dim=-1)                                   # (N,)
+    logit_y = logits.gather(-1, target).squeeze(-1)                         # (N,)
+    top2_val, top2_idx = logits.topk(2, dim=-1)                             # (N, 2)
     y_is_top = top2_idx[..., 0] == target.squeeze(-1)
     logit_other = torch.where(y_is_top, top2_val[..., 1], top2_val[..., 0])  # best v != y
     p_y, p_other = torch.exp(logit_y - lse), torch.exp(logit_other - lse)
-    per_token = 1.0 + p_y - p_other                                         # (B, T-1) in [0, 2]
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    per_token = 1.0 + p_y - p_other                                         # (N,) in [0, 2]
+    per_token = torch.zeros(mask.shape, dtype=per_token.dtype, device=per_token.device).masked_scatter(mask, per_token)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)   # summed as (B, T-1): the same float as before
 
 
 def npo_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
