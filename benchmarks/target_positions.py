@@ -3,29 +3,22 @@ step) with the cross-entropy and IHL softmaxes over every position of the batch,
 the target positions only, as now (`loku.losses.token_logprobs`, `inverted_hinge_loss`). The demo's retain batch
 is 20 rows of 12 to 81 tokens: 895 of its 1620 positions are tokens, the rest padding; its forget batch's targets
 are the private values only. Alternating runs in one process, on one model (a leaked one saved by
-`benchmarks/demo_tuning.py leak DIR`, or the pretrained `smollm2-135m`); the adapters of the two must be
-bit-identical.
+`benchmarks/demo_tuning.py leak DIR`); the adapters of the two must be bit-identical (`demo_epochs.py`).
 
     python benchmarks/target_positions.py DIR [--seed 0 --epochs 2 --rounds 2]   # --seed: the leak's (the people)
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 
+from demo_epochs import arguments, compare
 from loku import losses
-from loku.demo import DemoConfig, forget, make_groups
-from loku.io import write_json
 from loku.methods import hinge
-from loku.models import load_model
 
 RESULTS = Path(__file__).parent / "results" / "target_positions.json"
 
@@ -52,52 +45,16 @@ def inverted_hinge_loss_every_position(logits, labels, ignore_index=losses.IGNOR
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
-def run(path: str, seed: int, epochs: int, before: bool) -> tuple[list[float], dict]:
-    """(seconds of each epoch's optimizer steps, the adapters); `before`: the losses as they ran before."""
+@contextmanager
+def softmax_over_every_position():
     now = losses.token_logprobs, hinge.inverted_hinge_loss
-    if before:
-        losses.token_logprobs, hinge.inverted_hinge_loss = token_logprobs_every_position, \
-            inverted_hinge_loss_every_position
+    losses.token_logprobs, hinge.inverted_hinge_loss = token_logprobs_every_position, inverted_hinge_loss_every_position
     try:
-        cfg = DemoConfig(seed=seed, unlearn_max_epochs=epochs)
-        model, tokenizer = load_model(path)
-        saved = Path(path, "unknown.json")
-        unknown = json.loads(saved.read_text()) if saved.is_file() else []
-        never = {"unseen_memorization": 0.0, "general_ppl": float("inf")}   # no stop before the last epoch
-        result, _, _ = forget(model, tokenizer, make_groups(cfg), cfg, [], Console(quiet=True), leaked=never,
-                              out=None, unknown=unknown)
+        yield
     finally:
         losses.token_logprobs, hinge.inverted_hinge_loss = now
-    lora = {k: v.clone() for k, v in result.model.state_dict().items() if "lora_" in k}
-    return [h["seconds"] for h in result.history], lora
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("path")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=2)
-    args = ap.parse_args()
-    rows, adapters = [], {}
-    for r in range(args.rounds):
-        for before in (True, False):
-            t0 = time.time()
-            seconds, adapters[before] = run(args.path, args.seed, args.epochs, before)
-            rows.append({"round": r, "softmax over": "every position" if before else "target positions",
-                         "epoch_seconds": seconds, "wall": round(time.time() - t0, 1)})
-            print(rows[-1], flush=True)
-    identical = adapters[True].keys() == adapters[False].keys() and all(
-        torch.equal(adapters[True][k], adapters[False][k]) for k in adapters[True])
-    mean = {k: sum(sum(x["epoch_seconds"]) for x in rows if x["softmax over"] == k) / args.rounds
-            for k in ("every position", "target positions")}
-    summary = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "model": args.path, "seed": args.seed, "epochs": args.epochs, "rounds": rows, "training_seconds": mean,
-               "ratio_now_over_before": round(mean["target positions"] / mean["every position"], 3),
-               "adapters_identical": identical}
-    write_json(RESULTS, summary)
-    print(summary)
 
 
 if __name__ == "__main__":
-    main()
+    compare(arguments(__doc__), softmax_over_every_position, "softmax over", ("every position", "target positions"),
+            RESULTS)
