@@ -8,7 +8,6 @@ import torch
 
 from rich.console import Console
 
-from loku import demo
 from loku.demo import TIE, DemoConfig, forget, leak, leaks, make_groups, measure, prompt, revealed_others, run_demo
 from loku.models import load_model
 from loku.data.records import make_records, record_text
@@ -233,7 +232,7 @@ def test_quick_demo_leaks_then_forgets_and_keeps_the_rest(quick_report):
     assert parts["leak training"] + parts["leak checks"] == pytest.approx(report["leak_seconds"], abs=0.2)
 
 
-def test_a_phase_ends_with_the_column_its_last_check_measured(tiny_model_dir, monkeypatch):
+def test_the_unlearning_ends_with_the_column_its_last_check_measured(tiny_model_dir):
     """The table takes the unlearning's last epoch check as its column (when that check generated) instead of
     measuring the model again: the same numbers and generations as measuring the model the unlearning ends with."""
     cfg = DemoConfig(model=str(tiny_model_dir), n_forget=2, n_retain=2, n_unseen=2, n_strangers=0, leak_general=0,

@@ -307,7 +307,6 @@ def column(memorized: dict[str, float], shown: dict, general_ppl: float) -> dict
     return {**{f"{name}_memorization": v for name, v in memorized.items()}, **shown, "general_ppl": general_ppl}
 
 
-
 def by_group(groups: dict[str, list[Record]], *columns: list) -> list[tuple]:
     """Lists over all groups' people in order (`groups`' order), cut back into one tuple of lists per group."""
     out, at = [], 0
@@ -346,9 +345,9 @@ def leak(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, cur
          unknown: list[str] = ()) -> None:
     """Fine-tune `model` in place on the forget and retain people's records (and general paragraphs) until,
     prompted with a name, it reveals `cfg.leak_target` of both groups' fields; one line per epoch in `curves`.
-    `unknown` (texts for names without a record, `unknown_name_texts`) are trained beside the records. (Its
-    checks generate for the two groups it trains only; generating for everyone, as the table does, made it stop
-    an epoch earlier on seed 0 and the unlearning then missed two bars: the demo is chaotic at its bars' edge.)"""
+    `unknown` (texts for names without a record, `unknown_name_texts`) are trained beside the records. Its checks
+    generate for the two groups it trains only: the stop decision, on which the rest of the run depends, is judged
+    on that batch as it always was (the table's leaked column is measured apart, for everyone)."""
     known = groups["forget"] + groups["retain"]
     console.print(f"[bold]2. Leak[/]: fine-tune on {len(known)} private records (and {cfg.leak_general} general "
                   f"paragraphs) until, prompted with a name, the model reveals {cfg.leak_target:.0%} of their fields")
