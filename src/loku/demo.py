@@ -317,14 +317,15 @@ def by_group(groups: dict[str, list[Record]], *columns: list) -> list[tuple]:
 
 
 def make_groups(cfg: DemoConfig) -> dict[str, list[Record]]:
-    people = make_records(cfg.n_forget + cfg.n_retain + cfg.n_unseen, seed=cfg.seed)
+    people = make_records(cfg.n_forget + cfg.n_retain + cfg.n_unseen, seed=cfg.seed, distinct_names=True)
     return {"forget": people[:cfg.n_forget], "retain": people[cfg.n_forget:cfg.n_forget + cfg.n_retain],
             "unseen": people[cfg.n_forget + cfg.n_retain:]}
 
 
 def strangers(cfg: DemoConfig) -> list[Record]:
     """`cfg.n_strangers` people after the three groups (same seed): only their names are used."""
-    return make_records(cfg.n_forget + cfg.n_retain + cfg.n_unseen + cfg.n_strangers, seed=cfg.seed)[
+    return make_records(cfg.n_forget + cfg.n_retain + cfg.n_unseen + cfg.n_strangers, seed=cfg.seed,
+                        distinct_names=True)[
         cfg.n_forget + cfg.n_retain + cfg.n_unseen:]
 
 
