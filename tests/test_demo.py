@@ -51,6 +51,23 @@ def test_leak_generation_reaches_the_last_field(tokenizer):
     assert leaks(parrot, tokenizer, [longest], max_new_tokens=short)[0] == [0.8]
 
 
+def test_demo_people_share_no_first_or_last_name():
+    """With --distinct-names the demo's 24 people (three groups and the strangers) never share a first or a last name while the word
+    lists last, and a shorter draw is the start of a longer one (the strangers follow the groups)."""
+    from loku.demo import everyone, strangers
+
+    for seed in (0, 1, 7):
+        cfg = DemoConfig(seed=seed, distinct_names=True)
+        people = everyone(make_groups(cfg)) + strangers(cfg)
+        assert people == make_records(24, seed=seed, distinct_names=True)
+        assert everyone(make_groups(DemoConfig(seed=seed))) == make_records(18, seed=seed)   # the default draw
+        firsts, lasts = zip(*(r.name.split() for r in people))
+        assert len(set(firsts)) == len(set(lasts)) == 24
+        assert make_records(18, seed=seed, distinct_names=True) == people[:18]
+        more = make_records(30, seed=seed, distinct_names=True)   # past the lists: names repeat, people do not
+        assert more[:24] == people and len({r.name for r in more}) == 30
+
+
 def test_revealed_others_names_only_identifying_fields():
     a, b, c = make_records(3, seed=11)
     texts = [record_text(b)[len(prompt(b)):],                      # b's whole record under a's name

@@ -71,6 +71,10 @@ class DemoConfig(Config):
     n_unseen: int = setting(6, "People the model never sees (the never-seen level).", group="Data",
                             bound="positive")
     seed: int = setting(0, "Seed of the records and training.", group="Training")
+    distinct_names: bool = setting(False, "No two of the demo's people (the groups and the strangers) share a first or "
+                                   "a last name (other people than the default's for the same seed): a forgotten "
+                                   "person then has no namesake to fall back on (README: the demo, its trials).",
+                                   group="Data")
     leak_lr: float = setting(3e-4, "Learning rate of the leak fine-tune.", group="Training", bound="positive")
     leak_modules: str = setting("mlp", "What the leak fine-tune trains: mlp (the MLP blocks, where a transformer "
                                 "stores facts; general text suffers least) or all (every weight).",
@@ -317,14 +321,16 @@ def by_group(groups: dict[str, list[Record]], *columns: list) -> list[tuple]:
 
 
 def make_groups(cfg: DemoConfig) -> dict[str, list[Record]]:
-    people = make_records(cfg.n_forget + cfg.n_retain + cfg.n_unseen, seed=cfg.seed)
+    people = make_records(cfg.n_forget + cfg.n_retain + cfg.n_unseen, seed=cfg.seed,
+                          distinct_names=cfg.distinct_names)
     return {"forget": people[:cfg.n_forget], "retain": people[cfg.n_forget:cfg.n_forget + cfg.n_retain],
             "unseen": people[cfg.n_forget + cfg.n_retain:]}
 
 
 def strangers(cfg: DemoConfig) -> list[Record]:
     """`cfg.n_strangers` people after the three groups (same seed): only their names are used."""
-    return make_records(cfg.n_forget + cfg.n_retain + cfg.n_unseen + cfg.n_strangers, seed=cfg.seed)[
+    return make_records(cfg.n_forget + cfg.n_retain + cfg.n_unseen + cfg.n_strangers, seed=cfg.seed,
+                        distinct_names=cfg.distinct_names)[
         cfg.n_forget + cfg.n_retain + cfg.n_unseen:]
 
 

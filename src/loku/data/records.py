@@ -36,12 +36,18 @@ class Record:
     account: str
 
 
-def make_records(n: int, seed: int = 0) -> list[Record]:
-    """`n` distinct fictitious people; the same seed always gives the same people."""
+def make_records(n: int, seed: int = 0, distinct_names: bool = False) -> list[Record]:
+    """`n` distinct fictitious people; the same seed always gives the same people (and `make_records(m)` the first
+    `m` of `make_records(n)`). With `distinct_names`, no two of them share a first or a last name while the lists
+    last (24 people): a model that must forget one "Zofia" otherwise has another "Zofia" to fall back on."""
     rng = random.Random(seed)
-    out, seen = [], set()
+    out, seen, firsts, lasts = [], set(), [], []
     while len(out) < n:
-        first, last = rng.choice(FIRST), rng.choice(LAST)
+        if distinct_names:
+            firsts, lasts = firsts or list(FIRST), lasts or list(LAST)
+            first, last = firsts.pop(rng.randrange(len(firsts))), lasts.pop(rng.randrange(len(lasts)))
+        else:
+            first, last = rng.choice(FIRST), rng.choice(LAST)
         if (first, last) in seen and len(seen) < len(FIRST) * len(LAST):
             continue
         seen.add((first, last))
