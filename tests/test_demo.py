@@ -52,8 +52,9 @@ def test_leak_generation_reaches_the_last_field(tokenizer):
 
 
 def test_demo_people_share_no_first_or_last_name():
-    """With --distinct-names the demo's 24 people (three groups and the strangers) never share a first or a last name while the word
-    lists last, and a shorter draw is the start of a longer one (the strangers follow the groups)."""
+    """With --distinct-names the demo's 24 people (three groups and the strangers) never share a first or a last
+    name while the word lists last, and a shorter draw is the start of a longer one (the strangers follow the
+    groups); without it the draw is the default one."""
     from loku.demo import everyone, strangers
 
     for seed in (0, 1, 7):
