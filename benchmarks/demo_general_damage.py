@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from rich.console import Console
 
-from loku.demo import GENERAL_TEXT, DemoConfig, forget, make_groups
+from demo_epochs import NEVER
+from demo_tuning import settings
+from loku.demo import GENERAL_TEXT, forget, make_groups
 from loku.models import load_model
 
 RESULTS = Path(__file__).parent / "results" / "demo_general_damage.jsonl"
@@ -42,15 +43,12 @@ def token_nll(model, tokenizer) -> list[tuple[str, float]]:
 
 
 def main(path: str, epochs: str, *overrides: str) -> None:
-    pairs = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)}
-    cfg = DemoConfig(unlearn_max_epochs=int(epochs), **{k: v for k, v in pairs.items() if "." not in k})
-    settings = {k.removeprefix("unlearn."): v for k, v in pairs.items() if k.startswith("unlearn.")}
+    cfg, unlearn_settings = settings(overrides, unlearn_max_epochs=int(epochs))
     model, tokenizer = load_model(path)
-    leaked = {**json.loads(Path(path, "leaked.json").read_text()), "unseen_memorization": -1.0}   # never stops
     unknown = json.loads(Path(path, "unknown.json").read_text())[:cfg.n_strangers]
     before, curves, t0 = token_nll(model, tokenizer), [], time.time()
-    result, _, _ = forget(model, tokenizer, make_groups(cfg), cfg, curves, Console(quiet=True), leaked, None,
-                          unknown, **settings)
+    result, _, _ = forget(model, tokenizer, make_groups(cfg), cfg, curves, Console(quiet=True), NEVER, None,
+                          unknown, **unlearn_settings)
     after = token_nll(result.model, tokenizer)
     delta = [b[1] - a[1] for a, b in zip(before, after)]
     worst = sorted(zip(delta, before, after), key=lambda d: -d[0])[:10]

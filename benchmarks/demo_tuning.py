@@ -27,11 +27,17 @@ from loku.models import load_model
 RESULTS = Path(__file__).parent / "results" / "demo_tuning.jsonl"
 
 
-def main(phase: str, path: str, *overrides: str) -> None:
+def settings(overrides: tuple[str, ...], **defaults) -> tuple[DemoConfig, dict]:
+    """The DemoConfig that `key=value` overrides (over `defaults`) give, and the unlearning's own fields
+    (`unlearn.key=value`)."""
     pairs = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)}
-    cfg = DemoConfig(**{k: v for k, v in pairs.items() if not k.startswith("unlearn.")})
-    unlearn_settings = {k.removeprefix("unlearn."): v for k, v in pairs.items() if k.startswith("unlearn.")}
+    cfg = DemoConfig(**{**defaults, **{k: v for k, v in pairs.items() if not k.startswith("unlearn.")}})
     cfg.check()
+    return cfg, {k.removeprefix("unlearn."): v for k, v in pairs.items() if k.startswith("unlearn.")}
+
+
+def main(phase: str, path: str, *overrides: str) -> None:
+    cfg, unlearn_settings = settings(overrides)
     console, groups, curves = Console(), make_groups(cfg), []
     t0, c0 = time.time(), time.process_time()
     line = {"phase": phase, "settings": dict(o.split("=", 1) for o in overrides), "dir": path}

@@ -320,17 +320,20 @@ def by_group(groups: dict[str, list[Record]], *columns: list) -> list[tuple]:
     return out
 
 
+def draw_people(cfg: DemoConfig, n: int) -> list[Record]:
+    """The demo's first `n` people: the three groups, then the strangers."""
+    return make_records(n, seed=cfg.seed, distinct_names=cfg.distinct_names)
+
+
 def make_groups(cfg: DemoConfig) -> dict[str, list[Record]]:
-    people = make_records(cfg.n_forget + cfg.n_retain + cfg.n_unseen, seed=cfg.seed,
-                          distinct_names=cfg.distinct_names)
-    return {"forget": people[:cfg.n_forget], "retain": people[cfg.n_forget:cfg.n_forget + cfg.n_retain],
-            "unseen": people[cfg.n_forget + cfg.n_retain:]}
+    drawn = draw_people(cfg, cfg.n_forget + cfg.n_retain + cfg.n_unseen)
+    return {"forget": drawn[:cfg.n_forget], "retain": drawn[cfg.n_forget:cfg.n_forget + cfg.n_retain],
+            "unseen": drawn[cfg.n_forget + cfg.n_retain:]}
 
 
 def strangers(cfg: DemoConfig) -> list[Record]:
     """`cfg.n_strangers` people after the three groups (same seed): only their names are used."""
-    return make_records(cfg.n_forget + cfg.n_retain + cfg.n_unseen + cfg.n_strangers, seed=cfg.seed,
-                        distinct_names=cfg.distinct_names)[
+    return draw_people(cfg, cfg.n_forget + cfg.n_retain + cfg.n_unseen + cfg.n_strangers)[
         cfg.n_forget + cfg.n_retain + cfg.n_unseen:]
 
 
