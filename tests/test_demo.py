@@ -197,11 +197,11 @@ def quick_report(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
     # The tiny model learns too little through its MLPs alone in a few epochs: it trains whole (leak and unlearning),
     # on records only, for 20 epochs; the unlearning keeps the retain records by cross-entropy alone (the real demo's
-    # ce+kl also holds the leaked model's distribution, which the tiny model's small gap cannot afford), without
-    # strangers (the real demo's 6).
+    # held+kl also holds the leaked model's distribution, which the tiny model's small gap cannot afford), with the
+    # same 16 general sentences every step (the real demo streams 8 a step from 64), without strangers (its 6).
     cfg = DemoConfig(out=str(out), model=str(tiny_model_dir), leak_lr=3e-3, leak_modules="all", unlearn_lr=3e-3,
                      ihl_retain_loss="ce", n_strangers=0,
-                     unlearn_modules="all", retain_general=16, mixed_precision="no",
+                     unlearn_modules="all", retain_general=16, retain_pool=16, mixed_precision="no",
                      **{**DemoConfig.quick_overrides(), "leak_general": 0, "leak_max_epochs": 20,
                         "unlearn_max_epochs": 4})
     return run_demo(cfg), out

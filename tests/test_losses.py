@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from loku.config import UnlearnConfig
-from loku.losses import (METHODS, LossInputs, cross_entropy, global_mean_scales, inverted_hinge_loss, kl_divergence,
-                         loss_units, method_loss, sequence_logprob, simnpo_loss, unit_counts)
+from loku.losses import (METHODS, LossInputs, cross_entropy, global_mean_scales, held_cross_entropy,
+                         inverted_hinge_loss, kl_divergence, loss_units, method_loss, sequence_logprob, simnpo_loss,
+                         unit_counts)
 
 
 def ihl_reference(logits, labels, ignore_index=-100):
@@ -117,6 +118,30 @@ def test_ihl_ce_plus_kl_retain_is_the_sum_of_its_two_terms():
     assert terms["ce"].item() == pytest.approx(0.5 * ce_r.item(), rel=1e-6)
     assert terms["kl"].item() == pytest.approx(0.5 * kl_r.item(), rel=1e-6)
     assert terms["ce+kl"].item() == pytest.approx(0.5 * (ce_r.item() + kl_r.item()), rel=1e-6)
+
+
+def test_held_cross_entropy_pulls_back_only_the_tokens_that_fell_below_the_reference():
+    """held: mean over target tokens of max(0, log p_ref(y) - log p(y)), by hand on two rows; its gradient
+    reaches only the fallen tokens, and ihl's held / held+kl retain terms are it (plus the token KL)."""
+    ref = torch.log(torch.tensor([[[0.5, 0.3, 0.2], [0.2, 0.6, 0.2], [0.3, 0.3, 0.4]]]))
+    cur = torch.log(torch.tensor([[[0.4, 0.4, 0.2], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]])).requires_grad_(True)
+    labels = torch.tensor([[9, 1, 0]])   # position 0 predicts labels[1] = 1 (0.3 -> 0.4: rose), 1 predicts 0 (0.2 -> 0.1)
+    loss = held_cross_entropy(cur, ref, labels)
+    assert loss.item() == pytest.approx((0.0 + math.log(0.2 / 0.1)) / 2, rel=1e-6)
+    loss.backward()
+    assert cur.grad[0, 0].abs().sum() == 0 and cur.grad[0, 1].abs().sum() > 0 and cur.grad[0, 2].abs().sum() == 0
+    assert held_cross_entropy(ref, ref, labels).item() == 0.0   # the start model loses nothing
+
+    x = _inputs(5)
+    x.ref_retain_logits = x.retain_logits + torch.randn(x.retain_logits.shape, generator=torch.Generator().manual_seed(6))
+    held = held_cross_entropy(x.retain_logits, x.ref_retain_logits, x.retain_labels)
+    kl_r = kl_divergence(x.ref_retain_logits, x.retain_logits, x.retain_labels, "tokens")
+    assert 0 < held.item() < cross_entropy(x.retain_logits, x.retain_labels).item()
+    terms = {name: method_loss(METHODS["ihl"], x, UnlearnConfig(retain_weight=0.5, ihl_retain_loss=name))["retain"]
+             for name in ("held", "held+kl")}
+    assert terms["held"].item() == pytest.approx(0.5 * held.item(), rel=1e-6)
+    assert terms["held+kl"].item() == pytest.approx(0.5 * (held.item() + kl_r.item()), rel=1e-6)
+    assert METHODS["ihl"].uses_reference(UnlearnConfig(ihl_retain_loss="held"))
 
 
 def test_every_method_hand_checked_composition():

@@ -10,6 +10,7 @@ from loku import UnlearnConfig, unlearn
 from loku.data.batches import PairedBatches, collate
 from loku.data.records import make_records, record_text
 from loku.data.text import tokenize_examples
+from loku.errors import LokuError
 from loku.finetune import finetune
 
 RECORDS = [record_text(r) for r in make_records(32, seed=7)]
@@ -131,6 +132,35 @@ def test_paired_batches_are_seeded_and_cover_forget(tokenizer):
     assert any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(again, other))
     resumed = list(pb.epoch(0, start_step=2))
     assert torch.equal(resumed[0][0]["input_ids"], list(pb.epoch(0))[2][0]["input_ids"])
+
+
+def test_retain_every_step_keeps_the_first_examples_in_every_batch_and_streams_the_rest(tokenizer):
+    """every_step=2 of a retain batch of 5: rows 0 and 1 of the retain set open every batch; the other 3 rows
+    cycle through the remaining 20 examples, each once per pass, in a seeded order a resumed run repeats.
+    0 streams everything, as before; too large a number is refused before anything is loaded."""
+    feats = tokenize_examples([{"text": t} for t in RECORDS], tokenizer, 64)
+    forget, retain = feats[:10], feats[10:]
+    ids = {tuple(x["input_ids"]): i for i, x in enumerate(retain)}
+
+    def rows(batches, epoch=0, start_step=0):
+        return [[ids[tuple(row[m.bool()].tolist())] for row, m in zip(r["input_ids"], r["attention_mask"])]
+                for _, r in batches.epoch(epoch, start_step)]
+
+    pb = PairedBatches(forget, retain, 2, 0, seed=3, retain_batch_size=5, every_step=2)
+    steps = rows(pb) + rows(pb, 1)                                   # 10 steps: 30 streamed rows
+    assert all(r[:2] == [0, 1] for r in steps)
+    streamed = [i for r in steps for i in r[2:]]
+    assert sorted(streamed[:20]) == list(range(2, 22)) and all(i >= 2 for i in streamed)
+    assert rows(pb, 1, start_step=3) == rows(pb, 1)[3:]
+    plain = PairedBatches(forget, retain, 2, 0, seed=3, retain_batch_size=5)
+    assert rows(plain) == rows(PairedBatches(forget, retain, 2, 0, seed=3, retain_batch_size=5, every_step=0))
+    assert not all(r[:2] == [0, 1] for r in rows(plain))
+
+    with pytest.raises(LokuError, match="leaves no room in a retain batch of 4"):
+        UnlearnConfig(forget="f.txt", retain_every_step=4, retain_batch_size=4)
+    with pytest.raises(LokuError, match="needs a retain set larger than that"):
+        unlearn(UnlearnConfig(retain_every_step=3, retain_batch_size=8), tiny_llama(len(tokenizer)), tokenizer,
+                progress=False, forget=FORGET[:2], retain=RETAIN[:3])
 
 
 def test_collate_masks_padding():

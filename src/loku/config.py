@@ -71,6 +71,10 @@ class UnlearnConfig(Config):
                               bound="positive")
     retain_batch_size: int | None = setting(None, "Retain examples per micro-batch.", group=TRAINING,
                                             bound="positive", default_text="--batch-size")
+    retain_every_step: int = setting(0, "The first N retain examples join every retain batch (the data the "
+                                     "forget steps threaten most, e.g. records like the forgotten ones); the rest "
+                                     "of each batch streams through the other retain examples.", group=TRAINING,
+                                     bound="non-negative", default_text="0: every retain example streams")
     grad_accum: int = setting(1, "Micro-batches per optimizer step.", group=TRAINING, bound="positive")
     warmup_steps: int = setting(0, "Linear warmup, in optimizer steps.", group=TRAINING, bound="non-negative")
     weight_decay: float = setting(0.0, "AdamW weight decay.", group=TRAINING, bound="non-negative")
@@ -118,6 +122,11 @@ class UnlearnConfig(Config):
         if self.init not in ("auto", "default") and not self.lora:
             raise LokuError(f"--init {self.init} initialises LoRA adapters: drop --full or use --init default")
         self.check_until()
+        retain_batch = self.retain_batch_size or self.batch_size
+        if self.retain_every_step and self.retain_every_step >= retain_batch:
+            raise LokuError(f"--retain-every-step {self.retain_every_step} leaves no room in a retain batch of "
+                            f"{retain_batch} for the streamed examples: pass --retain-batch-size above "
+                            f"{self.retain_every_step}, or a smaller --retain-every-step")
         if self.lora_targets is not None and not self.lora_targets:
             raise LokuError("lora_targets is empty: name at least one module (e.g. q_proj,v_proj), or leave it "
                             "out for every linear layer")

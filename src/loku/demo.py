@@ -83,8 +83,13 @@ class DemoConfig(Config):
                                 "a training set: the model keeps its general language), a batch of them with each "
                                 "batch of records, drawn from a stream that cycles across epochs.", group="Data",
                                 bound="non-negative")
-    retain_general: int = setting(8, "Of those sentences, how many the unlearning keeps beside the retain "
-                                  "people's records (retain records).", group="Data", bound="non-negative")
+    retain_general: int = setting(8, "General sentences in each unlearning step's retain batch, beside the retain "
+                                  "people's records and the strangers' texts (retain records).", group="Data",
+                                  bound="non-negative")
+    retain_pool: int = setting(64, "General sentences those are drawn from, a different few each step (a stream "
+                               "that cycles; at most --retain-general: the same ones every step). A held retain term "
+                               "keeps only what it sees: a wider stream holds more of the model's general text.",
+                               group="Data", bound="non-negative")
     leak_batch_size: int = setting(4, "Batch size of the leak fine-tune.", group="Training", bound="positive")
     leak_max_epochs: int = setting(16, "Most epochs of the leak fine-tune (its learning rate decays over them; it "
                                    "stops once the records leak).", group="Training", bound="positive")
@@ -93,7 +98,8 @@ class DemoConfig(Config):
                                  bound="positive")
     unlearn_lr: float = setting(1.5e-3, "Learning rate of the unlearning.", group="Training", bound="positive")
     unlearn_batch_size: int = setting(4, "Forgotten records per step of the unlearning (with retain records, "
-                                      "every step keeps the whole retain set).", group="Training", bound="positive")
+                                      "every step keeps every retain person's record).", group="Training",
+                                      bound="positive")
     retain_weight: float = setting(3.0, "Coefficient of the unlearning's retain term.", group="Training",
                                    bound="non-negative")
     unlearn_max_epochs: int = setting(10, "Most epochs of the unlearning.", group="Training", bound="positive")
@@ -114,11 +120,13 @@ class DemoConfig(Config):
                                    "leak trained) or all (every linear layer but the head).", group="LoRA",
                                    choices=("mlp", "all"), kind="unlearn modules")
     method: str = setting("ihl", "Unlearning method (see `loku list methods`).", group="Method settings")
-    ihl_retain_loss: str = setting("ce+kl", "ihl's retain term (its --ihl-retain-loss): ce+kl keeps the retain "
-                                   "records (ce) and the leaked model's general next-token distribution (kl); with "
-                                   "ce alone the demo's general-text perplexity rose 1.32x (benchmarks/results/"
-                                   "demo_tuning.jsonl).", group="Method settings", choices=("ce", "kl", "ce+kl"),
-                                   kind="ihl retain loss")
+    ihl_retain_loss: str = setting("held+kl", "ihl's retain term (its --ihl-retain-loss): held+kl pulls back the "
+                                   "retain tokens that fell below the leaked model's probability (held) and keeps its "
+                                   "next-token distribution (kl), without fine-tuning the retain records further; "
+                                   "with ce alone the demo's general-text perplexity rose 1.32x, with ce+kl it stayed "
+                                   "within 1.03x but a forgotten person's generation could name a retain person "
+                                   "(benchmarks/results/demo_tuning.jsonl).", group="Method settings",
+                                   choices=("ce", "kl", "ce+kl", "held", "held+kl"), kind="ihl retain loss")
     retain: str = setting("records", "What the unlearning keeps: records (the rest of the leak's training set: "
                           "the retain people's records and the general paragraphs) or builtin (loku's built-in "
                           "general text, as `loku unlearn` without --retain).", group="Data",
@@ -418,13 +426,20 @@ def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, c
             and ppl <= ppl_limit
         return {"stop": done, **{f"{g}_memorization": v for g, v in row.items() if g in groups}}
 
-    retain = ([record_text(r) for r in groups["retain"]] + general_paragraphs(cfg.retain_general) + list(unknown)
-              if cfg.retain == "records" else None)   # None: loku's built-in general text
-    # records: every step keeps the whole retain set (a retain person's values are what a forget step hits)
+    # records: every step keeps every retain person's record and stranger's text (a retain person's values are what
+    # a forget step hits) and cfg.retain_general sentences, streamed from cfg.retain_pool (or the same ones)
+    batch = {"retain_batch_size": None}
+    retain = None   # loku's built-in general text
+    if cfg.retain == "records":
+        people = [record_text(r) for r in groups["retain"]] + list(unknown)
+        streamed = 0 < cfg.retain_general < cfg.retain_pool
+        retain = people + general_paragraphs(cfg.retain_pool if streamed else cfg.retain_general)
+        batch = {"retain_batch_size": len(people) + cfg.retain_general if streamed else len(retain),
+                 "retain_every_step": len(people) if streamed else 0}
     ucfg = UnlearnConfig(**{
         "model": cfg.model, "method": cfg.method, "lora_rank": cfg.lora_rank, "epochs": cfg.unlearn_max_epochs,
         "lr": cfg.unlearn_lr, "batch_size": cfg.unlearn_batch_size, "retain_weight": cfg.retain_weight,
-        "retain_batch_size": len(retain) if retain else None, "seed": cfg.seed,
+        **batch, "seed": cfg.seed,
         "mixed_precision": cfg.mixed_precision,
         "lora_targets": mlp_linear_names(model) if cfg.unlearn_modules == "mlp" else None,
         "out": str(out / "unlearned") if out is not None else "",

@@ -47,6 +47,18 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     return -(logp * mask).sum() / mask.sum().clamp(min=1)
 
 
+def held_cross_entropy(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over target tokens of max(0, log p_ref(y) - log p(y)): the cross-entropy a token LOST against the
+    frozen start model, zero where it is as likely as before or more. Pulls back only what fell, so a retain
+    batch the model already knows is held where it was instead of being fine-tuned further (plain ce keeps
+    raising its tokens' probability, which moves the rest of the model)."""
+    logp, mask = token_logprobs(logits, labels)
+    with torch.no_grad():
+        ref_logp, _ = token_logprobs(ref_logits, labels)
+    lost = (ref_logp - logp).clamp(min=0)
+    return (lost * mask).sum() / mask.sum().clamp(min=1)
+
+
 def pooled_cross_entropy(a_logits: torch.Tensor, a_labels: torch.Tensor, b_logits: torch.Tensor,
                          b_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The two batches' shares of ONE token mean over both: (sum_a / (n_a + n_b), sum_b / (n_a + n_b)).

@@ -59,6 +59,10 @@ def load_data(cfg: UnlearnConfig, method: Method, forget: list | None = None, re
         raise LokuError("the forget set is empty: give at least one example")
     # the list or file, else built-in general text for a method that needs one; refuses shared examples
     retain = settle_retain(cfg, method.needs_retain, forget, _as_examples(retain) if retain is not None else None)
+    if retain and cfg.retain_every_step and len(retain) <= cfg.retain_every_step:
+        raise LokuError(f"--retain-every-step {cfg.retain_every_step} keeps that many retain examples in every batch "
+                        f"and streams the rest: it needs a retain set larger than that (this one has {len(retain)}); "
+                        "pass --retain-batch-size to keep the whole set every step instead")
     if method.forget_answers in ("idk", "idk-pair"):   # idk-pair (dpo): the answer stays, the refusal is preferred
         from .data.idk import refusals as read_refusals
         from .data.idk import with_refusals

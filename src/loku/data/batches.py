@@ -31,14 +31,15 @@ def collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 class PairedBatches:
     """Every epoch visits each forget example once, in an order fixed by (seed, epoch); each forget
-    batch comes with a retain batch drawn from a shuffled, cycling stream. Being a pure function of
-    (seed, epoch, step), a resumed run sees exactly the batches it would have seen."""
+    batch comes with a retain batch drawn from a shuffled, cycling stream (`every_step`: the first that many
+    retain examples are in every retain batch, the stream fills the rest from the others). Being a pure function
+    of (seed, epoch, step), a resumed run sees exactly the batches it would have seen."""
 
     def __init__(self, forget: list[dict], retain: list[dict] | None, batch_size: int, pad_id: int,
-                 seed: int = 0, retain_batch_size: int | None = None):
+                 seed: int = 0, retain_batch_size: int | None = None, every_step: int = 0):
         self.forget, self.retain = forget, retain or None
         self.batch_size, self.pad_id, self.seed = batch_size, pad_id, seed
-        self.retain_batch_size = retain_batch_size or batch_size
+        self.retain_batch_size, self.every_step = retain_batch_size or batch_size, every_step
 
     def __len__(self) -> int:
         return math.ceil(len(self.forget) / self.batch_size)
@@ -57,11 +58,13 @@ class PairedBatches:
         n, k = len(self.retain), self.retain_batch_size
         if k == n:   # the whole set: in its own order, the same batch at every step
             return list(range(n))
+        fixed = self.every_step
+        n, k = n - fixed, k - fixed      # the stream: the examples after the fixed ones
         start = (epoch * len(self) + step) * k
-        out = []
+        out = list(range(fixed))
         for pos in range(start, start + k):
             cycle, offset = divmod(pos, n)
-            out.append(self._perm(n, 7919 + cycle)[offset])
+            out.append(fixed + self._perm(n, 7919 + cycle)[offset])
         return out
 
     def epoch(self, epoch: int, start_step: int = 0):

@@ -73,7 +73,7 @@ def run_batches(cfg, forget: list[dict], retain: list[dict] | None, tokenizer, w
     forget = tokenize_examples(forget, tokenizer, cfg.max_length, "forget", cfg.prompt_format)
     retain = tokenize_examples(retain, tokenizer, cfg.max_length, "retain", cfg.prompt_format) if retain else None
     return PairedBatches(forget, retain, cfg.batch_size * world, tokenizer.pad_token_id, cfg.seed,
-                         (cfg.retain_batch_size or cfg.batch_size) * world)
+                         (cfg.retain_batch_size or cfg.batch_size) * world, cfg.retain_every_step)
 
 
 def place_model(cfg, model, accelerator, engine):
