@@ -23,10 +23,12 @@ def cache(tmp_path_factory):
         os.environ["LOKU_CACHE"] = old
 
 
-def test_embedded_model_dequantized_once_then_cached(cache):
+def test_embedded_model_dequantized_once_then_cached(cache, capfd):
     gguf = embedded_gguf("smollm2-135m")
     size_before = gguf.stat().st_size
     model, tok = load_model("smollm2-135m")
+    out, err = capfd.readouterr()   # one line of loku's, no library progress bars
+    assert out.count("dequantizing SmolLM2") == 1 and "Converting" not in out + err and "Loading weights" not in err
     cached = list(cache.glob("*/model.safetensors"))
     assert len(cached) == 1 and not list(cache.glob(".tmp-*"))
     assert model.config.model_type == "llama" and model.num_parameters() > 100e6

@@ -3,6 +3,7 @@ embedded default `smollm2-135m` (a real 135M Llama-architecture model that ships
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -58,11 +59,31 @@ def _dequantized_dir(gguf: Path) -> Path:
     if _cache_complete(target):
         return target
     _remove_stale_tmp(target.parent)
-    model, tokenizer = _dequantize(gguf)
-    with atomic_dir(target, prefix=".tmp-") as tmp:   # replaces a half-written entry only when done
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    print(f"dequantizing {gguf.name} once into {target} (~20 s; later runs load it from there in seconds)",
+          flush=True)
+    with _quiet_local_load(True), _no_gguf_bar():   # one line instead of transformers' three progress bars
+        model, tokenizer = _dequantize(gguf)
+        with atomic_dir(target, prefix=".tmp-") as tmp:   # replaces a half-written entry only when done
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     return target
+
+
+@contextmanager
+def _no_gguf_bar():
+    """Without transformers' "Converting and de-quantizing GGUF tensors" bar: a plain tqdm in its GGUF module that
+    its progress-bar switch does not reach (left as it is if that module moves)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def _dequantize(gguf: Path):
