@@ -428,8 +428,7 @@ def forget(model, tokenizer, groups: dict[str, list[Record]], cfg: DemoConfig, c
 
     # records: every step keeps every retain person's record and stranger's text (a retain person's values are what
     # a forget step hits) and cfg.retain_general sentences, streamed from cfg.retain_pool (or the same ones)
-    batch = {"retain_batch_size": None}
-    retain = None   # loku's built-in general text
+    retain, batch = None, {}   # None: loku's built-in general text
     if cfg.retain == "records":
         people = [record_text(r) for r in groups["retain"]] + list(unknown)
         streamed = 0 < cfg.retain_general < cfg.retain_pool
