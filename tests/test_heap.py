@@ -5,9 +5,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "mallinfo2"),
-                           reason="glibc >= 2.33 (mallinfo2) only")
+glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "mallinfo2")
+                           or torch.accelerator.is_available(), reason="glibc >= 2.33 (mallinfo2), no GPU")
 
 # Allocates and frees a 100 MB tensor; prints whether loku's setting was applied, the bytes glibc had mapped
 # with mmap while the tensor lived, and the free bytes the heap held after it was freed.

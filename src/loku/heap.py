@@ -3,9 +3,10 @@
 glibc's malloc serves every allocation above 32 MB with a fresh mmap and unmaps it on free. A step's
 vocabulary-wide tensors are that large (SmolLM2-135M, 20 rows of 85 tokens: 334 MB of logits, and their
 softmax, gradient, ... each), so every step faulted in hundreds of MB of new pages: on the 2-core VMs
-loku is measured on, a forward+backward of that batch took 16-20 s, 11 s with the memory kept, and
-`loku demo --quick` (the same numbers to the last digit) 4:07 instead of 3:07 (README: speed).
-The process keeps its peak memory until it exits, which a command-line run does anyway.
+loku is measured on, a forward+backward of that batch took 13.8 s, 10.7 s with the memory kept
+(`benchmarks/heap.py`), and `loku demo` (the same numbers to the last digit) 10:50 instead of ~12:35.
+The process keeps its peak memory until it exits. Only without an accelerator: with one, those tensors live
+on it (under its own caching allocator), and host memory kept after loading a model there would be wasted.
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ from __future__ import annotations
 import ctypes
 import sys
 
+import torch
+
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4   # glibc's mallopt parameters (malloc.h)
 
 
 def keep_freed_memory() -> bool:
     """Serve large allocations from the heap and never trim it (glibc's MALLOC_MMAP_MAX_=0 and
-    MALLOC_TRIM_THRESHOLD_ set from inside the process). True if applied; False where the C library is
-    not glibc (macOS, Windows, musl), whose allocators need nothing from here."""
-    if not sys.platform.startswith("linux"):
+    MALLOC_TRIM_THRESHOLD_ set from inside the process). True if applied; False where a GPU (or another
+    accelerator) is present, or the C library is not glibc (macOS, Windows, musl), whose allocators need
+    nothing from here."""
+    if not sys.platform.startswith("linux") or torch.accelerator.is_available():
         return False
     try:
         libc = ctypes.CDLL(None)
