@@ -13,6 +13,7 @@ from .commands.options import config_command
 from .config import UnlearnConfig
 from .demo import DemoConfig, run_demo
 from .errors import LokuError
+from .heap import keep_freed_memory
 from .quiet import quiet_libraries
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -115,6 +116,7 @@ def _run() -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     quiet_libraries()
+    keep_freed_memory()   # a step's large tensors reuse the last step's memory (loku.heap)
     from .distributed import is_main, join_launch
 
     try:
