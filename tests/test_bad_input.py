@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import stat
+import struct
 from pathlib import Path
 
 import pytest
@@ -505,6 +506,16 @@ def test_bad_input(case, box, tiny_model_dir, capsys):
     assert snapshot(box.root, tiny_model_dir) == before, f"{case}: something was written or changed"
 
 
+def test_a_file_that_is_no_gguf_model_is_refused_before_any_output(box, capsys):
+    """Refused from its header, before the "dequantizing ... once" line: stdout stays empty, no cache is written."""
+    for name, data in (("empty.gguf", b""), ("text.gguf", b"not a model\n" * 4),
+                       ("no_tensors.gguf", b"GGUF" + struct.pack("<IQQ", 3, 0, 5))):
+        code, out, err = run_cli(box.args(model=box.file(name, data)), capsys)
+        why = one_error_line(code, err, "cannot read GGUF file", name)
+        assert out == "" and ("no GGUF header" in why or "holds no tensors" in why), (name, out, why)
+    assert not (box.root / "cache").exists()
+
+
 # ------------------------------------------------------------------------------------------- full disk
 
 def _enospc(written: Path, data: bytes):
@@ -589,7 +600,7 @@ def test_interrupted_dequantization_cache_is_rebuilt_not_loaded(tmp_path, monkey
     cache = tmp_path / "cache"
     monkeypatch.setenv("LOKU_CACHE", str(cache))
     gguf = tmp_path / "tiny.gguf"
-    gguf.write_bytes(b"GGUF stand-in")
+    gguf.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 1))   # a header (version 3, one tensor): a stand-in
     calls = []
     monkeypatch.setattr(models, "_dequantize", lambda path: calls.append(path) or (tiny_llama(len(tokenizer)),
                                                                                    tokenizer))

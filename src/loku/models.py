@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,6 +60,7 @@ def _dequantized_dir(gguf: Path) -> Path:
     if _cache_complete(target):
         return target
     _remove_stale_tmp(target.parent)
+    _check_gguf_header(gguf)   # a file that cannot be one is refused before the line below
     print(f"dequantizing {gguf.name} once into {target} (~20 s; later runs load it from there in seconds)",
           flush=True)
     with _quiet_local_load(True), _no_gguf_bar():   # one line instead of transformers' three progress bars
@@ -84,6 +86,23 @@ def _no_gguf_bar():
         yield
     finally:
         gguf_utils.tqdm = bar
+
+
+def _check_gguf_header(gguf: Path) -> None:
+    """Refuse, from its first 24 bytes, a file that is no GGUF model: no "GGUF" magic, or (versions 2 and 3,
+    little-endian: magic, version, tensor count, metadata count) no tensor. Anything else is left to the full
+    read, which names what it finds."""
+    with open(gguf, "rb") as f:
+        head = f.read(24)
+    why = None
+    if len(head) < 24 or head[:4] != b"GGUF":
+        why = "no GGUF header"
+    else:
+        version, n_tensors, _ = struct.unpack("<IQQ", head[4:])
+        if version in (2, 3) and n_tensors == 0:
+            why = "it holds no tensors"
+    if why:
+        raise LokuError(f"cannot read GGUF file {gguf} ({why}): it is damaged or not a model GGUF; download it again")
 
 
 def _dequantize(gguf: Path):
