@@ -94,15 +94,15 @@ def _check_gguf_header(gguf: Path) -> None:
     read, which names what it finds."""
     with open(gguf, "rb") as f:
         head = f.read(24)
-    why = None
     if len(head) < 24 or head[:4] != b"GGUF":
-        why = "no GGUF header"
-    else:
-        version, n_tensors, _ = struct.unpack("<IQQ", head[4:])
-        if version in (2, 3) and n_tensors == 0:
-            why = "it holds no tensors"
-    if why:
-        raise LokuError(f"cannot read GGUF file {gguf} ({why}): it is damaged or not a model GGUF; download it again")
+        raise _unreadable_gguf(gguf, "no GGUF header")
+    version, n_tensors, _ = struct.unpack("<IQQ", head[4:])
+    if version in (2, 3) and n_tensors == 0:
+        raise _unreadable_gguf(gguf, "it holds no tensors")
+
+
+def _unreadable_gguf(gguf: Path, why: str) -> LokuError:
+    return LokuError(f"cannot read GGUF file {gguf} ({why}): it is damaged or not a model GGUF; download it again")
 
 
 def _dequantize(gguf: Path):
@@ -114,9 +114,7 @@ def _dequantize(gguf: Path):
             gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (OSError, ValueError, KeyError, EOFError) as e:   # gguf's reader raises all of these on a bad file
-        why = _first_line(e).replace(str(gguf), "it")
-        raise LokuError(f"cannot read GGUF file {gguf} ({why}): it is damaged or not a model GGUF; "
-                        "download it again") from None
+        raise _unreadable_gguf(gguf, _first_line(e).replace(str(gguf), "it")) from None
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     return model, tokenizer
