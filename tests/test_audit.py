@@ -55,7 +55,7 @@ def test_audit_sees_a_memorized_forget_set(audit_files, tmp_path):
     assert "distinguishable from never-seen on 8 of 8 measures" in md and "| before attacks | forget set | EL10 |" in md
 
 
-def test_el_shares_the_teacher_forced_pass(audit_files):
+def test_el_shares_the_teacher_forced_pass(audit_files, capsys):
     """With EL_n, ES/EM/membership come from the pass that gives EL_n's cache: the same values as the separate
     teacher-forced pass of an audit without EL_n (to rounding: that pass batches rows by length, unpadded;
     MA exactly), and EL_n/MA those of the metric alone, row by row; also with the decode batches on worker
@@ -75,9 +75,12 @@ def test_el_shares_the_teacher_forced_pass(audit_files):
                                        with_kwargs=True)
     with_el = measure_set(model, s, st)["per_example"]
     hook.remove()
+    shown = capsys.readouterr().out   # EL_n's decoding shows a bar of its tokens (outside a terminal: its end)
+    assert "EL10 forget: decoding" in shown and "tokens" in shown
     lengths = [len(ids) for ids in s.sequences]
     assert sum(passes) == sum(-(-lengths.count(n) // 3) for n in set(lengths))  # one pass per batch, no other
     without = measure_set(model, s, Settings(**{**st.__dict__, "el": False}))["per_example"]
+    assert "decoding" not in capsys.readouterr().out   # no decoding, no bar
     assert set(with_el) == set(without) | {"el"}
     for name in set(without) - {"ma"}:
         assert with_el[name] == pytest.approx(without[name], rel=1e-5, abs=1e-6), name

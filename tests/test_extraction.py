@@ -174,6 +174,27 @@ def test_ragged_rows_too_short(trained):
         ragged_metrics(model, [rows[0], rows[1][:8]], N)
 
 
+def test_decode_progress_counts_every_token_decoded(trained):
+    """The decoding's progress (the bar of `loku audit` and `--until forgotten`): each length group's tokens are
+    planned before any of them is decoded, then each decode batch's are told as it ends, on worker threads too;
+    planned and decoded both add up to `decoded_tokens`, and the values are those without progress."""
+    model, rows = trained[:2]
+    ragged = [rows[i][:length] for i, length in RAGGED]
+    plain = ragged_metrics(model, ragged, N, decode_batch_size=3)
+    for workers in (1, 3):
+        calls = []
+        out = ragged_metrics(model, ragged, N, decode_batch_size=3, workers=workers,
+                             decode_progress=lambda planned, decoded: calls.append((planned, decoded)))
+        assert (out["ma"], out["el"], out["decoded_tokens"]) == (plain["ma"], plain["el"], plain["decoded_tokens"])
+        assert sum(p for p, _ in calls) == sum(d for _, d in calls) == out["decoded_tokens"] > 0
+        groups, batches = sum(bool(p) for p, _ in calls), sum(bool(d) for _, d in calls)
+        assert 1 < groups < batches   # length groups with something to decode, each of several batches
+        planned = decoded = 0
+        for p, d in calls:   # never more decoded than planned so far
+            planned, decoded = planned + p, decoded + d
+            assert decoded <= planned
+
+
 def test_memorized_beats_half_beats_none(trained):
     out = trained[-1]
     mean = {k: {m: float(out[m][idx].mean()) for m in ("ma", "el")} for k, idx in GROUPS.items()}

@@ -12,11 +12,13 @@ Under `accelerate launch` (DDP) each process measures every world-th example and
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ..distributed import map_items
+from ..distributed import is_main, map_items
 from ..metrics.extraction import (DECODE_BATCH, exact_memorization_from_logits, extraction_strength_from_logits,
                                   ragged_metrics)
 from ..metrics.forward import teacher_forced
@@ -44,7 +46,7 @@ class Settings:
     seed: int = 0
 
 
-def _examples(model, s: EvalSet, indices: list[int], st: Settings, reference_losses) -> list[dict]:
+def _examples(model, s: EvalSet, indices: list[int], st: Settings, reference_losses, decode_progress=None) -> list[dict]:
     """Per-example values for `indices` of `s` (one process's share). On text with EL_n, the teacher-forced
     pass that gives EL_n's KV cache and MA also gives ES, EM and the membership scores (one pass, not two)."""
     feats = [s.features[i] for i in indices]
@@ -63,7 +65,7 @@ def _examples(model, s: EvalSet, indices: list[int], st: Settings, reference_los
     if s.kind == "text" and st.el:   # rows of a length measured together, unpadded
         labels = [f["labels"] for f in feats]
         res = ragged_metrics(model, [f["input_ids"] for f in feats], st.n, batch_size=st.batch_size,
-                             decode_batch_size=st.decode_batch_size,
+                             decode_batch_size=st.decode_batch_size, decode_progress=decode_progress,
                              on_logits=lambda idx, logits: score(idx, logits.float(), torch.tensor(
                                  [labels[i] for i in idx], device=logits.device)))
         for o, ma, el in zip(out, res["ma"], res["el"]):
@@ -84,15 +86,34 @@ def _examples(model, s: EvalSet, indices: list[int], st: Settings, reference_los
     return out
 
 
-def measure_set(model, s: EvalSet, st: Settings, reference_losses: list[float] | None = None) -> dict:
+def measure_set(model, s: EvalSet, st: Settings, reference_losses: list[float] | None = None,
+                show: bool = True) -> dict:
     """{"per_example": {metric: [value per example]}, "mean": {metric: mean}, "seconds"}. Metrics: es, em, the
-    membership attacks of `st`, and for text ma and el (el only with st.el)."""
+    membership attacks of `st`, and for text ma and el (el only with st.el). EL_n's decoding (minutes on a CPU)
+    shows a progress bar of the tokens decoded (the main process's share; `show=False`: none)."""
     t0 = time.perf_counter()
-    rows = map_items(lambda idx: _examples(model, s, idx, st, reference_losses), range(len(s)))
+    with decoding_bar(f"EL{st.n} {s.name}", show and s.kind == "text" and st.el and is_main()) as progress:
+        rows = map_items(lambda idx: _examples(model, s, idx, st, reference_losses, progress), range(len(s)))
     names = list(rows[0]) if rows else []
     per = {name: [r[name] for r in rows] for name in names}
     return {"per_example": per, "mean": {k: sum(v) / len(v) for k, v in per.items()},
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+@contextmanager
+def decoding_bar(label: str, show: bool):
+    """A progress bar of decoded tokens; yields `progress(planned, decoded)` for `loku.metrics.greedy`: the total
+    grows as each group of rows plans its branches (None while no group has), the bar as batches end."""
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), disable=not show) as bar:
+        task = bar.add_task(f"{label}: decoding", total=None)
+
+        def progress(planned: int, decoded: int) -> None:
+            if planned:
+                bar.update(task, total=(bar.tasks[0].total or 0) + planned)
+            bar.update(task, advance=decoded)
+
+        yield progress
 
 
 def compare(forget: dict, unseen: dict, st: Settings) -> dict:

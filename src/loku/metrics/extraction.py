@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from ..errors import LokuError
 from ..models import model_device
 from .forward import check_features, per_feature
-from .greedy import (DECODE_BATCH, POOL_ROWS, GreedySuffixes, OnLogits, cache_kwarg, check_rows,  # noqa: F401
-                     eval_mode, greedy_suffixes)
+from .greedy import (DECODE_BATCH, POOL_ROWS, DecodeProgress, GreedySuffixes, OnLogits, cache_kwarg,  # noqa: F401
+                     check_rows, eval_mode, greedy_suffixes)
 
 
 def ngrams(tokens: list[int], n: int) -> list[tuple[int, ...]]:
@@ -79,15 +79,16 @@ def extraction_likelihood(model, input_ids, n: int = 10, *, batch_size: int = 8,
 
 
 def memorization_metrics(model, input_ids, n: int = 10, *, batch_size: int = 8, decode_batch_size: int = DECODE_BATCH,
-                         workers: int | None = None, on_logits: OnLogits | None = None) -> dict:
+                         workers: int | None = None, on_logits: OnLogits | None = None,
+                         decode_progress: DecodeProgress | None = None) -> dict:
     """MA and EL_n per row from one shared computation: {"ma": Tensor[B], "el": Tensor[B], "decoded_tokens": int}.
 
     The branches of all rows given are decoded together, on `workers` threads (`loku.metrics.greedy.greedy_suffixes`,
     which holds their full-pass KV cache meanwhile); `on_logits(row indices, logits)` sees every teacher-forced
-    pass."""
+    pass; `decode_progress(planned, decoded)` counts the tokens decoded (`greedy_suffixes`' progress)."""
     ids = check_rows(input_ids, n + 1, f"EL_{n}")
     suffixes = greedy_suffixes(model, ids, min_suffix=n, batch_size=batch_size, decode_batch_size=decode_batch_size,
-                               workers=workers, on_logits=on_logits)
+                               workers=workers, on_logits=on_logits, progress=decode_progress)
     ma = torch.tensor([sum(a == b for a, b in zip(g, x[1:])) / (len(x) - 1)
                        for x, g in zip(suffixes.input_ids, suffixes.greedy)], dtype=torch.float64)
     return {"ma": ma, "el": el_from_suffixes(suffixes, n), "decoded_tokens": suffixes.decoded_tokens}
@@ -103,12 +104,13 @@ def length_groups(lengths: list[int], size: int = POOL_ROWS) -> list[list[int]]:
 
 def ragged_metrics(model, rows: list[list[int]], n: int = 10, *, batch_size: int = 8,
                    decode_batch_size: int = DECODE_BATCH, pool_rows: int = POOL_ROWS, workers: int | None = None,
-                   on_logits: OnLogits | None = None, progress: Callable[[int], None] | None = None) -> dict:
+                   on_logits: OnLogits | None = None, progress: Callable[[int], None] | None = None,
+                   decode_progress: DecodeProgress | None = None) -> dict:
     """MA and EL_n of token rows of any lengths: {"ma": [per row], "el": [per row], "decoded_tokens"}.
 
     Rows of equal length are measured together, up to `pool_rows` at a time (no padding ever enters the
     metrics); `on_logits(indices into rows, logits (b, T, V))` sees every teacher-forced pass, `progress` is
-    told each group's size."""
+    told each group's size, `decode_progress(planned, decoded)` the tokens each group decodes."""
     for i, row in enumerate(rows):
         if len(row) < n + 1:
             raise LokuError(f"row {i} has {len(row)} tokens but EL_{n} needs at least {n + 1}: drop or lengthen it, "
@@ -117,7 +119,8 @@ def ragged_metrics(model, rows: list[list[int]], n: int = 10, *, batch_size: int
     for part in length_groups([len(r) for r in rows], pool_rows):
         seen = None if on_logits is None else (lambda idx, logits, part=part: on_logits([part[i] for i in idx], logits))
         out = memorization_metrics(model, torch.tensor([rows[i] for i in part]), n, batch_size=batch_size,
-                                   decode_batch_size=decode_batch_size, workers=workers, on_logits=seen)
+                                   decode_batch_size=decode_batch_size, workers=workers, on_logits=seen,
+                                   decode_progress=decode_progress)
         for i, a, e in zip(part, out["ma"].tolist(), out["el"].tolist()):
             ma[i], el[i] = a, e
         decoded += out["decoded_tokens"]

@@ -195,12 +195,13 @@ def parallel_map(fn, jobs: list, workers: int) -> list:
 
 
 OnLogits = Callable[[list[int], torch.Tensor], None]
+DecodeProgress = Callable[[int, int], None]   # (tokens newly planned, tokens newly decoded)
 
 
 @torch.no_grad()
 def greedy_suffixes(model, input_ids, *, min_suffix: int = 1, batch_size: int = 8,
                     decode_batch_size: int = DECODE_BATCH, workers: int | None = None,
-                    on_logits: OnLogits | None = None) -> GreedySuffixes:
+                    on_logits: OnLogits | None = None, progress: DecodeProgress | None = None) -> GreedySuffixes:
     """Greedy continuations (never stopping at EOS) of every prefix x_<t, t = 1..T-min_suffix, of each row.
 
     One forward pass per `batch_size` rows gives the greedy tokens and the KV cache (kept for all the rows
@@ -208,7 +209,9 @@ def greedy_suffixes(model, input_ids, *, min_suffix: int = 1, batch_size: int = 
     pass's logits, so other per-token metrics need no pass of their own. The divergence points that prefixes
     need, of all rows together, are then decoded in batches of `decode_batch_size`, on `workers` threads
     (default: torch.get_num_threads() on CPU, 1 elsewhere). Values equal those of a plain per-prefix greedy
-    loop except where two logits tie to rounding error (padding and batching change the order of float sums)."""
+    loop except where two logits tie to rounding error (padding and batching change the order of float sums).
+    `progress(planned, decoded)` is told the tokens to decode once they are planned, then each batch's as it ends
+    (from the worker threads)."""
     ids = check_rows(input_ids, 2, "greedy continuation")
     cache_kw, T = cache_kwarg(model), ids.shape[1]
     device = model_device(model)
@@ -234,11 +237,16 @@ def greedy_suffixes(model, input_ids, *, min_suffix: int = 1, batch_size: int = 
                       reverse=True)
         parts = [todo[i:i + decode_batch_size] for i in range(0, len(todo), decode_batch_size)]
         parts.sort(key=lambda part: -sum(T - 1 - d for d, _ in part))  # most decoding first: workers end together
+        if progress is not None:
+            progress(sum(T - 1 - d for d, _ in todo), 0)
 
         def decode(part):
             starts = torch.tensor([d for d, _ in part], device=device)  # (n,) descending
             rows = torch.tensor([b for _, b in part], device=device)  # (n,)
-            return decode_branches(model, kv, rows, starts, greedy[rows, starts - 1], T, cache_kw)
+            out = decode_branches(model, kv, rows, starts, greedy[rows, starts - 1], T, cache_kw)
+            if progress is not None:
+                progress(0, out[1])
+            return out
 
         for part, (conts, decoded) in zip(parts, parallel_map(decode, parts, workers)):
             result.decoded_tokens += decoded
