@@ -86,13 +86,12 @@ def _examples(model, s: EvalSet, indices: list[int], st: Settings, reference_los
     return out
 
 
-def measure_set(model, s: EvalSet, st: Settings, reference_losses: list[float] | None = None,
-                show: bool = True) -> dict:
+def measure_set(model, s: EvalSet, st: Settings, reference_losses: list[float] | None = None) -> dict:
     """{"per_example": {metric: [value per example]}, "mean": {metric: mean}, "seconds"}. Metrics: es, em, the
     membership attacks of `st`, and for text ma and el (el only with st.el). EL_n's decoding (minutes on a CPU)
-    shows a progress bar of the tokens decoded (the main process's share; `show=False`: none)."""
+    shows a progress bar of the tokens decoded (the main process's share)."""
     t0 = time.perf_counter()
-    with decoding_bar(f"EL{st.n} {s.name}", show and s.kind == "text" and st.el and is_main()) as progress:
+    with decoding_bar(f"EL{st.n} {s.name}", s.kind == "text" and st.el and is_main()) as progress:
         rows = map_items(lambda idx: _examples(model, s, idx, st, reference_losses, progress), range(len(s)))
     names = list(rows[0]) if rows else []
     per = {name: [r[name] for r in rows] for name in names}
